@@ -1,0 +1,391 @@
+//! tokio-util codecs for messages, built on [`FrameCodec`].
+//!
+//! Decoded items are `Result<_, Rejected>`: a frame that cannot be used (not an
+//! envelope, an unknown type, flags that disagree with the type, a payload that
+//! does not decode, a type above the negotiated generation, a frame above the
+//! size limit) is an *item* naming the frame and the problem, and the next frame
+//! follows. Only faults that lose the stream are the decoder's `Err`, because an
+//! `Err` ends a `FramedRead`.
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::envelope;
+use crate::frame::{self, EncodeError, Flags, Frame, FrameCodec, OversizedFrame, StreamError};
+use crate::message::{Message, RawMessage, TypeName};
+use crate::payload::PayloadError;
+use crate::payload::core::{CoreError, CoreErrorKind};
+use crate::version::{self, PROTOCOL_VERSION};
+
+/// What was wrong with a rejected frame. The names are those of
+/// [`CoreErrorKind`], plus `frame_too_large`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    /// `len` above the decoder's limit; the frame was discarded unread.
+    FrameTooLarge,
+    /// The body is not a valid envelope.
+    MalformedMessage,
+    /// The type is not one of generation 7; its name and payload are kept.
+    UnsupportedMessageType,
+    /// The type is above the negotiated generation.
+    UnsupportedProtocolGeneration,
+    /// The flags disagree with the type.
+    InvalidFlags,
+    /// The payload does not decode as the type's payload.
+    InvalidPayload,
+}
+
+impl RejectKind {
+    /// The snake_case name: a [`CoreErrorKind`] name or `frame_too_large`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::FrameTooLarge => "frame_too_large",
+            RejectKind::MalformedMessage => "malformed_message",
+            RejectKind::UnsupportedMessageType => "unsupported_message_type",
+            RejectKind::UnsupportedProtocolGeneration => "unsupported_protocol_generation",
+            RejectKind::InvalidFlags => "invalid_flags",
+            RejectKind::InvalidPayload => "invalid_payload",
+        }
+    }
+
+    /// The kind of `core.error` to answer with (an oversized frame is malformed).
+    pub fn core_error_kind(self) -> CoreErrorKind {
+        match self {
+            RejectKind::FrameTooLarge | RejectKind::MalformedMessage => CoreErrorKind::MalformedMessage,
+            RejectKind::UnsupportedMessageType => CoreErrorKind::UnsupportedMessageType,
+            RejectKind::UnsupportedProtocolGeneration => CoreErrorKind::UnsupportedProtocolGeneration,
+            RejectKind::InvalidFlags => CoreErrorKind::InvalidFlags,
+            RejectKind::InvalidPayload => CoreErrorKind::InvalidPayload,
+        }
+    }
+}
+
+impl fmt::Display for RejectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A frame that was read whole but cannot be used. The stream goes on.
+///
+/// ```
+/// use agentwire::{MessageCodec, RejectKind};
+/// use bytes::BytesMut;
+/// use tokio_util::codec::Decoder;
+///
+/// // id 1, flags 0, body: the integer 7 (not an envelope)
+/// let mut buf = BytesMut::from(&b"\0\0\0\x06\0\0\0\x01\0\x07"[..]);
+/// let rejected = MessageCodec::new().decode(&mut buf)?.unwrap().unwrap_err();
+/// assert_eq!((rejected.id, rejected.kind), (1, RejectKind::MalformedMessage));
+/// assert_eq!(rejected.error_reply().id, 1); // a core.error to send back
+/// # Ok::<(), agentwire::StreamError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("frame at offset {offset} (id {id}, flags {flags}{}): {kind}: {reason}", type_name.as_ref().map(|t| format!(", type {t}")).unwrap_or_default())]
+pub struct Rejected {
+    /// Stream offset of the frame's length prefix.
+    pub offset: u64,
+    /// Correlation id.
+    pub id: u32,
+    /// Flags as received.
+    pub flags: Flags,
+    /// The sender's generation, when the envelope was read.
+    pub version: Option<u8>,
+    /// The type, when the envelope was read.
+    pub type_name: Option<TypeName>,
+    /// What was wrong.
+    pub kind: RejectKind,
+    /// A readable explanation, with the byte offset inside the body or payload where there is one.
+    pub reason: String,
+    /// The payload bytes, when the envelope was read (an unknown type's payload is kept here).
+    pub payload: Bytes,
+}
+
+impl Rejected {
+    fn new(offset: u64, id: u32, flags: Flags, kind: RejectKind, reason: String) -> Rejected {
+        Rejected { offset, id, flags, version: None, type_name: None, kind, reason, payload: Bytes::new() }
+    }
+
+    fn of_message(offset: u64, raw: RawMessage, kind: RejectKind, reason: String) -> Rejected {
+        Rejected {
+            offset,
+            id: raw.id,
+            flags: raw.flags,
+            version: Some(raw.version),
+            type_name: Some(raw.type_name),
+            kind,
+            reason,
+            payload: raw.payload,
+        }
+    }
+
+    fn oversized(o: OversizedFrame) -> Rejected {
+        let reason = format!("length {} exceeds the limit of {}; the frame was discarded", o.len, o.limit);
+        Rejected::new(o.offset, o.id, o.flags, RejectKind::FrameTooLarge, reason)
+    }
+
+    /// The `core.error` that answers this frame, on its id.
+    pub fn error_reply(&self) -> Message {
+        Message::new(
+            self.id,
+            CoreError {
+                kind: self.kind.core_error_kind(),
+                message: self.reason.clone(),
+                offending_type: self.type_name.as_ref().map(|t| t.as_str().to_string()),
+            },
+        )
+    }
+}
+
+/// Writes one frame: header, envelope head, then the payload straight into `dst`.
+/// On failure `dst` is left as it was.
+fn encode_frame(
+    dst: &mut BytesMut,
+    limit: usize,
+    (id, flags, version): (u32, Flags, u8),
+    type_name: &str,
+    payload_len: usize,
+    write_payload: impl FnOnce(&mut BytesMut) -> Result<(), PayloadError>,
+) -> Result<(), EncodeError> {
+    let body_len = envelope::body_len(version, type_name, payload_len);
+    frame::check_body_len(body_len, limit)?;
+    let start = dst.len();
+    dst.reserve(frame::LENGTH_FIELD_SIZE + frame::FRAME_HEADER_SIZE + body_len);
+    frame::put_header(dst, body_len, id, flags);
+    envelope::put_head(dst, version, type_name, payload_len);
+    let payload_start = dst.len();
+    // The frame's len was written from payload_len: a payload that wrote another
+    // amount would corrupt the stream, so it is refused rather than sent.
+    let written = write_payload(dst).map_err(|e| e.reason).and_then(|()| match dst.len() - payload_start {
+        n if n == payload_len => Ok(()),
+        n => Err(format!("payload wrote {n} bytes but was sized at {payload_len}")),
+    });
+    written.map_err(|reason| {
+        dst.truncate(start);
+        let message_type =
+            crate::message::MessageType::from_wire_name(type_name).map_or("unknown type", |t| t.wire_name());
+        EncodeError::Payload { message_type, reason }
+    })
+}
+
+/// A codec of [`RawMessage`]s: envelopes read, payloads left as bytes.
+///
+/// For relays and loggers that need the type but not the payload, and for
+/// forwarding a newer peer's types unchanged. Frames whose body is not an
+/// envelope, and oversized frames, are [`Rejected`] items.
+#[derive(Debug, Default)]
+pub struct RawMessageCodec {
+    frames: FrameCodec,
+}
+
+impl RawMessageCodec {
+    /// With the default [`FrameCodec`].
+    pub fn new() -> RawMessageCodec {
+        RawMessageCodec::default()
+    }
+
+    /// On a frame codec built with other limits.
+    pub fn with_frame_codec(frames: FrameCodec) -> RawMessageCodec {
+        RawMessageCodec { frames }
+    }
+
+    /// The frame codec underneath.
+    pub fn frame_codec(&self) -> &FrameCodec {
+        &self.frames
+    }
+
+    /// Stream offset of the frame most recently decoded.
+    pub fn last_frame_offset(&self) -> u64 {
+        self.frames.last_frame_offset()
+    }
+
+    /// Reads the envelope of a frame obtained elsewhere (a [`Rejected`] then has offset 0).
+    pub fn decode_frame(&self, frame: Frame) -> Result<RawMessage, Rejected> {
+        read_envelope(Ok(frame), 0)
+    }
+}
+
+fn read_envelope(item: Result<Frame, OversizedFrame>, offset: u64) -> Result<RawMessage, Rejected> {
+    let frame = item.map_err(Rejected::oversized)?;
+    match envelope::decode(&frame.body) {
+        Ok(env) => Ok(RawMessage {
+            id: frame.id,
+            flags: frame.flags,
+            version: env.version,
+            type_name: env.type_name,
+            payload: env.payload,
+        }),
+        Err(e) => {
+            Err(Rejected::new(offset, frame.id, frame.flags, RejectKind::MalformedMessage, format!("{e} of the body")))
+        }
+    }
+}
+
+impl Decoder for RawMessageCodec {
+    type Item = Result<RawMessage, Rejected>;
+    type Error = StreamError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        Ok(self.frames.decode(src)?.map(|item| read_envelope(item, self.frames.last_frame_offset())))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        Ok(self.frames.decode_eof(src)?.map(|item| read_envelope(item, self.frames.last_frame_offset())))
+    }
+}
+
+impl RawMessageCodec {
+    /// Writes `m` without taking it: the payload bytes are copied once, into `dst`.
+    pub fn encode_raw(&mut self, m: &RawMessage, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let header = (m.id, m.flags, m.version);
+        encode_frame(dst, self.frames.max_frame_len(), header, m.type_name.as_str(), m.payload.len(), |dst| {
+            dst.extend_from_slice(&m.payload);
+            Ok(())
+        })
+    }
+}
+
+impl Encoder<RawMessage> for RawMessageCodec {
+    type Error = EncodeError;
+
+    fn encode(&mut self, m: RawMessage, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        self.encode_raw(&m, dst)
+    }
+}
+
+/// A codec of typed [`Message`]s, with the send gate of the negotiated generation.
+///
+/// ```
+/// use agentwire::{Message, MessageCodec, payload::exec::ExecStdout};
+/// use bytes::{Bytes, BytesMut};
+/// use tokio_util::codec::{Decoder, Encoder};
+///
+/// let mut codec = MessageCodec::new();
+/// let mut buf = BytesMut::new();
+/// codec.encode(Message::new(4, ExecStdout { data: Bytes::from_static(b"hi\n") }), &mut buf)?;
+/// let msg = codec.decode(&mut buf)?.unwrap()?;
+/// assert_eq!(msg, Message::new(4, ExecStdout { data: Bytes::from_static(b"hi\n") }));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct MessageCodec {
+    raw: RawMessageCodec,
+    negotiated: u8,
+}
+
+impl Default for MessageCodec {
+    fn default() -> Self {
+        MessageCodec::new()
+    }
+}
+
+impl MessageCodec {
+    /// With the default [`FrameCodec`], speaking to a peer of the current generation.
+    pub fn new() -> MessageCodec {
+        MessageCodec::with_frame_codec(FrameCodec::new())
+    }
+
+    /// On a frame codec built with other limits.
+    pub fn with_frame_codec(frames: FrameCodec) -> MessageCodec {
+        MessageCodec { raw: RawMessageCodec::with_frame_codec(frames), negotiated: PROTOCOL_VERSION }
+    }
+
+    /// Records the peer's generation (from its `core.ready`, or the `v` of its
+    /// frames); the codec then uses the lower of the two, both ways.
+    ///
+    /// ```
+    /// use agentwire::{Message, MessageCodec, payload::tcp::TcpConnect};
+    /// use tokio_util::codec::Encoder;
+    /// let mut codec = MessageCodec::new();
+    /// codec.set_peer_generation(3);
+    /// let mut buf = bytes::BytesMut::new();
+    /// let err = codec.encode(Message::new(1, TcpConnect { host: "db".into(), port: 5432 }), &mut buf).unwrap_err();
+    /// assert_eq!(err.to_string(), "the peer speaks generation 3; core.tcp.connect needs 4");
+    /// assert!(buf.is_empty());
+    /// ```
+    pub fn set_peer_generation(&mut self, peer: u8) {
+        self.negotiated = version::negotiate(PROTOCOL_VERSION, peer);
+    }
+
+    /// The generation in use with this peer.
+    pub fn negotiated_generation(&self) -> u8 {
+        self.negotiated
+    }
+
+    /// The frame codec underneath.
+    pub fn frame_codec(&self) -> &FrameCodec {
+        self.raw.frame_codec()
+    }
+
+    /// Decodes a frame obtained elsewhere (a [`Rejected`] then has offset 0).
+    pub fn decode_frame(&self, frame: Frame) -> Result<Message, Rejected> {
+        self.read_payload(read_envelope(Ok(frame), 0), 0)
+    }
+
+    fn read_payload(&self, item: Result<RawMessage, Rejected>, offset: u64) -> Result<Message, Rejected> {
+        let raw = item?;
+        let message_type = match raw.type_name {
+            TypeName::Known(t) => t,
+            TypeName::Unknown(ref name) => {
+                let reason = format!("{name} is not a message type of generation {PROTOCOL_VERSION}");
+                return Err(Rejected::of_message(offset, raw, RejectKind::UnsupportedMessageType, reason));
+            }
+        };
+        if raw.flags.known() != message_type.flags() {
+            let reason = format!("flags {} on {message_type}, which carries {}", raw.flags, message_type.flags());
+            return Err(Rejected::of_message(offset, raw, RejectKind::InvalidFlags, reason));
+        }
+        if let Err(e) = version::check_available(message_type, self.negotiated) {
+            return Err(Rejected::of_message(offset, raw, RejectKind::UnsupportedProtocolGeneration, e.to_string()));
+        }
+        match message_type.decode_payload(&raw.payload) {
+            Ok(payload) => Ok(Message { id: raw.id, flags: raw.flags, version: raw.version, payload }),
+            Err(e) => {
+                let reason = format!("payload of {message_type}: {e}");
+                Err(Rejected::of_message(offset, raw, RejectKind::InvalidPayload, reason))
+            }
+        }
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Result<Message, Rejected>;
+    type Error = StreamError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        let item = self.raw.decode(src)?;
+        Ok(item.map(|item| self.read_payload(item, self.raw.last_frame_offset())))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        let item = self.raw.decode_eof(src)?;
+        Ok(item.map(|item| self.read_payload(item, self.raw.last_frame_offset())))
+    }
+}
+
+impl MessageCodec {
+    /// Writes `m` without taking it, in one pass into `dst`. A type above the
+    /// negotiated generation or a frame above the limit writes nothing and is an error.
+    pub fn encode_message(&mut self, m: &Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let message_type = m.message_type();
+        version::check_available(message_type, self.negotiated)?;
+        let payload_len = m
+            .payload
+            .encoded_len()
+            .map_err(|e| EncodeError::Payload { message_type: message_type.wire_name(), reason: e.reason })?;
+        let limit = self.raw.frame_codec().max_frame_len();
+        encode_frame(dst, limit, (m.id, m.flags, m.version), message_type.wire_name(), payload_len, |dst| {
+            m.payload.encode(dst)
+        })
+    }
+}
+
+impl Encoder<Message> for MessageCodec {
+    type Error = EncodeError;
+
+    fn encode(&mut self, m: Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        self.encode_message(&m, dst)
+    }
+}

@@ -1,0 +1,173 @@
+//! The body of a frame: the CBOR map `{"v": generation, "t": type, "p": payload}`.
+//!
+//! Reading accepts the entries in any order, skips keys it does not know, and
+//! takes indefinite-length strings and non-shortest heads; the payload comes
+//! out as a [`Bytes`] view of the body when it was a definite byte string.
+//! Writing produces the canonical form byte for byte: `a3 61 76 <v> 61 74 <t> 61 70 <p>`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::cbor::{self, CborError, Head, MAX_NESTING_DEPTH, Reader, StrBytes};
+use crate::message::TypeName;
+
+const KEY_V: &[u8] = b"\x61v";
+const KEY_T: &[u8] = b"\x61t";
+const KEY_P: &[u8] = b"\x61p";
+/// A map of three entries.
+const MAP3: u8 = 0xa3;
+
+/// An envelope as read from a body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Envelope {
+    pub(crate) version: u8,
+    pub(crate) type_name: TypeName,
+    pub(crate) payload: Bytes,
+}
+
+/// Size of the body that [`put_head`] plus `payload_len` payload bytes make.
+pub(crate) fn body_len(version: u8, type_name: &str, payload_len: usize) -> usize {
+    1 + KEY_V.len()
+        + cbor::head_len(u64::from(version))
+        + KEY_T.len()
+        + cbor::text_len(type_name)
+        + KEY_P.len()
+        + cbor::head_len(payload_len as u64)
+        + payload_len
+}
+
+/// Writes the envelope up to the payload's byte-string head; the caller writes
+/// the `payload_len` payload bytes straight after.
+pub(crate) fn put_head(dst: &mut BytesMut, version: u8, type_name: &str, payload_len: usize) {
+    dst.put_u8(MAP3);
+    dst.put_slice(KEY_V);
+    cbor::put_head(dst, cbor::MAJOR_UNSIGNED, u64::from(version));
+    dst.put_slice(KEY_T);
+    cbor::put_text(dst, type_name);
+    dst.put_slice(KEY_P);
+    cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
+}
+
+/// Reads the envelope of `body`.
+pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
+    let mut r = Reader::new(body);
+    let at = r.position();
+    let entries = match r.head_skipping_tags()? {
+        Head::Map(n) => n,
+        _ => return Err(r.error(at, "body is not a CBOR map")),
+    };
+    let (mut version, mut type_name, mut payload) = (None, None, None);
+    let mut seen = 0u64;
+    loop {
+        match entries {
+            Some(n) if seen == n => break,
+            None if r.peek_head()? == Head::Break => {
+                r.head()?;
+                break;
+            }
+            _ => {}
+        }
+        seen += 1;
+        let key_at = r.position();
+        let key = r.text("envelope key is not a text string")?;
+        let duplicate = |r: &Reader<'_>| r.error(key_at, "duplicate envelope key");
+        match &*key {
+            "v" => {
+                let value_at = r.position();
+                let v = r.unsigned("v is not an unsigned integer")?;
+                let v = u8::try_from(v).map_err(|_| r.error(value_at, "v does not fit in a u8"))?;
+                if version.replace(v).is_some() {
+                    return Err(duplicate(&r));
+                }
+            }
+            "t" => {
+                let t = r.text("t is not a text string")?;
+                if type_name.replace(TypeName::from_wire_name(&t)).is_some() {
+                    return Err(duplicate(&r));
+                }
+            }
+            "p" => {
+                let p = match r.bytes("p is not a byte string")? {
+                    StrBytes::Slice(range) => body.slice(range),
+                    StrBytes::Owned(joined) => Bytes::from(joined),
+                };
+                if payload.replace(p).is_some() {
+                    return Err(duplicate(&r));
+                }
+            }
+            // A newer peer's key: skip its value, however it is shaped.
+            _ => {
+                r.skip_item(MAX_NESTING_DEPTH)?;
+            }
+        }
+    }
+    if !r.is_at_end() {
+        return Err(r.error(r.position(), "bytes left over after the envelope"));
+    }
+    let end = r.position();
+    Ok(Envelope {
+        version: version.ok_or_else(|| r.error(end, "envelope has no v"))?,
+        type_name: type_name.ok_or_else(|| r.error(end, "envelope has no t"))?,
+        payload: payload.ok_or_else(|| r.error(end, "envelope has no p"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageType;
+
+    fn hex(s: &str) -> Bytes {
+        Bytes::from((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn canonical_head_matches_the_spec_example() {
+        let mut b = BytesMut::new();
+        put_head(&mut b, 7, "core.ready", 0);
+        assert_eq!(&b[..], &hex("a36176076174 6a636f72652e7265616479 617040".replace(' ', "").as_str())[..]);
+        assert_eq!(b.len(), body_len(7, "core.ready", 0));
+    }
+
+    #[test]
+    fn payload_is_a_view_of_the_body() {
+        let body = hex("a3617607617470636f72652e657865632e657869746564617048a164636f6465182a");
+        let env = decode(&body).unwrap();
+        assert_eq!(env.type_name, TypeName::Known(MessageType::ExecExited));
+        assert_eq!(env.payload.as_ptr(), body[body.len() - 8..].as_ptr());
+    }
+
+    #[test]
+    fn liberal_forms_are_read() {
+        for h in [
+            // indefinite map, keys reordered, non-shortest v, indefinite t, unknown key with nested value
+            "bf617041a0617a82a0f661741b0000000000000007", // (t missing: checked below)
+            "bf61701800617a82a0f66174",
+        ] {
+            let _ = decode(&hex(h)); // must not panic
+        }
+        let body =
+            hex(&format!("bf617041a0617a82a0f66176180761747f64{}6c{}ffff", "636f7265", "2e657865632e657869746564"));
+        let env = decode(&body).unwrap();
+        assert_eq!((env.version, env.type_name.as_str()), (7, "core.exec.exited"));
+    }
+
+    #[test]
+    fn strict_about_what_cannot_be_meant() {
+        for (h, reason) in [
+            ("07", "body is not a CBOR map"),
+            ("ff", "body is not a CBOR map"),
+            ("bf617607ff", "envelope has no t"),
+            ("a3617619010061746161617040", "v does not fit in a u8"),
+            ("a36176076174016170 40", "t is not a text string"),
+            ("a361760761746161617001", "p is not a byte string"),
+            ("a4617607617607617461616170 40", "duplicate envelope key"),
+            ("a3617607617461616170 40 00", "bytes left over after the envelope"),
+            ("a261760761746161", "envelope has no p"),
+            ("a30107617461616170 40", "envelope key is not a text string"),
+            ("a361760761746161617041", "length runs past the end of the input"),
+        ] {
+            let err = decode(&hex(&h.replace(' ', ""))).unwrap_err();
+            assert_eq!(err.reason, reason, "{h}");
+        }
+    }
+}

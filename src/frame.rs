@@ -1,0 +1,599 @@
+//! The frame layer: length prefix, correlation id and flags around an opaque body.
+//!
+//! This layer never looks inside the body, so a relay can route on [`Frame::id`]
+//! and [`Frame::flags`] without paying for CBOR. The decoder is a small state
+//! machine (`Head` → `Data`, or `Head` → `Discard` for a frame above the limit)
+//! that cuts each body out of the read buffer with `split_to`, so the body is a
+//! [`Bytes`] view of the bytes that were read, never a copy.
+
+use std::fmt;
+use std::io;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Size of the fields that `len` counts before the body: `id` (4) and `flags` (1).
+pub const FRAME_HEADER_SIZE: usize = 5;
+
+/// Size of the `len` field itself.
+pub const LENGTH_FIELD_SIZE: usize = 4;
+
+/// The largest `len` a frame may carry: 4 MiB. The largest frame on the wire is
+/// `LENGTH_FIELD_SIZE + MAX_FRAME_SIZE` bytes.
+pub const MAX_FRAME_SIZE: usize = 4 * 1024 * 1024;
+
+/// The flag bits of a frame header.
+///
+/// The three low bits have meaning; the five high bits are reserved: senders
+/// write them as zero and receivers ignore them, so a received value is kept
+/// as it came and [`Flags::known`] gives the part that matters.
+///
+/// ```
+/// use agentwire::Flags;
+/// let f = Flags::TERMINAL | Flags::SESSION_START;
+/// assert!(f.contains(Flags::TERMINAL));
+/// assert_eq!(f.to_string(), "TERMINAL|SESSION_START");
+/// assert_eq!(Flags::from_bits(0x81).known(), Flags::TERMINAL);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Flags(u8);
+
+impl Flags {
+    /// No flag set.
+    pub const NONE: Flags = Flags(0);
+    /// The last frame of a correlation id.
+    pub const TERMINAL: Flags = Flags(0x01);
+    /// The first frame of a session.
+    pub const SESSION_START: Flags = Flags(0x02);
+    /// `core.shutdown`: the guest is asked to power off.
+    pub const SHUTDOWN: Flags = Flags(0x04);
+    /// The bits that have a meaning in generation 7.
+    pub const KNOWN_MASK: u8 = 0x07;
+
+    const NAMES: [(Flags, &'static str); 3] =
+        [(Flags::TERMINAL, "TERMINAL"), (Flags::SESSION_START, "SESSION_START"), (Flags::SHUTDOWN, "SHUTDOWN")];
+
+    /// Wraps raw header bits, reserved bits included.
+    pub const fn from_bits(bits: u8) -> Flags {
+        Flags(bits)
+    }
+
+    /// The raw header bits.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The bits with a meaning, reserved bits cleared.
+    pub const fn known(self) -> Flags {
+        Flags(self.0 & Self::KNOWN_MASK)
+    }
+
+    /// Whether every bit of `other` is set in `self`.
+    pub const fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether no bit is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Display for Flags {
+    /// Names of the set bits joined by `|`, reserved bits as hex, `-` when empty.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("-");
+        }
+        let mut sep = "";
+        for (flag, name) in Self::NAMES {
+            if self.contains(flag) {
+                write!(f, "{sep}{name}")?;
+                sep = "|";
+            }
+        }
+        let reserved = self.0 & !Self::KNOWN_MASK;
+        if reserved != 0 {
+            write!(f, "{sep}{reserved:#04x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Flags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Flags({:#04x} {})", self.0, self)
+    }
+}
+
+/// One frame: header fields and the body as a view of the bytes read.
+///
+/// ```
+/// use agentwire::{Frame, Flags};
+/// use bytes::Bytes;
+/// let frame = Frame::new(7, Flags::TERMINAL, Bytes::from_static(b"\xa0"));
+/// assert_eq!(frame.wire_len(), 4 + 5 + 1);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Correlation id.
+    pub id: u32,
+    /// Flag bits as received (reserved bits included).
+    pub flags: Flags,
+    /// The body: for this protocol a CBOR envelope, opaque to this layer.
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// Builds a frame.
+    pub fn new(id: u32, flags: Flags, body: Bytes) -> Frame {
+        Frame { id, flags, body }
+    }
+
+    /// Total size on the wire, length prefix included.
+    pub fn wire_len(&self) -> usize {
+        LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE + self.body.len()
+    }
+}
+
+/// Writes the 9-byte frame header (`len`, `id`, `flags`) for a body of `body_len` bytes.
+///
+/// Shared by every encoder in the crate, which then writes the body straight after it.
+pub(crate) fn put_header(dst: &mut BytesMut, body_len: usize, id: u32, flags: Flags) {
+    // Callers have checked body_len against the limit, so it fits in u32.
+    dst.put_u32((FRAME_HEADER_SIZE + body_len) as u32);
+    dst.put_u32(id);
+    dst.put_u8(flags.bits());
+}
+
+/// Checks that a body of `body_len` bytes makes a frame within `limit`.
+pub(crate) fn check_body_len(body_len: usize, limit: usize) -> Result<(), EncodeError> {
+    let len = FRAME_HEADER_SIZE.saturating_add(body_len);
+    if len > limit {
+        return Err(EncodeError::FrameTooLarge { len, limit });
+    }
+    Ok(())
+}
+
+/// A frame whose `len` was above the decoder's limit. Its bytes were consumed
+/// and dropped as they arrived; the stream is still in sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "frame at offset {offset} (id {id}, flags {flags}): length {len} exceeds the limit of {limit}; {len} bytes discarded"
+)]
+pub struct OversizedFrame {
+    /// Stream offset of the frame's first byte (its length prefix).
+    pub offset: u64,
+    /// Correlation id from the header.
+    pub id: u32,
+    /// Flags from the header.
+    pub flags: Flags,
+    /// The `len` the header claimed.
+    pub len: u32,
+    /// The decoder's limit.
+    pub limit: usize,
+}
+
+/// An error that ends the stream: nothing after it can be trusted to be a
+/// frame boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// `len` below [`FRAME_HEADER_SIZE`].
+    #[error("frame at offset {offset}: length {len} is below the {FRAME_HEADER_SIZE}-byte header")]
+    LengthBelowHeader {
+        /// Stream offset of the length prefix.
+        offset: u64,
+        /// The `len` read.
+        len: u32,
+    },
+    /// `len` above the limit of a decoder built in strict mode.
+    #[error("frame at offset {offset}: length {len} exceeds the limit of {limit} (strict mode)")]
+    FrameTooLarge {
+        /// Stream offset of the length prefix.
+        offset: u64,
+        /// The `len` read.
+        len: u32,
+        /// The decoder's limit.
+        limit: usize,
+    },
+    /// The stream ended inside a frame.
+    #[error("stream ended inside the frame at offset {offset}: {received} of {} bytes received", expected.map_or_else(|| "at least 9".to_string(), |n| n.to_string()))]
+    Truncated {
+        /// Stream offset of the frame's first byte.
+        offset: u64,
+        /// Bytes of that frame received before the end.
+        received: u64,
+        /// The frame's size on the wire, when its length prefix was complete.
+        expected: Option<u64>,
+    },
+    /// A decode call after the stream was already lost.
+    #[error("stream was lost at offset {offset}; nothing after it is interpreted")]
+    Lost {
+        /// Offset of the fault that lost it.
+        offset: u64,
+    },
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// An error that stops one message from being written. Nothing is written for it
+/// and the stream stays usable.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The frame would exceed the encoder's limit.
+    #[error("frame of length {len} exceeds the limit of {limit}")]
+    FrameTooLarge {
+        /// The `len` the frame would have.
+        len: usize,
+        /// The encoder's limit.
+        limit: usize,
+    },
+    /// The peer's generation does not have this message type.
+    #[error(transparent)]
+    Generation(#[from] crate::version::GenerationError),
+    /// The payload could not be serialized.
+    #[error("payload of {message_type} could not be encoded: {reason}")]
+    Payload {
+        /// Wire name of the message type.
+        message_type: &'static str,
+        /// What the serializer said.
+        reason: String,
+    },
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Where the frame decoder is inside the current frame.
+#[derive(Clone, Copy, Debug)]
+enum DecodeState {
+    /// Waiting for a complete 9-byte header.
+    Head,
+    /// Header consumed; waiting for `body_len` body bytes.
+    Data { offset: u64, id: u32, flags: Flags, body_len: usize },
+    /// An oversized frame's bytes are being dropped as they arrive.
+    Discard { oversized: OversizedFrame, remaining: u64 },
+    /// A stream error was returned; nothing more is interpreted.
+    Lost { offset: u64 },
+}
+
+/// A [`Decoder`] and [`Encoder`] of [`Frame`]s that never looks inside a body.
+///
+/// Decoded items are `Result<Frame, OversizedFrame>`: a frame above the limit is
+/// an item, not an error, so that a `FramedRead` keeps going after it (an `Err`
+/// from a decoder ends a `FramedRead`). Only faults that lose the stream are
+/// [`StreamError`]s.
+///
+/// ```
+/// use agentwire::{Flags, Frame, FrameCodec};
+/// use bytes::{Bytes, BytesMut};
+/// use tokio_util::codec::{Decoder, Encoder};
+///
+/// let mut codec = FrameCodec::new();
+/// let mut buf = BytesMut::new();
+/// codec.encode(Frame::new(9, Flags::TERMINAL, Bytes::from_static(b"body")), &mut buf)?;
+/// let frame = codec.decode(&mut buf)?.unwrap().unwrap();
+/// assert_eq!((frame.id, &frame.body[..]), (9, &b"body"[..]));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct FrameCodec {
+    max_frame_len: usize,
+    strict: bool,
+    state: DecodeState,
+    /// Stream offset of the first byte of the read buffer.
+    offset: u64,
+    /// Stream offset of the frame most recently returned.
+    last_frame_offset: u64,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new()
+    }
+}
+
+/// Builds a [`FrameCodec`] with limits other than the defaults.
+///
+/// ```
+/// use agentwire::FrameCodec;
+/// let codec = FrameCodec::builder().max_frame_len(64 * 1024).strict(true).build();
+/// assert_eq!(codec.max_frame_len(), 64 * 1024);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct FrameCodecBuilder {
+    max_frame_len: usize,
+    strict: bool,
+}
+
+impl FrameCodecBuilder {
+    /// The largest `len` accepted, clamped to [`MAX_FRAME_SIZE`] and to at least
+    /// [`FRAME_HEADER_SIZE`]. Default: [`MAX_FRAME_SIZE`].
+    pub fn max_frame_len(mut self, len: usize) -> Self {
+        self.max_frame_len = len.clamp(FRAME_HEADER_SIZE, MAX_FRAME_SIZE);
+        self
+    }
+
+    /// In strict mode a frame above the limit fails the stream at once instead
+    /// of being discarded and reported. Default: off.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Builds the codec.
+    pub fn build(self) -> FrameCodec {
+        FrameCodec {
+            max_frame_len: self.max_frame_len,
+            strict: self.strict,
+            state: DecodeState::Head,
+            offset: 0,
+            last_frame_offset: 0,
+        }
+    }
+}
+
+impl FrameCodec {
+    /// A codec with the limit [`MAX_FRAME_SIZE`] that discards oversized frames.
+    pub fn new() -> FrameCodec {
+        FrameCodec::builder().build()
+    }
+
+    /// A builder for other limits.
+    pub fn builder() -> FrameCodecBuilder {
+        FrameCodecBuilder { max_frame_len: MAX_FRAME_SIZE, strict: false }
+    }
+
+    /// The largest `len` this codec accepts and writes.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Whether an oversized frame fails the stream.
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    /// Stream offset of the next byte the decoder will consume.
+    pub fn stream_offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Stream offset of the first byte (the length prefix) of the frame most
+    /// recently returned by the decoder, oversized ones included.
+    pub fn last_frame_offset(&self) -> u64 {
+        self.last_frame_offset
+    }
+
+    fn lose(&mut self, offset: u64, err: StreamError) -> StreamError {
+        self.state = DecodeState::Lost { offset };
+        err
+    }
+
+    fn consume(&mut self, src: &mut BytesMut, n: usize) {
+        src.advance(n);
+        self.offset += n as u64;
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Result<Frame, OversizedFrame>;
+    type Error = StreamError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        loop {
+            match self.state {
+                DecodeState::Lost { offset } => return Err(StreamError::Lost { offset }),
+                DecodeState::Head => {
+                    if src.len() < LENGTH_FIELD_SIZE {
+                        return Ok(None);
+                    }
+                    let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+                    let offset = self.offset;
+                    if (len as usize) < FRAME_HEADER_SIZE {
+                        return Err(self.lose(offset, StreamError::LengthBelowHeader { offset, len }));
+                    }
+                    let oversized = len as usize > self.max_frame_len;
+                    if oversized && self.strict {
+                        let limit = self.max_frame_len;
+                        return Err(self.lose(offset, StreamError::FrameTooLarge { offset, len, limit }));
+                    }
+                    if src.len() < LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE {
+                        return Ok(None);
+                    }
+                    let id = u32::from_be_bytes([src[4], src[5], src[6], src[7]]);
+                    let flags = Flags::from_bits(src[8]);
+                    self.consume(src, LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE);
+                    let body_len = len as usize - FRAME_HEADER_SIZE;
+                    if oversized {
+                        let oversized = OversizedFrame { offset, id, flags, len, limit: self.max_frame_len };
+                        self.state = DecodeState::Discard { oversized, remaining: body_len as u64 };
+                    } else {
+                        // Room for exactly this body: bounded by the limit, never by more.
+                        src.reserve(body_len.saturating_sub(src.len()));
+                        self.state = DecodeState::Data { offset, id, flags, body_len };
+                    }
+                }
+                DecodeState::Data { offset, id, flags, body_len } => {
+                    if src.len() < body_len {
+                        return Ok(None);
+                    }
+                    let body = src.split_to(body_len).freeze();
+                    self.offset += body_len as u64;
+                    self.last_frame_offset = offset;
+                    self.state = DecodeState::Head;
+                    return Ok(Some(Ok(Frame { id, flags, body })));
+                }
+                DecodeState::Discard { oversized, remaining } => {
+                    let n = remaining.min(src.len() as u64) as usize;
+                    self.consume(src, n);
+                    let remaining = remaining - n as u64;
+                    if remaining > 0 {
+                        self.state = DecodeState::Discard { oversized, remaining };
+                        return Ok(None);
+                    }
+                    self.last_frame_offset = oversized.offset;
+                    self.state = DecodeState::Head;
+                    return Ok(Some(Err(oversized)));
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        if let Some(item) = self.decode(src)? {
+            return Ok(Some(item));
+        }
+        let (offset, received, expected) = match self.state {
+            DecodeState::Head if src.is_empty() => return Ok(None),
+            DecodeState::Head => {
+                let expected = (src.len() >= LENGTH_FIELD_SIZE).then(|| {
+                    u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]])) + LENGTH_FIELD_SIZE as u64
+                });
+                (self.offset, src.len() as u64, expected)
+            }
+            DecodeState::Data { offset, body_len, .. } => {
+                let header = (LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE) as u64;
+                (offset, header + src.len() as u64, Some(header + body_len as u64))
+            }
+            DecodeState::Discard { oversized, remaining } => {
+                let expected = u64::from(oversized.len) + LENGTH_FIELD_SIZE as u64;
+                (oversized.offset, expected - remaining, Some(expected))
+            }
+            DecodeState::Lost { offset } => return Err(StreamError::Lost { offset }),
+        };
+        Err(self.lose(offset, StreamError::Truncated { offset, received, expected }))
+    }
+}
+
+impl FrameCodec {
+    /// Writes `frame` without taking it: the header, then the body copied once.
+    pub fn encode_frame(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        check_body_len(frame.body.len(), self.max_frame_len)?;
+        dst.reserve(LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE + frame.body.len());
+        put_header(dst, frame.body.len(), frame.id, frame.flags);
+        dst.extend_from_slice(&frame.body);
+        Ok(())
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = EncodeError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        self.encode_frame(&frame, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_bytes(id: u32, flags: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 5) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(&id.to_be_bytes());
+        v.push(flags);
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn waits_for_a_complete_frame_then_cuts_it_out() {
+        let wire = frame_bytes(3, 1, b"hello");
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        for (i, b) in wire.iter().enumerate() {
+            buf.put_u8(*b);
+            let item = codec.decode(&mut buf).unwrap();
+            assert_eq!(item.is_some(), i == wire.len() - 1, "byte {i}");
+            if let Some(item) = item {
+                let f = item.unwrap();
+                assert_eq!((f.id, f.flags.bits(), &f.body[..]), (3, 1, &b"hello"[..]));
+            }
+        }
+        assert_eq!(codec.stream_offset(), wire.len() as u64);
+    }
+
+    #[test]
+    fn empty_body_is_a_frame() {
+        let mut buf = BytesMut::from(&frame_bytes(1, 0, b"")[..]);
+        let f = FrameCodec::new().decode(&mut buf).unwrap().unwrap().unwrap();
+        assert!(f.body.is_empty());
+    }
+
+    #[test]
+    fn length_below_header_loses_the_stream_and_stays_lost() {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&[0, 0, 0, 4, 0, 0, 0, 0][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(StreamError::LengthBelowHeader { offset: 0, len: 4 })));
+        assert!(matches!(codec.decode(&mut buf), Err(StreamError::Lost { offset: 0 })));
+    }
+
+    #[test]
+    fn strict_mode_fails_on_the_length_alone() {
+        let mut codec = FrameCodec::builder().max_frame_len(100).strict(true).build();
+        let mut buf = BytesMut::from(&[0, 0, 0, 101][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(StreamError::FrameTooLarge { len: 101, limit: 100, .. })));
+    }
+
+    #[test]
+    fn oversized_frame_is_discarded_and_reported_then_next_frame_decodes() {
+        let mut codec = FrameCodec::builder().max_frame_len(16).build();
+        let mut wire = frame_bytes(5, 2, &[7u8; 40]);
+        wire.extend(frame_bytes(6, 0, b"ok"));
+        let mut buf = BytesMut::new();
+        let mut items = Vec::new();
+        for chunk in wire.chunks(7) {
+            buf.extend_from_slice(chunk);
+            while let Some(item) = codec.decode(&mut buf).unwrap() {
+                items.push(item);
+            }
+            assert!(buf.len() <= 16 + 7);
+        }
+        assert_eq!(items.len(), 2);
+        let over = items[0].clone().unwrap_err();
+        assert_eq!((over.offset, over.id, over.flags.bits(), over.len), (0, 5, 2, 45));
+        assert_eq!(items[1].clone().unwrap().body, Bytes::from_static(b"ok"));
+    }
+
+    #[test]
+    fn eof_inside_frame_reports_what_arrived() {
+        let wire = frame_bytes(1, 0, b"abcdef");
+        for cut in 1..wire.len() {
+            let mut codec = FrameCodec::new();
+            let mut buf = BytesMut::from(&wire[..cut]);
+            match codec.decode_eof(&mut buf) {
+                Err(StreamError::Truncated { offset: 0, received, expected }) => {
+                    assert_eq!(received, cut as u64);
+                    assert_eq!(expected, (cut >= 4).then_some(wire.len() as u64));
+                }
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn encoder_refuses_a_body_above_the_limit_and_writes_nothing() {
+        let mut codec = FrameCodec::builder().max_frame_len(10).build();
+        let mut dst = BytesMut::new();
+        let err = codec.encode(Frame::new(1, Flags::NONE, Bytes::from(vec![0; 6])), &mut dst).unwrap_err();
+        assert!(matches!(err, EncodeError::FrameTooLarge { len: 11, limit: 10 }));
+        assert!(dst.is_empty());
+        codec.encode(Frame::new(1, Flags::NONE, Bytes::from(vec![0; 5])), &mut dst).unwrap();
+        assert_eq!(dst.len(), 14);
+    }
+
+    #[test]
+    fn flags_display() {
+        assert_eq!(Flags::NONE.to_string(), "-");
+        assert_eq!(Flags::from_bits(0x84).to_string(), "SHUTDOWN|0x80");
+    }
+}

@@ -1,0 +1,374 @@
+//! The message types of generation 7: one table, and everything derived from it.
+//!
+//! Each row of the `message_types!` table below names a type once: its wire name, direction,
+//! the generation that introduced it, its frame flags and its payload type.
+//! [`MessageType`], [`Payload`], the `From` conversions, [`MessageType::ALL`],
+//! lookup by wire name and the dispatch to each payload's codec are generated
+//! from those rows, so a type cannot be half-added.
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::frame::Flags;
+use crate::payload::bootstrap::GuestBootstrap;
+use crate::payload::core::{
+    ClockSync, CoreError, InitAck, InitResolved, Ping, Pong, Ready, RelayClientDisconnected, Shutdown, Touch, Touched,
+};
+use crate::payload::exec::{
+    ExecExited, ExecFailed, ExecRequest, ExecResize, ExecSignal, ExecStarted, ExecStderr, ExecStdin, ExecStdinError,
+    ExecStdout,
+};
+use crate::payload::fs::{FsData, FsRequest, FsResponse};
+use crate::payload::tcp::{TcpClose, TcpClosed, TcpConnect, TcpConnected, TcpData, TcpEof, TcpFailed};
+use crate::payload::{CborPayload, PayloadError};
+use crate::version::PROTOCOL_VERSION;
+
+/// Who sends a message type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The host sends it to the guest.
+    HostToGuest,
+    /// The guest sends it to the host.
+    GuestToHost,
+    /// Either side sends it.
+    Both,
+    /// A relay sends it to the guest.
+    RelayToGuest,
+}
+
+/// A payload type and the one message type that carries it.
+///
+/// ```
+/// use agentwire::{MessageType, TypedPayload, payload::core::Ready};
+/// assert_eq!(Ready::MESSAGE_TYPE, MessageType::Ready);
+/// ```
+pub trait TypedPayload: CborPayload + Into<Payload> {
+    /// The message type whose payload this is.
+    const MESSAGE_TYPE: MessageType;
+}
+
+macro_rules! message_types {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident = $wire:literal, $dir:ident, gen $gen:literal, $flags:ident, $payload:ty;
+    )*) => {
+        /// A message type of generation 7 (`t` in the envelope).
+        ///
+        /// ```
+        /// use agentwire::{Flags, MessageType};
+        /// let t = MessageType::from_wire_name("core.tcp.connect").unwrap();
+        /// assert_eq!((t, t.generation(), t.flags()), (MessageType::TcpConnect, 4, Flags::SESSION_START));
+        /// assert!(!t.is_available_at(3));
+        /// assert_eq!(MessageType::ALL.len(), 32);
+        /// ```
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum MessageType {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl MessageType {
+            /// Every type, in table order.
+            pub const ALL: [MessageType; [$(MessageType::$variant),*].len()] = [$(MessageType::$variant),*];
+
+            /// The wire name, e.g. `core.exec.request`.
+            pub const fn wire_name(self) -> &'static str {
+                match self { $( MessageType::$variant => $wire, )* }
+            }
+
+            /// The generation that introduced the type.
+            pub const fn generation(self) -> u8 {
+                match self { $( MessageType::$variant => $gen, )* }
+            }
+
+            /// The flags every frame of this type carries.
+            pub const fn flags(self) -> Flags {
+                match self { $( MessageType::$variant => Flags::$flags, )* }
+            }
+
+            /// Who sends it.
+            pub const fn direction(self) -> Direction {
+                match self { $( MessageType::$variant => Direction::$dir, )* }
+            }
+
+            /// The type with this wire name, if generation 7 has one.
+            pub fn from_wire_name(name: &str) -> Option<MessageType> {
+                match name {
+                    $( $wire => Some(MessageType::$variant), )*
+                    _ => None,
+                }
+            }
+
+            /// Reads a payload of this type from JSON or any other serde format,
+            /// e.g. a test vector's `payload`.
+            pub fn deserialize_payload<'de, D: Deserializer<'de>>(self, d: D) -> Result<Payload, D::Error> {
+                Ok(match self { $( MessageType::$variant => Payload::$variant(<$payload>::deserialize(d)?), )* })
+            }
+
+            /// Decodes a payload of this type from the envelope's `p` bytes.
+            pub fn decode_payload(self, p: &Bytes) -> Result<Payload, PayloadError> {
+                Ok(match self { $( MessageType::$variant => Payload::$variant(<$payload>::decode(p)?), )* })
+            }
+        }
+
+        /// A decoded payload of any type: match on it to get the typed value.
+        ///
+        /// Serializes as the inner payload (the rendering the golden vectors use).
+        ///
+        /// ```
+        /// use agentwire::{MessageType, Payload, payload::exec::ExecExited};
+        /// let p: Payload = ExecExited { code: 3 }.into();
+        /// assert_eq!(p.message_type(), MessageType::ExecExited);
+        /// if let Payload::ExecExited(e) = p { assert_eq!(e.code, 3) }
+        /// ```
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+        #[serde(untagged)]
+        pub enum Payload {
+            $( $(#[$doc])* $variant($payload), )*
+        }
+
+        impl Payload {
+            /// The message type that carries this payload.
+            pub fn message_type(&self) -> MessageType {
+                match self { $( Payload::$variant(_) => MessageType::$variant, )* }
+            }
+
+            /// Exact size of the encoded payload.
+            pub fn encoded_len(&self) -> Result<usize, PayloadError> {
+                match self { $( Payload::$variant(p) => p.encoded_len(), )* }
+            }
+
+            /// Appends the canonical encoding to `dst`.
+            pub fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+                match self { $( Payload::$variant(p) => p.encode(dst), )* }
+            }
+        }
+
+        $(
+            impl From<$payload> for Payload {
+                fn from(p: $payload) -> Payload { Payload::$variant(p) }
+            }
+
+            impl TypedPayload for $payload {
+                const MESSAGE_TYPE: MessageType = MessageType::$variant;
+            }
+        )*
+    };
+}
+
+message_types! {
+    /// `core.ready`: the agent is up.
+    Ready = "core.ready", GuestToHost, gen 1, NONE, Ready;
+    /// `core.init.resolved`: the guest's default user.
+    InitResolved = "core.init.resolved", GuestToHost, gen 1, NONE, InitResolved;
+    /// `core.init.ack`: the host accepts.
+    InitAck = "core.init.ack", HostToGuest, gen 1, NONE, InitAck;
+    /// `core.shutdown`: power off.
+    Shutdown = "core.shutdown", HostToGuest, gen 1, SHUTDOWN, Shutdown;
+    /// `core.relay.client.disconnected`: a relay client's ids are free.
+    RelayClientDisconnected = "core.relay.client.disconnected", RelayToGuest, gen 1, NONE, RelayClientDisconnected;
+    /// `core.clock.sync`: the host's wall clock.
+    ClockSync = "core.clock.sync", HostToGuest, gen 1, NONE, ClockSync;
+    /// `core.ping`.
+    Ping = "core.ping", HostToGuest, gen 6, NONE, Ping;
+    /// `core.pong`.
+    Pong = "core.pong", GuestToHost, gen 6, TERMINAL, Pong;
+    /// `core.touch`.
+    Touch = "core.touch", HostToGuest, gen 6, NONE, Touch;
+    /// `core.touched`.
+    Touched = "core.touched", GuestToHost, gen 6, TERMINAL, Touched;
+    /// `core.error`: a frame could not be handled.
+    Error = "core.error", Both, gen 5, TERMINAL, CoreError;
+    /// `core.exec.request`: run a command.
+    ExecRequest = "core.exec.request", HostToGuest, gen 1, SESSION_START, ExecRequest;
+    /// `core.exec.started`.
+    ExecStarted = "core.exec.started", GuestToHost, gen 1, NONE, ExecStarted;
+    /// `core.exec.stdin`.
+    ExecStdin = "core.exec.stdin", HostToGuest, gen 1, NONE, ExecStdin;
+    /// `core.exec.stdin.error`.
+    ExecStdinError = "core.exec.stdin.error", GuestToHost, gen 1, NONE, ExecStdinError;
+    /// `core.exec.stdout`.
+    ExecStdout = "core.exec.stdout", GuestToHost, gen 1, NONE, ExecStdout;
+    /// `core.exec.stderr`.
+    ExecStderr = "core.exec.stderr", GuestToHost, gen 1, NONE, ExecStderr;
+    /// `core.exec.exited`.
+    ExecExited = "core.exec.exited", GuestToHost, gen 1, TERMINAL, ExecExited;
+    /// `core.exec.failed`.
+    ExecFailed = "core.exec.failed", GuestToHost, gen 1, TERMINAL, ExecFailed;
+    /// `core.exec.resize`.
+    ExecResize = "core.exec.resize", HostToGuest, gen 1, NONE, ExecResize;
+    /// `core.exec.signal`.
+    ExecSignal = "core.exec.signal", HostToGuest, gen 1, NONE, ExecSignal;
+    /// `core.fs.request`: a file operation.
+    FsRequest = "core.fs.request", HostToGuest, gen 2, SESSION_START, FsRequest;
+    /// `core.fs.response`.
+    FsResponse = "core.fs.response", GuestToHost, gen 2, TERMINAL, FsResponse;
+    /// `core.fs.data`.
+    FsData = "core.fs.data", Both, gen 2, NONE, FsData;
+    /// `core.tcp.connect`: open a TCP connection from the guest.
+    TcpConnect = "core.tcp.connect", HostToGuest, gen 4, SESSION_START, TcpConnect;
+    /// `core.tcp.connected`.
+    TcpConnected = "core.tcp.connected", GuestToHost, gen 4, NONE, TcpConnected;
+    /// `core.tcp.data`.
+    TcpData = "core.tcp.data", Both, gen 4, NONE, TcpData;
+    /// `core.tcp.eof`.
+    TcpEof = "core.tcp.eof", Both, gen 4, NONE, TcpEof;
+    /// `core.tcp.close`.
+    TcpClose = "core.tcp.close", HostToGuest, gen 4, NONE, TcpClose;
+    /// `core.tcp.closed`.
+    TcpClosed = "core.tcp.closed", GuestToHost, gen 4, TERMINAL, TcpClosed;
+    /// `core.tcp.failed`.
+    TcpFailed = "core.tcp.failed", GuestToHost, gen 4, TERMINAL, TcpFailed;
+    /// `core.bootstrap`: the guest's configuration, before the handshake (boxed: it is large).
+    Bootstrap = "core.bootstrap", HostToGuest, gen 7, NONE, Box<GuestBootstrap>;
+}
+
+impl From<GuestBootstrap> for Payload {
+    fn from(p: GuestBootstrap) -> Payload {
+        Payload::Bootstrap(Box::new(p))
+    }
+}
+
+impl TypedPayload for GuestBootstrap {
+    const MESSAGE_TYPE: MessageType = MessageType::Bootstrap;
+}
+
+impl MessageType {
+    /// Whether a peer of generation `generation` knows this type.
+    pub const fn is_available_at(self, generation: u8) -> bool {
+        self.generation() <= generation
+    }
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.wire_name())
+    }
+}
+
+/// The `t` of an envelope: a type of this generation, or a name it does not know.
+///
+/// An unknown name is not an error of the stream: a newer peer may send it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TypeName {
+    /// A type of generation 7.
+    Known(MessageType),
+    /// A name generation 7 does not have, kept as received.
+    Unknown(String),
+}
+
+impl TypeName {
+    /// Looks a wire name up in the table; allocates only for an unknown name.
+    pub fn from_wire_name(name: &str) -> TypeName {
+        match MessageType::from_wire_name(name) {
+            Some(t) => TypeName::Known(t),
+            None => TypeName::Unknown(name.to_string()),
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            TypeName::Known(t) => t.wire_name(),
+            TypeName::Unknown(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for TypeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message whose envelope was read but whose payload was not: what a relay
+/// or a logger needs, and what a newer peer's unknown types arrive as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawMessage {
+    /// Correlation id.
+    pub id: u32,
+    /// Flags as received.
+    pub flags: Flags,
+    /// The sender's generation (`v`).
+    pub version: u8,
+    /// The type (`t`).
+    pub type_name: TypeName,
+    /// The payload bytes (`p`): a view of the frame.
+    pub payload: Bytes,
+}
+
+/// A message with its payload decoded.
+///
+/// ```
+/// use agentwire::{Flags, Message, MessageType, PROTOCOL_VERSION, payload::exec::ExecExited};
+/// let m = Message::new(9, ExecExited { code: 42 });
+/// assert_eq!((m.message_type(), m.flags, m.version), (MessageType::ExecExited, Flags::TERMINAL, PROTOCOL_VERSION));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Correlation id.
+    pub id: u32,
+    /// Flags; [`Message::new`] sets the type's.
+    pub flags: Flags,
+    /// The sender's generation (`v`).
+    pub version: u8,
+    /// The payload, which also says the type.
+    pub payload: Payload,
+}
+
+impl Message {
+    /// A message of the current generation with the flags of the payload's type.
+    pub fn new(id: u32, payload: impl Into<Payload>) -> Message {
+        let payload = payload.into();
+        Message { id, flags: payload.message_type().flags(), version: PROTOCOL_VERSION, payload }
+    }
+
+    /// The same message with `v` set to `version` (to speak as an older peer).
+    pub fn with_version(mut self, version: u8) -> Message {
+        self.version = version;
+        self
+    }
+
+    /// The type, from the payload.
+    pub fn message_type(&self) -> MessageType {
+        self.payload.message_type()
+    }
+
+    /// Size of the whole frame on the wire, length prefix included, without encoding it.
+    ///
+    /// ```
+    /// use agentwire::{Message, payload::exec::ExecExited};
+    /// assert_eq!(Message::new(9, ExecExited { code: 42 }).wire_len()?, 43);
+    /// # Ok::<(), agentwire::payload::PayloadError>(())
+    /// ```
+    pub fn wire_len(&self) -> Result<usize, PayloadError> {
+        let body =
+            crate::envelope::body_len(self.version, self.message_type().wire_name(), self.payload.encoded_len()?);
+        Ok(crate::frame::LENGTH_FIELD_SIZE + crate::frame::FRAME_HEADER_SIZE + body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_stays_small_enough_to_move_around() {
+        assert!(std::mem::size_of::<Payload>() <= 160, "{}", std::mem::size_of::<Payload>());
+    }
+
+    #[test]
+    fn table_is_consistent() {
+        let mut names = std::collections::HashSet::new();
+        for t in MessageType::ALL {
+            assert!(names.insert(t.wire_name()), "duplicate {t}");
+            assert_eq!(MessageType::from_wire_name(t.wire_name()), Some(t));
+            assert!((1..=PROTOCOL_VERSION).contains(&t.generation()));
+            assert_eq!(t.flags().known(), t.flags());
+        }
+        assert_eq!(MessageType::ALL.iter().filter(|t| t.is_available_at(3)).count(), 19);
+        assert_eq!(MessageType::from_wire_name("core.future"), None);
+        assert_eq!(TypeName::from_wire_name("core.future").as_str(), "core.future");
+    }
+}

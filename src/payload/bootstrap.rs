@@ -1,0 +1,255 @@
+//! Payload of `core.bootstrap` (generation 7): the guest's configuration,
+//! placed in front of the agent's input before the VM boots.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::exec::ExecRlimit;
+use super::{open_enum, serde_payload};
+
+/// `core.bootstrap`: everything the guest needs before `core.ready`. Every key
+/// may be missing on decode; empty lists and `None`s are not written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestBootstrap {
+    /// The root filesystem, when it is not the initramfs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_root: Option<BootstrapBlockRoot>,
+    /// Host directories shared into the guest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dir_mounts: Vec<BootstrapDirMount>,
+    /// Single host files shared into the guest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub file_mounts: Vec<BootstrapFileMount>,
+    /// Block devices to mount.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk_mounts: Vec<BootstrapDiskMount>,
+    /// tmpfs mounts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs_mounts: Vec<BootstrapTmpfsMount>,
+    /// Host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// A name under which the guest reaches the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_alias: Option<String>,
+    /// Network configuration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<BootstrapNetwork>,
+    /// Resource limits for everything the agent starts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<ExecRlimit>,
+    /// Default user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Default working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cwd: Option<String>,
+    /// Default environment.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub default_env: Vec<BootstrapEnvVar>,
+    /// Security profile; always written.
+    pub security_profile: BootstrapSecurityProfile,
+    /// Hand PID 1 over to another init after setting up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff_init: Option<BootstrapHandoffInit>,
+}
+
+/// The root filesystem (tagged by `kind`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BootstrapBlockRoot {
+    /// A whole disk image.
+    DiskImage {
+        /// Device path.
+        device: String,
+        /// Filesystem type; probed when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fstype: Option<String>,
+    },
+    /// An OCI image as a read-only erofs lower layer with a writable upper layer.
+    OciErofs {
+        /// Device of the erofs image.
+        lower: String,
+        /// The writable layer.
+        upper: BootstrapBlockRootUpper,
+    },
+}
+
+/// The writable upper layer of an overlay root (tagged by `kind`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BootstrapBlockRootUpper {
+    /// A block device.
+    Device {
+        /// Device path.
+        device: String,
+        /// Filesystem type.
+        fstype: String,
+    },
+    /// Memory.
+    Tmpfs {
+        /// Size limit in MiB.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size_mib: Option<u32>,
+    },
+}
+
+/// Mount flags; each defaults to false.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapMountFlags {
+    /// Read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// No execution.
+    #[serde(default)]
+    pub noexec: bool,
+    /// No set-uid.
+    #[serde(default)]
+    pub nosuid: bool,
+    /// No device files.
+    #[serde(default)]
+    pub nodev: bool,
+}
+
+/// A host directory shared into the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapDirMount {
+    /// The share's tag.
+    pub tag: String,
+    /// Where it is mounted.
+    pub guest_path: String,
+    /// Mount flags.
+    #[serde(default)]
+    pub flags: BootstrapMountFlags,
+}
+
+/// A single host file shared into the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapFileMount {
+    /// The share's tag.
+    pub tag: String,
+    /// The file's name inside the share.
+    pub filename: String,
+    /// Where it appears.
+    pub guest_path: String,
+    /// Mount flags.
+    #[serde(default)]
+    pub flags: BootstrapMountFlags,
+}
+
+/// A block device to mount.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapDiskMount {
+    /// The disk's id.
+    pub id: String,
+    /// Where it is mounted.
+    pub guest_path: String,
+    /// Filesystem type; probed when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fstype: Option<String>,
+    /// Mount flags.
+    #[serde(default)]
+    pub flags: BootstrapMountFlags,
+}
+
+/// A tmpfs mount.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapTmpfsMount {
+    /// Where it is mounted.
+    pub path: String,
+    /// Size limit in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u32>,
+    /// Permission bits of its root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Mount flags.
+    #[serde(default)]
+    pub flags: BootstrapMountFlags,
+}
+
+/// The guest's network interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapNetwork {
+    /// Interface name.
+    pub interface: String,
+    /// MAC address (six integers on the wire).
+    pub mac: [u8; 6],
+    /// MTU.
+    pub mtu: u16,
+    /// IPv4 configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<BootstrapIpv4>,
+    /// IPv6 configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<BootstrapIpv6>,
+}
+
+/// IPv4 configuration (addresses are arrays of 4 octets on the wire).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapIpv4 {
+    /// Address.
+    pub address: Ipv4Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Ipv4Addr,
+    /// DNS server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Ipv4Addr>,
+}
+
+/// IPv6 configuration (addresses are arrays of 16 octets on the wire).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapIpv6 {
+    /// Address.
+    pub address: Ipv6Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Ipv6Addr,
+    /// DNS server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Ipv6Addr>,
+}
+
+/// An environment variable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapEnvVar {
+    /// Name.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+open_enum! {
+    /// How much the guest locks itself down.
+    #[derive(Default)]
+    BootstrapSecurityProfile {
+        /// The default profile.
+        #[default]
+        Default = "default",
+        /// A restricted profile.
+        Restricted = "restricted",
+    }
+}
+
+/// Another init to hand PID 1 over to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapHandoffInit {
+    /// Absolute path, or `auto`.
+    pub cmd: String,
+    /// Arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<BootstrapEnvVar>,
+}
+
+serde_payload!(GuestBootstrap);

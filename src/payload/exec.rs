@@ -1,0 +1,291 @@
+//! Payloads of `core.exec.*`: running a command in the guest.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{data_payload, open_enum, serde_payload};
+
+/// `core.exec.request`: run a command. Starts a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The program.
+    pub cmd: String,
+    /// Its arguments, without the program name.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment, as `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory; the guest's default when `None`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User to run as; the guest's default when `None`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Run on a pseudo-terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// Terminal rows (default 24).
+    #[serde(default = "default_rows")]
+    pub rows: u16,
+    /// Terminal columns (default 80).
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+    /// Resource limits for the process.
+    #[serde(default)]
+    pub rlimits: Vec<ExecRlimit>,
+}
+
+fn default_rows() -> u16 {
+    24
+}
+
+fn default_cols() -> u16 {
+    80
+}
+
+impl ExecRequest {
+    /// A request for `cmd` with every other field at its default.
+    ///
+    /// ```
+    /// use agentwire::payload::exec::ExecRequest;
+    /// let req = ExecRequest::new("echo");
+    /// assert_eq!((req.rows, req.cols, req.tty), (24, 80, false));
+    /// ```
+    pub fn new(cmd: impl Into<String>) -> ExecRequest {
+        ExecRequest {
+            cmd: cmd.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            tty: false,
+            rows: default_rows(),
+            cols: default_cols(),
+            rlimits: Vec::new(),
+        }
+    }
+}
+
+/// One resource limit, as `setrlimit` takes it.
+///
+/// Parses from `RESOURCE=SOFT[:HARD]`: the name is lowercased, a missing hard
+/// limit equals the soft one, and a soft limit above the hard one is refused.
+///
+/// ```
+/// use agentwire::payload::exec::ExecRlimit;
+/// let r: ExecRlimit = "NOFILE=1024:4096".parse()?;
+/// assert_eq!((r.resource.as_str(), r.soft, r.hard), ("nofile", 1024, 4096));
+/// assert_eq!("cpu=10".parse::<ExecRlimit>()?.hard, 10);
+/// assert!("as=10:5".parse::<ExecRlimit>().is_err());
+/// # Ok::<(), agentwire::payload::exec::RlimitParseError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRlimit {
+    /// Lowercase resource name: `nofile`, `nproc`, `as`, `cpu`, ...
+    pub resource: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Why a `RESOURCE=SOFT[:HARD]` text did not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RlimitParseError {
+    /// No `=` between name and limits.
+    #[error("rlimit {0:?}: expected RESOURCE=SOFT[:HARD]")]
+    MissingEquals(String),
+    /// Empty resource name.
+    #[error("rlimit {0:?}: the resource name is empty")]
+    EmptyResource(String),
+    /// A limit is not a non-negative integer.
+    #[error("rlimit {input:?}: {limit:?} is not a number")]
+    BadNumber {
+        /// The whole text.
+        input: String,
+        /// The part that is not a number.
+        limit: String,
+    },
+    /// Soft above hard.
+    #[error("rlimit {input:?}: soft limit {soft} is above hard limit {hard}")]
+    SoftAboveHard {
+        /// The whole text.
+        input: String,
+        /// Soft limit.
+        soft: u64,
+        /// Hard limit.
+        hard: u64,
+    },
+}
+
+impl FromStr for ExecRlimit {
+    type Err = RlimitParseError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let (name, limits) = input.split_once('=').ok_or_else(|| RlimitParseError::MissingEquals(input.to_string()))?;
+        let resource = name.trim().to_ascii_lowercase();
+        if resource.is_empty() {
+            return Err(RlimitParseError::EmptyResource(input.to_string()));
+        }
+        let number = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| RlimitParseError::BadNumber { input: input.to_string(), limit: s.to_string() })
+        };
+        let (soft, hard) = match limits.split_once(':') {
+            Some((soft, hard)) => (number(soft)?, number(hard)?),
+            None => {
+                let soft = number(limits)?;
+                (soft, soft)
+            }
+        };
+        if soft > hard {
+            return Err(RlimitParseError::SoftAboveHard { input: input.to_string(), soft, hard });
+        }
+        Ok(ExecRlimit { resource, soft, hard })
+    }
+}
+
+impl fmt::Display for ExecRlimit {
+    /// The `RESOURCE=SOFT:HARD` form, which parses back to the same value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}:{}", self.resource, self.soft, self.hard)
+    }
+}
+
+/// `core.exec.started`: the process is running.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStarted {
+    /// Its pid in the guest.
+    pub pid: u32,
+}
+
+/// `core.exec.stdin`: bytes for the process's standard input. Empty means EOF.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStdin {
+    /// The bytes; decoded as a view of the frame, not a copy.
+    pub data: Bytes,
+}
+
+/// `core.exec.stdout`: bytes the process wrote to standard output.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStdout {
+    /// The bytes; decoded as a view of the frame, not a copy.
+    pub data: Bytes,
+}
+
+/// `core.exec.stderr`: bytes the process wrote to standard error.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStderr {
+    /// The bytes; decoded as a view of the frame, not a copy.
+    pub data: Bytes,
+}
+
+/// `core.exec.stdin.error`: writing to the process's stdin failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStdinError {
+    /// The errno, when there was one.
+    #[serde(default)]
+    pub errno: Option<i32>,
+    /// Its symbolic name, e.g. `EPIPE`.
+    #[serde(default)]
+    pub errno_name: Option<String>,
+    /// A readable explanation.
+    pub message: String,
+}
+
+/// `core.exec.exited`: the process exited. Ends the session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExited {
+    /// Exit code (negative for a signal, by the guest's convention).
+    pub code: i32,
+}
+
+/// `core.exec.failed`: the process could not be started. Ends the session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecFailed {
+    /// What kind of failure.
+    pub kind: ExecFailureKind,
+    /// The errno, when there was one.
+    #[serde(default)]
+    pub errno: Option<i32>,
+    /// Its symbolic name.
+    #[serde(default)]
+    pub errno_name: Option<String>,
+    /// A readable explanation.
+    pub message: String,
+    /// Which step of the start failed, e.g. `chdir`.
+    #[serde(default)]
+    pub stage: Option<String>,
+}
+
+open_enum! {
+    /// Why a process could not be started.
+    ExecFailureKind {
+        /// The program does not exist.
+        NotFound = "not_found",
+        /// Not allowed to run it.
+        PermissionDenied = "permission_denied",
+        /// It exists but cannot be executed.
+        NotExecutable = "not_executable",
+        /// The working directory is unusable.
+        BadCwd = "bad_cwd",
+        /// The arguments or environment are unusable.
+        BadArgs = "bad_args",
+        /// A resource limit could not be applied or was hit.
+        ResourceLimit = "resource_limit",
+        /// Switching to the requested user failed.
+        UserSetupFailed = "user_setup_failed",
+        /// Out of memory.
+        OutOfMemory = "out_of_memory",
+        /// The pseudo-terminal could not be set up.
+        PtySetupFailed = "pty_setup_failed",
+        /// Anything else.
+        Other = "other",
+    }
+}
+
+/// `core.exec.resize`: the terminal changed size.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// `core.exec.signal`: deliver a signal to the process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSignal {
+    /// Signal number.
+    pub signal: i32,
+}
+
+serde_payload!(ExecRequest, ExecStarted, ExecStdinError, ExecExited, ExecFailed, ExecResize, ExecSignal);
+data_payload!(ExecStdin, ExecStdout, ExecStderr);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rlimit_text_form() {
+        let r: ExecRlimit = " NoFile = 10 : 20 ".parse().unwrap();
+        assert_eq!(r, ExecRlimit { resource: "nofile".into(), soft: 10, hard: 20 });
+        assert_eq!(r.to_string().parse::<ExecRlimit>().unwrap(), r);
+        assert!(matches!("nofile".parse::<ExecRlimit>(), Err(RlimitParseError::MissingEquals(_))));
+        assert!(matches!("=1".parse::<ExecRlimit>(), Err(RlimitParseError::EmptyResource(_))));
+        assert!(matches!("cpu=x".parse::<ExecRlimit>(), Err(RlimitParseError::BadNumber { .. })));
+        assert!(matches!("cpu=-1".parse::<ExecRlimit>(), Err(RlimitParseError::BadNumber { .. })));
+        assert!(matches!("cpu=1:".parse::<ExecRlimit>(), Err(RlimitParseError::BadNumber { .. })));
+        assert!(matches!(
+            "cpu=2:1".parse::<ExecRlimit>(),
+            Err(RlimitParseError::SoftAboveHard { soft: 2, hard: 1, .. })
+        ));
+        assert_eq!("as=18446744073709551615".parse::<ExecRlimit>().unwrap().hard, u64::MAX);
+    }
+}

@@ -1,0 +1,384 @@
+//! Payload types of every message, by family, and how they go to and from CBOR.
+//!
+//! The serde derives on these types *are* the encoding: [`CborPayload`]'s
+//! default methods run them through ciborium, which is how the deployed
+//! implementation wrote the golden vectors. A type may override a method with a
+//! faster path (the data-carrying payloads do, to hand out [`Bytes`] views of
+//! the frame instead of copies); such a path falls back to the serde path for
+//! any input it does not recognise, so the two cannot disagree.
+
+pub mod bootstrap;
+pub mod core;
+pub mod exec;
+pub mod fs;
+pub mod tcp;
+
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cbor::{self, MAX_NESTING_DEPTH, Reader};
+
+/// A payload that did not decode (or, rarely, encode): what was wrong and where.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}{}", offset.map(|o| format!(" at payload byte {o}")).unwrap_or_default())]
+pub struct PayloadError {
+    /// Byte offset inside the payload, when known.
+    pub offset: Option<usize>,
+    /// What was wrong, e.g. `invalid type: string, expected i32`.
+    pub reason: String,
+}
+
+impl From<cbor::CborError> for PayloadError {
+    fn from(e: cbor::CborError) -> Self {
+        PayloadError { offset: Some(e.offset), reason: e.reason.to_string() }
+    }
+}
+
+impl<E: std::fmt::Debug> From<ciborium::de::Error<E>> for PayloadError {
+    fn from(e: ciborium::de::Error<E>) -> Self {
+        use ciborium::de::Error;
+        let (offset, reason) = match e {
+            Error::Io(e) => (None, format!("input ended early ({e:?})")),
+            Error::Syntax(o) => (Some(o), "malformed CBOR".to_string()),
+            Error::Semantic(o, msg) => (o, msg),
+            Error::RecursionLimitExceeded => (None, "nesting deeper than the limit".to_string()),
+        };
+        PayloadError { offset, reason }
+    }
+}
+
+/// How a payload type is written to and read from the envelope's `p` bytes.
+///
+/// Every method has a default that goes through the type's serde derives and
+/// ciborium. Decoding first checks the bytes with the crate's own iterative
+/// reader: one well-formed item, nothing left over, at most
+/// [`MAX_NESTING_DEPTH`] levels, every claimed length backed by bytes that are
+/// present. Only then does the serde path see them.
+///
+/// ```
+/// use agentwire::payload::{CborPayload, exec::ExecExited};
+/// let mut buf = bytes::BytesMut::new();
+/// ExecExited { code: 42 }.encode(&mut buf)?;
+/// assert_eq!(&buf[..], b"\xa1\x64code\x18\x2a");
+/// assert_eq!(ExecExited::decode(&buf.freeze())?, ExecExited { code: 42 });
+/// # Ok::<(), agentwire::payload::PayloadError>(())
+/// ```
+pub trait CborPayload: Serialize + DeserializeOwned {
+    /// Exact size of [`CborPayload::encode`]'s output.
+    fn encoded_len(&self) -> Result<usize, PayloadError> {
+        serde_encoded_len(self)
+    }
+
+    /// Appends the canonical encoding to `dst`.
+    fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        serde_encode(self, dst)
+    }
+
+    /// Decodes `p`, which must be exactly one CBOR item.
+    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+        serde_decode(p)
+    }
+}
+
+/// A boxed payload (the large `core.bootstrap` one, so that [`crate::Payload`]
+/// stays small) goes on the wire exactly as the payload itself.
+impl<T: CborPayload> CborPayload for Box<T> {
+    fn encoded_len(&self) -> Result<usize, PayloadError> {
+        (**self).encoded_len()
+    }
+
+    fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        (**self).encode(dst)
+    }
+
+    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+        T::decode(p).map(Box::new)
+    }
+}
+
+/// Counts bytes instead of storing them, to size a payload before writing it.
+struct CountingWriter(usize);
+
+impl io::Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn encode_error(e: ciborium::ser::Error<io::Error>) -> PayloadError {
+    PayloadError { offset: None, reason: format!("{e:?}") }
+}
+
+/// Size of `value` as ciborium writes it.
+pub(crate) fn serde_encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, PayloadError> {
+    let mut counter = CountingWriter(0);
+    ciborium::into_writer(value, &mut counter).map_err(encode_error)?;
+    Ok(counter.0)
+}
+
+/// Appends `value` as ciborium writes it (shortest heads, definite lengths).
+pub(crate) fn serde_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), PayloadError> {
+    let start = dst.len();
+    ciborium::into_writer(value, dst.writer()).map_err(|e| {
+        dst.truncate(start);
+        encode_error(e)
+    })
+}
+
+/// Decodes `p` through the type's serde derive after checking it.
+pub(crate) fn serde_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadError> {
+    let checked = cbor::check_item(p, MAX_NESTING_DEPTH)?;
+    if !checked.indefinite {
+        return Ok(ciborium::from_reader(p)?);
+    }
+    // ciborium takes indefinite-length strings as values but not as map keys or
+    // enum names, which the spec says a reader must accept. Rewrite the item with
+    // definite lengths first: the slower path the spec allows for such input.
+    // The check above bounds every length by the bytes present and the depth.
+    let value: ciborium::Value = ciborium::from_reader(p)?;
+    let mut definite = Vec::with_capacity(p.len());
+    ciborium::into_writer(&value, &mut definite).map_err(encode_error)?;
+    Ok(ciborium::from_reader(&definite[..])?)
+}
+
+const DATA_KEY: &str = "data";
+/// `{"data": <bstr head>` up to the head: map of one entry, the key `data`.
+const DATA_PREFIX: [u8; 6] = [0xa1, 0x64, b'd', b'a', b't', b'a'];
+
+/// Size of a `{data: bytes}` payload carrying `len` bytes.
+pub(crate) fn data_encoded_len(len: usize) -> usize {
+    DATA_PREFIX.len() + cbor::head_len(len as u64) + len
+}
+
+/// Writes a `{data: bytes}` payload: the data bytes are copied once, into `dst`.
+pub(crate) fn data_encode(data: &[u8], dst: &mut BytesMut) {
+    dst.reserve(data_encoded_len(data.len()));
+    dst.put_slice(&DATA_PREFIX);
+    cbor::put_head(dst, cbor::MAJOR_BYTES, data.len() as u64);
+    dst.put_slice(data);
+}
+
+/// Reads the `data` of a `{data: bytes}` payload as a view of `p`, without a copy.
+///
+/// Handles definite maps with definite text keys, unknown keys (skipped) and a
+/// definite byte string for `data`. Returns `None` for anything else (tags,
+/// indefinite lengths, a duplicate or missing key, malformed input), which the
+/// caller hands to the serde path for the one true answer.
+pub(crate) fn data_decode_fast(p: &Bytes) -> Option<Bytes> {
+    let mut r = Reader::new(p);
+    let cbor::Head::Map(Some(entries)) = r.head().ok()? else {
+        return None;
+    };
+    let mut data = None;
+    for _ in 0..entries {
+        if !matches!(r.peek_head().ok()?, cbor::Head::Text(Some(_))) {
+            return None;
+        }
+        if r.text("payload key is not a text string").ok()? == DATA_KEY {
+            if !matches!(r.peek_head().ok()?, cbor::Head::Bytes(Some(_))) {
+                return None;
+            }
+            let cbor::StrBytes::Slice(range) = r.bytes("data is not a byte string").ok()? else {
+                return None;
+            };
+            if data.replace(p.slice(range)).is_some() {
+                return None;
+            }
+        } else {
+            r.skip_item(MAX_NESTING_DEPTH - 1).ok()?;
+        }
+    }
+    if !r.is_at_end() {
+        return None;
+    }
+    data
+}
+
+/// Implements [`CborPayload`] for `{data: bytes}` payloads with the zero-copy path.
+macro_rules! data_payload {
+    ($($ty:ty),* $(,)?) => {$(
+        impl $crate::payload::CborPayload for $ty {
+            fn encoded_len(&self) -> Result<usize, $crate::payload::PayloadError> {
+                Ok($crate::payload::data_encoded_len(self.data.len()))
+            }
+            fn encode(&self, dst: &mut bytes::BytesMut) -> Result<(), $crate::payload::PayloadError> {
+                $crate::payload::data_encode(&self.data, dst);
+                Ok(())
+            }
+            fn decode(p: &bytes::Bytes) -> Result<Self, $crate::payload::PayloadError> {
+                match $crate::payload::data_decode_fast(p) {
+                    Some(data) => Ok(Self { data }),
+                    None => $crate::payload::serde_decode(p),
+                }
+            }
+        }
+    )*};
+}
+pub(crate) use data_payload;
+
+/// Implements [`CborPayload`] with the serde path for each listed type.
+macro_rules! serde_payload {
+    ($($ty:ty),* $(,)?) => {$( impl $crate::payload::CborPayload for $ty {} )*};
+}
+pub(crate) use serde_payload;
+
+/// Defines a unit-only enum that is a text string on the wire and keeps a value
+/// it does not know (a newer peer's) instead of failing.
+macro_rules! open_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $wire:literal, )* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )*
+            /// A name this generation does not know, kept as received.
+            Unknown(String),
+        }
+
+        impl $name {
+            /// Every value this generation knows.
+            pub const KNOWN: &'static [$name] = &[$($name::$variant),*];
+
+            /// The wire name.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $( $name::$variant => $wire, )*
+                    $name::Unknown(s) => s,
+                }
+            }
+
+            /// Reads a wire name; a name not known here becomes `Unknown`.
+            pub fn from_wire(s: &str) -> Self {
+                match s {
+                    $( $wire => $name::$variant, )*
+                    other => $name::Unknown(other.to_string()),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str(concat!("a ", stringify!($name), " name"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<$name, E> {
+                        Ok($name::from_wire(s))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+pub(crate) use open_enum;
+
+#[cfg(test)]
+mod tests {
+    use super::exec::ExecStdout;
+    use super::*;
+
+    fn stdout_serde(p: &[u8]) -> Result<ExecStdout, PayloadError> {
+        serde_decode(p)
+    }
+
+    #[test]
+    fn data_fast_path_is_a_view_and_agrees_with_serde() {
+        let mut buf = BytesMut::new();
+        ExecStdout { data: Bytes::from_static(b"hello") }.encode(&mut buf).unwrap();
+        let p = buf.freeze();
+        let fast = data_decode_fast(&p).unwrap();
+        assert_eq!(fast.as_ptr(), p[7..].as_ptr(), "a view of p, not a copy");
+        assert_eq!(ExecStdout { data: fast }, stdout_serde(&p).unwrap());
+    }
+
+    #[test]
+    fn data_fast_path_declines_what_it_does_not_handle() {
+        for hex in [
+            "a26464617461416164646174614162", // duplicate key: serde says duplicate field
+            "a0",                             // missing: serde says missing field
+            "a164646174615f4161ff",           // indefinite bytes
+            "a16464617461836161",             // array for bytes (serde path decides)
+            "c0a1646461746140",               // tag in front
+            "a1646461746140ff",               // trailing byte
+            "a1646461746145616263",           // truncated
+        ] {
+            let p = Bytes::from(
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect::<Vec<_>>(),
+            );
+            assert_eq!(data_decode_fast(&p), None, "{hex}");
+            let _ = ExecStdout::decode(&p); // never panics, whichever path answers
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_skipped_by_both_paths() {
+        // {"x": [1, {"y": null}], "data": h'6869'}
+        let p = Bytes::from_static(b"\xa2\x61x\x82\x01\xa1\x61y\xf6\x64data\x42hi");
+        assert_eq!(data_decode_fast(&p).unwrap(), Bytes::from_static(b"hi"));
+        assert_eq!(stdout_serde(&p).unwrap().data, Bytes::from_static(b"hi"));
+    }
+
+    /// Whenever the fast path answers, the serde path gives the same value:
+    /// checked on damaged variants of real data payloads.
+    #[test]
+    fn fast_path_never_disagrees_with_serde_on_damaged_input() {
+        let mut x = 0x853c_49e6_748f_ea9bu64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut base = BytesMut::new();
+        ExecStdout { data: Bytes::from_static(b"hello, world") }.encode(&mut base).unwrap();
+        let extra = b"\xa2\x61x\x82\x01\xf6\x64data\x43abc";
+        let (mut answered, mut agreed_errors) = (0, 0);
+        for _ in 0..50_000 {
+            let mut p = if next() % 2 == 0 { base.to_vec() } else { extra.to_vec() };
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % p.len() as u64) as usize;
+                p[at] = next() as u8;
+            }
+            let p = Bytes::from(p);
+            match data_decode_fast(&p) {
+                Some(data) => {
+                    answered += 1;
+                    assert_eq!(stdout_serde(&p), Ok(ExecStdout { data }), "{p:02x?}");
+                }
+                None => agreed_errors += stdout_serde(&p).is_err() as usize,
+            }
+        }
+        assert!(answered > 1_000 && agreed_errors > 1_000, "{answered} {agreed_errors}");
+    }
+
+    #[test]
+    fn indefinite_keys_take_the_slow_path() {
+        // {(_ "da", "ta"): (_ h'68', h'69')}
+        let p = Bytes::from_static(b"\xa1\x7f\x62da\x62ta\xff\x5f\x41h\x41i\xff");
+        assert_eq!(ExecStdout::decode(&p).unwrap().data, Bytes::from_static(b"hi"));
+    }
+}

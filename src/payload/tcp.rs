@@ -1,0 +1,48 @@
+//! Payloads of `core.tcp.*`: a TCP connection opened by the guest for the host.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{data_payload, serde_payload};
+
+/// `core.tcp.connect`: open a connection from inside the guest. Starts a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnect {
+    /// Host name or address, as the guest resolves it.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// `core.tcp.connected`: the connection is open.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnected {}
+
+/// `core.tcp.data`: bytes of the connection, either way.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpData {
+    /// The bytes; decoded as a view of the frame, not a copy.
+    pub data: Bytes,
+}
+
+/// `core.tcp.eof`: this side will send no more (half close).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpEof {}
+
+/// `core.tcp.close`: the host asks to close the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpClose {}
+
+/// `core.tcp.closed`: the connection is closed. Ends the session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpClosed {}
+
+/// `core.tcp.failed`: the connection could not be opened or broke. Ends the session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpFailed {
+    /// What went wrong.
+    pub error: String,
+}
+
+serde_payload!(TcpConnect, TcpConnected, TcpEof, TcpClose, TcpClosed, TcpFailed);
+data_payload!(TcpData);

@@ -1,0 +1,93 @@
+//! Every golden vector decodes to the values it names and encodes to its exact bytes.
+
+mod common;
+
+use agentwire::{Flags, Message, MessageCodec, MessageType, Payload};
+use bytes::BytesMut;
+use common::{hex, to_hex, vectors};
+use tokio_util::codec::Decoder;
+
+struct Golden {
+    name: String,
+    generation: u8,
+    message_type: MessageType,
+    id: u32,
+    flags: u8,
+    payload: serde_json::Value,
+    frame: Vec<u8>,
+}
+
+fn golden() -> Vec<Golden> {
+    vectors("golden.jsonl")
+        .into_iter()
+        .map(|v| Golden {
+            name: v["name"].as_str().unwrap().to_string(),
+            generation: v["gen"].as_u64().unwrap() as u8,
+            message_type: MessageType::from_wire_name(v["type"].as_str().unwrap()).expect("known type"),
+            id: v["id"].as_u64().unwrap() as u32,
+            flags: v["flags"].as_u64().unwrap() as u8,
+            payload: v["payload"].clone(),
+            frame: hex(v["frame"].as_str().unwrap()),
+        })
+        .collect()
+}
+
+#[test]
+fn all_160_lines_both_generations() {
+    let lines = golden();
+    assert_eq!(lines.len(), 160);
+    assert_eq!(lines.iter().filter(|l| l.generation == 3).count(), 32);
+    assert_eq!(lines.iter().filter(|l| l.generation == 7).count(), 128);
+    // Every type of generation 7 is covered.
+    for t in MessageType::ALL {
+        assert!(lines.iter().any(|l| l.message_type == t), "no vector for {t}");
+    }
+}
+
+#[test]
+fn decoding_each_frame_gives_its_values() {
+    for g in golden() {
+        let mut codec = MessageCodec::new();
+        let mut buf = BytesMut::from(&g.frame[..]);
+        let msg = match codec.decode_eof(&mut buf) {
+            Ok(Some(Ok(m))) => m,
+            other => panic!("{}: {other:?}", g.name),
+        };
+        assert!(buf.is_empty(), "{}: bytes left", g.name);
+        assert_eq!(msg.version, g.generation, "{}", g.name);
+        assert_eq!(msg.message_type(), g.message_type, "{}", g.name);
+        assert_eq!(msg.id, g.id, "{}", g.name);
+        assert_eq!(msg.flags.bits(), g.flags, "{}", g.name);
+        assert_eq!(serde_json::to_value(&msg.payload).unwrap(), g.payload, "{}", g.name);
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), None, "{}", g.name);
+    }
+}
+
+#[test]
+fn encoding_each_payload_gives_its_exact_bytes() {
+    for g in golden() {
+        let payload: Payload =
+            g.message_type.deserialize_payload(&g.payload).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        assert_eq!(g.message_type.flags(), Flags::from_bits(g.flags), "{}: flags are the type's", g.name);
+        let msg = Message::new(g.id, payload).with_version(g.generation);
+        let mut codec = MessageCodec::new();
+        let mut out = BytesMut::new();
+        codec.encode_message(&msg, &mut out).unwrap();
+        assert_eq!(to_hex(&out), to_hex(&g.frame), "{}", g.name);
+        assert_eq!(msg.wire_len().unwrap(), g.frame.len(), "{}: wire_len", g.name);
+    }
+}
+
+#[test]
+fn copies_match_the_shared_vectors() {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors");
+    if !shared.is_dir() {
+        eprintln!("skipped: {} is not present", shared.display());
+        return;
+    }
+    for name in ["golden.jsonl", "malformed.jsonl"] {
+        let ours = std::fs::read(common::vector_path(name)).unwrap();
+        let theirs = std::fs::read(shared.join(name)).unwrap();
+        assert!(ours == theirs, "tests/vectors/{name} differs from the shared copy");
+    }
+}
