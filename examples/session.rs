@@ -181,7 +181,7 @@ async fn main() -> ExitCode {
     send!(Message::new(0, GuestBootstrap { hostname: Some("sandbox".into()), ..Default::default() }));
     let ready = recv!();
     line("<- guest", &ready);
-    host.codec_mut().set_peer_generation(ready.version);
+    host.codec_mut().negotiate_with(&ready);
     let resolved = recv!();
     line("<- guest", &resolved);
     send!(Message::new(0, InitAck {}));

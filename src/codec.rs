@@ -309,6 +309,24 @@ impl MessageCodec {
         self.negotiated = version::negotiate(PROTOCOL_VERSION, peer);
     }
 
+    /// Negotiates from the peer's `core.ready`: its `v` is the peer's generation.
+    /// Returns the generation now in use, or `None` (and changes nothing) when
+    /// `ready` is not a `core.ready`.
+    ///
+    /// ```
+    /// use agentwire::{Message, MessageCodec, payload::core::Ready};
+    /// let mut codec = MessageCodec::new();
+    /// let ready = Message::new(0, Ready::default()).with_version(5);
+    /// assert_eq!(codec.negotiate_with(&ready), Some(5));
+    /// ```
+    pub fn negotiate_with(&mut self, ready: &Message) -> Option<u8> {
+        if !matches!(ready.payload, crate::message::Payload::Ready(_)) {
+            return None;
+        }
+        self.set_peer_generation(ready.version);
+        Some(self.negotiated)
+    }
+
     /// The generation in use with this peer.
     pub fn negotiated_generation(&self) -> u8 {
         self.negotiated
@@ -387,5 +405,62 @@ impl Encoder<Message> for MessageCodec {
 
     fn encode(&mut self, m: Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
         self.encode_message(&m, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::core::{Ping, Ready};
+    use crate::payload::tcp::TcpConnect;
+
+    fn wire(m: Message) -> BytesMut {
+        let mut buf = BytesMut::new();
+        MessageCodec::new().encode(m, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn receiving_a_type_above_the_negotiated_generation_is_rejected_and_the_stream_goes_on() {
+        let mut codec = MessageCodec::new();
+        assert_eq!(codec.negotiate_with(&Message::new(0, Ready::default()).with_version(3)), Some(3));
+        assert_eq!(codec.negotiate_with(&Message::new(0, Ping {})), None);
+        let mut buf = wire(Message::new(4, Ping {}));
+        buf.extend_from_slice(&wire(Message::new(5, TcpConnect { host: "h".into(), port: 1 })));
+        buf.extend_from_slice(&wire(Message::new(6, Ready::default())));
+        for (id, kind) in
+            [(4, RejectKind::UnsupportedProtocolGeneration), (5, RejectKind::UnsupportedProtocolGeneration)]
+        {
+            let r = codec.decode(&mut buf).unwrap().unwrap().unwrap_err();
+            assert_eq!((r.id, r.kind), (id, kind));
+            assert!(r.reason.starts_with("the peer speaks generation 3;"), "{}", r.reason);
+            assert_eq!(r.error_reply().payload.message_type(), crate::MessageType::Error);
+        }
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap().id, 6);
+    }
+
+    #[test]
+    fn a_payload_that_encodes_to_other_than_its_size_is_refused_and_nothing_is_written() {
+        let mut dst = BytesMut::from(&b"kept"[..]);
+        let err = encode_frame(&mut dst, crate::MAX_FRAME_SIZE, (1, Flags::NONE, 7), "core.ping", 3, |d| {
+            d.extend_from_slice(b"\xa0");
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("wrote 1 bytes but was sized at 3"), "{err}");
+        assert_eq!(&dst[..], b"kept");
+    }
+
+    #[test]
+    fn an_encoder_limit_below_the_frame_refuses_it() {
+        let frames = FrameCodec::builder().max_frame_len(64).build();
+        let mut codec = MessageCodec::with_frame_codec(frames);
+        let mut dst = BytesMut::new();
+        let big = crate::payload::exec::ExecStdout { data: Bytes::from(vec![0u8; 100]) };
+        assert!(matches!(
+            codec.encode(Message::new(1, big), &mut dst),
+            Err(EncodeError::FrameTooLarge { limit: 64, .. })
+        ));
+        assert!(dst.is_empty());
     }
 }

@@ -183,7 +183,7 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let ready = host.recv().await;
     assert!(matches!(&ready.payload, Payload::Ready(r) if r.agent_version == "test"));
     assert_eq!(ready.version, generation);
-    host.framed.codec_mut().set_peer_generation(ready.version);
+    assert_eq!(host.framed.codec_mut().negotiate_with(&ready), Some(generation));
     assert!(matches!(host.recv().await.payload, Payload::InitResolved(_)));
     (host, guest)
 }
