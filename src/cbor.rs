@@ -98,24 +98,20 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads one head.
+    #[inline]
     pub(crate) fn head(&mut self) -> Result<Head, CborError> {
         let at = self.pos;
         let Some(&initial) = self.buf.get(at) else {
             return Err(self.error(at, "input ends where an item was expected"));
         };
-        self.pos += 1;
         let major = initial >> 5;
         let info = initial & 0x1f;
-        let arg = match info {
-            0..=23 => Some(u64::from(info)),
-            24..=27 => {
-                let width = 1usize << (info - 24);
-                let r =
-                    self.take(width as u64, at).map_err(|_| self.error(at, "head runs past the end of the input"))?;
-                Some(self.buf[r].iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
-            }
-            28..=30 => return Err(self.error(at, "reserved additional information")),
-            _ => None,
+        // The common case, an argument inside the initial byte, needs nothing more.
+        let arg = if info < 24 {
+            self.pos += 1;
+            Some(u64::from(info))
+        } else {
+            self.long_argument(at, info)?
         };
         Ok(match (major, arg) {
             (MAJOR_UNSIGNED, Some(v)) => Head::Unsigned(v),
@@ -136,6 +132,40 @@ impl<'a> Reader<'a> {
             (MAJOR_SIMPLE, Some(_)) => return Err(self.error(at, "unassigned simple value")),
             _ => return Err(self.error(at, "indefinite length on an integer or tag")),
         })
+    }
+
+    /// The argument of a head whose additional information is 24 or more
+    /// (`None` for 31, indefinite length); moves past the head.
+    fn long_argument(&mut self, at: usize, info: u8) -> Result<Option<u64>, CborError> {
+        let width = match info {
+            24..=27 => 1usize << (info - 24),
+            31 => {
+                self.pos += 1;
+                return Ok(None);
+            }
+            _ => return Err(self.error(at, "reserved additional information")),
+        };
+        let Some(bytes) = self.buf.get(at + 1..at + 1 + width) else {
+            return Err(self.error(at, "head runs past the end of the input"));
+        };
+        let mut be = [0u8; 8];
+        be[8 - width..].copy_from_slice(bytes);
+        self.pos = at + 1 + width;
+        Ok(Some(u64::from_be_bytes(be)))
+    }
+
+    /// Reads a definite text string that stands plainly (no tag) at the cursor,
+    /// as raw bytes for comparing with known ASCII names: `None`, with nothing
+    /// consumed, for anything else. The caller checks UTF-8 of what it does not recognise.
+    pub(crate) fn plain_text_bytes(&mut self) -> Result<Option<&'a [u8]>, CborError> {
+        let mut ahead = self.clone();
+        let Head::Text(Some(len)) = ahead.head()? else {
+            return Ok(None);
+        };
+        let at = self.pos;
+        let range = ahead.take(len, at)?;
+        *self = ahead;
+        Ok(Some(&self.buf[range]))
     }
 
     /// Reads the next head without moving.
@@ -318,7 +348,8 @@ impl<'a> Reader<'a> {
 
 const UTF8_REASON: &str = "text string is not valid UTF-8";
 
-fn check_utf8(bytes: &[u8], at: usize) -> Result<(), CborError> {
+/// Checks that a text string's bytes, read at `at`, are UTF-8.
+pub(crate) fn check_utf8(bytes: &[u8], at: usize) -> Result<(), CborError> {
     std::str::from_utf8(bytes).map(drop).map_err(|_| CborError { offset: at, reason: UTF8_REASON })
 }
 
@@ -339,6 +370,26 @@ pub(crate) fn check_item(buf: &[u8], max_depth: usize) -> Result<Checked, CborEr
     Ok(Checked { indefinite })
 }
 
+/// Reads a shortest-form head of major type `major` at the start of `buf`:
+/// its argument and size. `None` for another major type, a non-shortest or
+/// indefinite head, or too few bytes (the caller then takes the general path).
+#[inline]
+pub(crate) fn shortest_head(buf: &[u8], major: u8) -> Option<(u64, usize)> {
+    let (&initial, rest) = buf.split_first()?;
+    if initial >> 5 != major {
+        return None;
+    }
+    let (arg, len) = match initial & 0x1f {
+        info @ 0..=23 => (u64::from(info), 1),
+        24 => (u64::from(*rest.first()?), 2),
+        25 => (u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)), 3),
+        26 => (u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)), 5),
+        27 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 9),
+        _ => return None,
+    };
+    (head_len(arg) == len).then_some((arg, len))
+}
+
 /// Size of the shortest head carrying `arg`.
 pub(crate) const fn head_len(arg: u64) -> usize {
     match arg {
@@ -350,25 +401,26 @@ pub(crate) const fn head_len(arg: u64) -> usize {
     }
 }
 
+/// The shortest head of major type `major` carrying `arg`: bytes and their count.
+pub(crate) fn head_bytes(major: u8, arg: u64) -> ([u8; 9], usize) {
+    let mut head = [0u8; 9];
+    let len = head_len(arg);
+    head[0] = major << 5
+        | match len {
+            1 => arg as u8,
+            2 => 24,
+            3 => 25,
+            5 => 26,
+            _ => 27,
+        };
+    head[1..len].copy_from_slice(&arg.to_be_bytes()[8 - (len - 1)..]);
+    (head, len)
+}
+
 /// Writes the shortest head of major type `major` carrying `arg`.
 pub(crate) fn put_head(dst: &mut BytesMut, major: u8, arg: u64) {
-    let m = major << 5;
-    match head_len(arg) {
-        1 => dst.put_u8(m | arg as u8),
-        2 => dst.put_slice(&[m | 24, arg as u8]),
-        3 => {
-            dst.put_u8(m | 25);
-            dst.put_u16(arg as u16);
-        }
-        5 => {
-            dst.put_u8(m | 26);
-            dst.put_u32(arg as u32);
-        }
-        _ => {
-            dst.put_u8(m | 27);
-            dst.put_u64(arg);
-        }
-    }
+    let (head, len) = head_bytes(major, arg);
+    dst.put_slice(&head[..len]);
 }
 
 /// Size of a text string item.

@@ -9,12 +9,13 @@
 
 use std::fmt;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::cbor;
 use crate::envelope;
 use crate::frame::{self, EncodeError, Flags, Frame, FrameCodec, OversizedFrame, StreamError};
-use crate::message::{Message, RawMessage, TypeName};
+use crate::message::{Message, MessageType, RawMessage, TypeName};
 use crate::payload::PayloadError;
 use crate::payload::core::{CoreError, CoreErrorKind};
 use crate::version::{self, PROTOCOL_VERSION};
@@ -108,19 +109,26 @@ impl Rejected {
         Rejected { offset, id, flags, version: None, type_name: None, kind, reason, payload: Bytes::new() }
     }
 
-    fn of_message(offset: u64, raw: RawMessage, kind: RejectKind, reason: String) -> Rejected {
+    #[cold]
+    fn malformed(offset: u64, frame: &Frame, e: cbor::CborError) -> Rejected {
+        Rejected::new(offset, frame.id, frame.flags, RejectKind::MalformedMessage, format!("{e} of the body"))
+    }
+
+    #[cold]
+    fn of_envelope(offset: u64, frame: &Frame, env: envelope::Envelope, kind: RejectKind, reason: String) -> Rejected {
         Rejected {
             offset,
-            id: raw.id,
-            flags: raw.flags,
-            version: Some(raw.version),
-            type_name: Some(raw.type_name),
+            id: frame.id,
+            flags: frame.flags,
+            version: Some(env.version),
+            type_name: Some(env.type_name),
             kind,
             reason,
-            payload: raw.payload,
+            payload: env.payload,
         }
     }
 
+    #[cold]
     fn oversized(o: OversizedFrame) -> Rejected {
         let reason = format!("length {} exceeds the limit of {}; the frame was discarded", o.len, o.limit);
         Rejected::new(o.offset, o.id, o.flags, RejectKind::FrameTooLarge, reason)
@@ -139,35 +147,70 @@ impl Rejected {
     }
 }
 
-/// Writes one frame: header, envelope head, then the payload straight into `dst`.
-/// On failure `dst` is left as it was.
+/// A payload whose size is not known in advance is written after a byte-string
+/// head sized for this many bytes (2 bytes of head, for 24 to 255 bytes of
+/// payload), then moved if it came out another size: one memmove of a small
+/// payload instead of serializing it twice.
+const PAYLOAD_LEN_GUESS: usize = 255;
+
+/// Length prefix, id and flags.
+const FRAME_HEAD: usize = frame::LENGTH_FIELD_SIZE + frame::FRAME_HEADER_SIZE;
+
+/// Writes one frame in a single pass: header, envelope, then the payload
+/// straight into `dst`, its length head and the frame length filled in after.
+/// `exact_len` is the payload's size when known in advance. On failure `dst` is
+/// left as it was.
 fn encode_frame(
     dst: &mut BytesMut,
     limit: usize,
     (id, flags, version): (u32, Flags, u8),
     type_name: &str,
-    payload_len: usize,
+    exact_len: Option<usize>,
     write_payload: impl FnOnce(&mut BytesMut) -> Result<(), PayloadError>,
 ) -> Result<(), EncodeError> {
-    let body_len = envelope::body_len(version, type_name, payload_len);
-    frame::check_body_len(body_len, limit)?;
+    if let Some(len) = exact_len {
+        // Refuse before writing a byte when the size is known.
+        frame::check_body_len(envelope::body_len(version, type_name, len), limit)?;
+    }
+    let guess = exact_len.unwrap_or(PAYLOAD_LEN_GUESS);
+    let guessed_head = cbor::head_len(guess as u64);
     let start = dst.len();
-    dst.reserve(frame::LENGTH_FIELD_SIZE + frame::FRAME_HEADER_SIZE + body_len);
-    frame::put_header(dst, body_len, id, flags);
-    envelope::put_head(dst, version, type_name, payload_len);
-    let payload_start = dst.len();
-    // The frame's len was written from payload_len: a payload that wrote another
-    // amount would corrupt the stream, so it is refused rather than sent.
-    let written = write_payload(dst).map_err(|e| e.reason).and_then(|()| match dst.len() - payload_start {
-        n if n == payload_len => Ok(()),
-        n => Err(format!("payload wrote {n} bytes but was sized at {payload_len}")),
-    });
-    written.map_err(|reason| {
+    dst.reserve(FRAME_HEAD + envelope::prefix_len(version, type_name) + guessed_head + guess);
+    dst.put_bytes(0, FRAME_HEAD);
+    envelope::put_prefix(dst, version, type_name);
+    let head_at = dst.len();
+    dst.put_bytes(0, guessed_head);
+    let payload_at = dst.len();
+    let fail = |dst: &mut BytesMut, reason: String| {
         dst.truncate(start);
-        let message_type =
-            crate::message::MessageType::from_wire_name(type_name).map_or("unknown type", |t| t.wire_name());
+        let message_type = MessageType::from_wire_name(type_name).map_or("an unknown type", |t| t.wire_name());
         EncodeError::Payload { message_type, reason }
-    })
+    };
+    if let Err(e) = write_payload(dst) {
+        return Err(fail(dst, e.reason));
+    }
+    let len = dst.len() - payload_at;
+    if exact_len.is_some_and(|exact| exact != len) {
+        // The frame would not say what it holds: refuse rather than send it.
+        return Err(fail(dst, format!("payload wrote {len} bytes but was sized at {guess}")));
+    }
+    let (head, head_len) = cbor::head_bytes(cbor::MAJOR_BYTES, len as u64);
+    if head_len != guessed_head {
+        let moved_to = head_at + head_len;
+        if head_len > guessed_head {
+            dst.put_bytes(0, head_len - guessed_head);
+        }
+        dst.copy_within(payload_at..payload_at + len, moved_to);
+        dst.truncate(moved_to + len);
+    }
+    dst[head_at..head_at + head_len].copy_from_slice(&head[..head_len]);
+    let body_len = dst.len() - start - FRAME_HEAD;
+    if let Err(e) = frame::check_body_len(body_len, limit) {
+        dst.truncate(start);
+        return Err(e);
+    }
+    dst[start..start + FRAME_HEAD].copy_from_slice(&frame::header_bytes(body_len, id, flags));
+    Ok(())
 }
 
 /// A codec of [`RawMessage`]s: envelopes read, payloads left as bytes.
@@ -209,18 +252,14 @@ impl RawMessageCodec {
 
 fn read_envelope(item: Result<Frame, OversizedFrame>, offset: u64) -> Result<RawMessage, Rejected> {
     let frame = item.map_err(Rejected::oversized)?;
-    match envelope::decode(&frame.body) {
-        Ok(env) => Ok(RawMessage {
-            id: frame.id,
-            flags: frame.flags,
-            version: env.version,
-            type_name: env.type_name,
-            payload: env.payload,
-        }),
-        Err(e) => {
-            Err(Rejected::new(offset, frame.id, frame.flags, RejectKind::MalformedMessage, format!("{e} of the body")))
-        }
-    }
+    let env = envelope::decode(&frame.body).map_err(|e| Rejected::malformed(offset, &frame, e))?;
+    Ok(RawMessage {
+        id: frame.id,
+        flags: frame.flags,
+        version: env.version,
+        type_name: env.type_name,
+        payload: env.payload,
+    })
 }
 
 impl Decoder for RawMessageCodec {
@@ -240,7 +279,7 @@ impl RawMessageCodec {
     /// Writes `m` without taking it: the payload bytes are copied once, into `dst`.
     pub fn encode_raw(&mut self, m: &RawMessage, dst: &mut BytesMut) -> Result<(), EncodeError> {
         let header = (m.id, m.flags, m.version);
-        encode_frame(dst, self.frames.max_frame_len(), header, m.type_name.as_str(), m.payload.len(), |dst| {
+        encode_frame(dst, self.frames.max_frame_len(), header, m.type_name.as_str(), Some(m.payload.len()), |dst| {
             dst.extend_from_slice(&m.payload);
             Ok(())
         })
@@ -271,7 +310,7 @@ impl Encoder<RawMessage> for RawMessageCodec {
 /// ```
 #[derive(Debug)]
 pub struct MessageCodec {
-    raw: RawMessageCodec,
+    frames: FrameCodec,
     negotiated: u8,
 }
 
@@ -289,7 +328,7 @@ impl MessageCodec {
 
     /// On a frame codec built with other limits.
     pub fn with_frame_codec(frames: FrameCodec) -> MessageCodec {
-        MessageCodec { raw: RawMessageCodec::with_frame_codec(frames), negotiated: PROTOCOL_VERSION }
+        MessageCodec { frames, negotiated: PROTOCOL_VERSION }
     }
 
     /// Records the peer's generation (from its `core.ready`, or the `v` of its
@@ -334,35 +373,39 @@ impl MessageCodec {
 
     /// The frame codec underneath.
     pub fn frame_codec(&self) -> &FrameCodec {
-        self.raw.frame_codec()
+        &self.frames
     }
 
     /// Decodes a frame obtained elsewhere (a [`Rejected`] then has offset 0).
     pub fn decode_frame(&self, frame: Frame) -> Result<Message, Rejected> {
-        self.read_payload(read_envelope(Ok(frame), 0), 0)
+        self.read_message(Ok(frame), 0)
     }
 
-    fn read_payload(&self, item: Result<RawMessage, Rejected>, offset: u64) -> Result<Message, Rejected> {
-        let raw = item?;
-        let message_type = match raw.type_name {
+    /// Frame to message in one go: envelope, type, flags, generation, payload.
+    /// Every way out but the last is a rejection, built out of line.
+    fn read_message(&self, item: Result<Frame, OversizedFrame>, offset: u64) -> Result<Message, Rejected> {
+        let frame = item.map_err(Rejected::oversized)?;
+        let env = envelope::decode(&frame.body).map_err(|e| Rejected::malformed(offset, &frame, e))?;
+        let message_type = match env.type_name {
             TypeName::Known(t) => t,
             TypeName::Unknown(ref name) => {
                 let reason = format!("{name} is not a message type of generation {PROTOCOL_VERSION}");
-                return Err(Rejected::of_message(offset, raw, RejectKind::UnsupportedMessageType, reason));
+                return Err(Rejected::of_envelope(offset, &frame, env, RejectKind::UnsupportedMessageType, reason));
             }
         };
-        if raw.flags.known() != message_type.flags() {
-            let reason = format!("flags {} on {message_type}, which carries {}", raw.flags, message_type.flags());
-            return Err(Rejected::of_message(offset, raw, RejectKind::InvalidFlags, reason));
+        if frame.flags.known() != message_type.flags() {
+            let reason = format!("flags {} on {message_type}, which carries {}", frame.flags, message_type.flags());
+            return Err(Rejected::of_envelope(offset, &frame, env, RejectKind::InvalidFlags, reason));
         }
         if let Err(e) = version::check_available(message_type, self.negotiated) {
-            return Err(Rejected::of_message(offset, raw, RejectKind::UnsupportedProtocolGeneration, e.to_string()));
+            let kind = RejectKind::UnsupportedProtocolGeneration;
+            return Err(Rejected::of_envelope(offset, &frame, env, kind, e.to_string()));
         }
-        match message_type.decode_payload(&raw.payload) {
-            Ok(payload) => Ok(Message { id: raw.id, flags: raw.flags, version: raw.version, payload }),
+        match message_type.decode_payload(&env.payload) {
+            Ok(payload) => Ok(Message { id: frame.id, flags: frame.flags, version: env.version, payload }),
             Err(e) => {
                 let reason = format!("payload of {message_type}: {e}");
-                Err(Rejected::of_message(offset, raw, RejectKind::InvalidPayload, reason))
+                Err(Rejected::of_envelope(offset, &frame, env, RejectKind::InvalidPayload, reason))
             }
         }
     }
@@ -373,13 +416,13 @@ impl Decoder for MessageCodec {
     type Error = StreamError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        let item = self.raw.decode(src)?;
-        Ok(item.map(|item| self.read_payload(item, self.raw.last_frame_offset())))
+        let item = self.frames.decode(src)?;
+        Ok(item.map(|item| self.read_message(item, self.frames.last_frame_offset())))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        let item = self.raw.decode_eof(src)?;
-        Ok(item.map(|item| self.read_payload(item, self.raw.last_frame_offset())))
+        let item = self.frames.decode_eof(src)?;
+        Ok(item.map(|item| self.read_message(item, self.frames.last_frame_offset())))
     }
 }
 
@@ -389,12 +432,9 @@ impl MessageCodec {
     pub fn encode_message(&mut self, m: &Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
         let message_type = m.message_type();
         version::check_available(message_type, self.negotiated)?;
-        let payload_len = m
-            .payload
-            .encoded_len()
-            .map_err(|e| EncodeError::Payload { message_type: message_type.wire_name(), reason: e.reason })?;
-        let limit = self.raw.frame_codec().max_frame_len();
-        encode_frame(dst, limit, (m.id, m.flags, m.version), message_type.wire_name(), payload_len, |dst| {
+        let limit = self.frames.max_frame_len();
+        let exact_len = m.payload.exact_encoded_len();
+        encode_frame(dst, limit, (m.id, m.flags, m.version), message_type.wire_name(), exact_len, |dst| {
             m.payload.encode(dst)
         })
     }
@@ -442,7 +482,7 @@ mod tests {
     #[test]
     fn a_payload_that_encodes_to_other_than_its_size_is_refused_and_nothing_is_written() {
         let mut dst = BytesMut::from(&b"kept"[..]);
-        let err = encode_frame(&mut dst, crate::MAX_FRAME_SIZE, (1, Flags::NONE, 7), "core.ping", 3, |d| {
+        let err = encode_frame(&mut dst, crate::MAX_FRAME_SIZE, (1, Flags::NONE, 7), "core.ping", Some(3), |d| {
             d.extend_from_slice(b"\xa0");
             Ok(())
         })

@@ -24,31 +24,68 @@ pub(crate) struct Envelope {
     pub(crate) payload: Bytes,
 }
 
-/// Size of the body that [`put_head`] plus `payload_len` payload bytes make.
-pub(crate) fn body_len(version: u8, type_name: &str, payload_len: usize) -> usize {
-    1 + KEY_V.len()
-        + cbor::head_len(u64::from(version))
-        + KEY_T.len()
-        + cbor::text_len(type_name)
-        + KEY_P.len()
-        + cbor::head_len(payload_len as u64)
-        + payload_len
+/// Size of the envelope up to the payload's byte-string head.
+pub(crate) fn prefix_len(version: u8, type_name: &str) -> usize {
+    1 + KEY_V.len() + cbor::head_len(u64::from(version)) + KEY_T.len() + cbor::text_len(type_name) + KEY_P.len()
 }
 
-/// Writes the envelope up to the payload's byte-string head; the caller writes
-/// the `payload_len` payload bytes straight after.
-pub(crate) fn put_head(dst: &mut BytesMut, version: u8, type_name: &str, payload_len: usize) {
+/// Size of a body whose payload is `payload_len` bytes.
+pub(crate) fn body_len(version: u8, type_name: &str, payload_len: usize) -> usize {
+    prefix_len(version, type_name) + cbor::head_len(payload_len as u64) + payload_len
+}
+
+/// Writes the envelope up to the payload's byte-string head, which the caller
+/// writes next, followed by the payload.
+pub(crate) fn put_prefix(dst: &mut BytesMut, version: u8, type_name: &str) {
     dst.put_u8(MAP3);
     dst.put_slice(KEY_V);
     cbor::put_head(dst, cbor::MAJOR_UNSIGNED, u64::from(version));
     dst.put_slice(KEY_T);
     cbor::put_text(dst, type_name);
     dst.put_slice(KEY_P);
-    cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
+}
+
+/// An envelope key, as read.
+enum Key {
+    V,
+    T,
+    P,
+    Other,
 }
 
 /// Reads the envelope of `body`.
 pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
+    match decode_canonical(body) {
+        Some(envelope) => Ok(envelope),
+        None => decode_liberal(body),
+    }
+}
+
+/// Reads the canonical form every writer produces, with a few comparisons:
+/// `a3 61 76 <v> 61 74 <t> 61 70 <p>`, shortest heads, nothing after `p`.
+/// `None` for any other form; the liberal reader then gives the answer, which
+/// for canonical input is the same.
+fn decode_canonical(body: &Bytes) -> Option<Envelope> {
+    let rest = body.strip_prefix(&[MAP3])?.strip_prefix(KEY_V)?;
+    let (version, used) = cbor::shortest_head(rest, cbor::MAJOR_UNSIGNED)?;
+    let rest = rest[used..].strip_prefix(KEY_T)?;
+    let (name_len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
+    let (name, rest) = rest[used..].split_at_checked(usize::try_from(name_len).ok()?)?;
+    let rest = rest.strip_prefix(KEY_P)?;
+    let (payload_len, used) = cbor::shortest_head(rest, cbor::MAJOR_BYTES)?;
+    if (rest.len() - used) as u64 != payload_len {
+        return None;
+    }
+    Some(Envelope {
+        version: u8::try_from(version).ok()?,
+        type_name: TypeName::from_wire_name(std::str::from_utf8(name).ok()?),
+        payload: body.slice(body.len() - payload_len as usize..),
+    })
+}
+
+/// Reads any form the spec allows: entries in any order, unknown keys,
+/// non-shortest heads, indefinite lengths, tags.
+fn decode_liberal(body: &Bytes) -> Result<Envelope, CborError> {
     let mut r = Reader::new(body);
     let at = r.position();
     let entries = match r.head_skipping_tags()? {
@@ -68,10 +105,27 @@ pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
         }
         seen += 1;
         let key_at = r.position();
-        let key = r.text("envelope key is not a text string")?;
+        // The three known keys are one ASCII letter: compare bytes, and check
+        // UTF-8 only for keys that are not them.
+        let key = match r.plain_text_bytes()? {
+            Some(b"v") => Key::V,
+            Some(b"t") => Key::T,
+            Some(b"p") => Key::P,
+            Some(other) => {
+                cbor::check_utf8(other, key_at)?;
+                Key::Other
+            }
+            // A tagged or indefinite-length key: the general reader.
+            None => match &*r.text("envelope key is not a text string")? {
+                "v" => Key::V,
+                "t" => Key::T,
+                "p" => Key::P,
+                _ => Key::Other,
+            },
+        };
         let duplicate = |r: &Reader<'_>| r.error(key_at, "duplicate envelope key");
-        match &*key {
-            "v" => {
+        match key {
+            Key::V => {
                 let value_at = r.position();
                 let v = r.unsigned("v is not an unsigned integer")?;
                 let v = u8::try_from(v).map_err(|_| r.error(value_at, "v does not fit in a u8"))?;
@@ -79,13 +133,13 @@ pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
                     return Err(duplicate(&r));
                 }
             }
-            "t" => {
+            Key::T => {
                 let t = r.text("t is not a text string")?;
                 if type_name.replace(TypeName::from_wire_name(&t)).is_some() {
                     return Err(duplicate(&r));
                 }
             }
-            "p" => {
+            Key::P => {
                 let p = match r.bytes("p is not a byte string")? {
                     StrBytes::Slice(range) => body.slice(range),
                     StrBytes::Owned(joined) => Bytes::from(joined),
@@ -95,7 +149,7 @@ pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
                 }
             }
             // A newer peer's key: skip its value, however it is shaped.
-            _ => {
+            Key::Other => {
                 r.skip_item(MAX_NESTING_DEPTH)?;
             }
         }
@@ -123,7 +177,8 @@ mod tests {
     #[test]
     fn canonical_head_matches_the_spec_example() {
         let mut b = BytesMut::new();
-        put_head(&mut b, 7, "core.ready", 0);
+        put_prefix(&mut b, 7, "core.ready");
+        cbor::put_head(&mut b, cbor::MAJOR_BYTES, 0);
         assert_eq!(&b[..], &hex("a36176076174 6a636f72652e7265616479 617040".replace(' ', "").as_str())[..]);
         assert_eq!(b.len(), body_len(7, "core.ready", 0));
     }
@@ -134,6 +189,25 @@ mod tests {
         let env = decode(&body).unwrap();
         assert_eq!(env.type_name, TypeName::Known(MessageType::ExecExited));
         assert_eq!(env.payload.as_ptr(), body[body.len() - 8..].as_ptr());
+    }
+
+    #[test]
+    fn canonical_and_liberal_readers_agree_on_canonical_input() {
+        let body = hex("a3617607617470636f72652e657865632e657869746564617048a164636f6465182a");
+        assert_eq!(decode_canonical(&body), Some(decode_liberal(&body).unwrap()));
+        // Non-shortest v, an unknown type, trailing bytes: the canonical reader declines or agrees.
+        for h in [
+            "a36176180761747000000000000000000000000000000000617040",
+            "a361760761746178617040",
+            "a361760761746178617040ff",
+            "a3617607617461786170420000",
+        ] {
+            let body = hex(h);
+            if let Some(env) = decode_canonical(&body) {
+                assert_eq!(Ok(env), decode_liberal(&body), "{h}");
+            }
+        }
+        assert_eq!(decode_canonical(&hex("a361760761746178617040ff")), None);
     }
 
     #[test]

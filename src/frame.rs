@@ -147,10 +147,15 @@ impl Frame {
 ///
 /// Shared by every encoder in the crate, which then writes the body straight after it.
 pub(crate) fn put_header(dst: &mut BytesMut, body_len: usize, id: u32, flags: Flags) {
+    dst.put_slice(&header_bytes(body_len, id, flags));
+}
+
+/// The 9-byte frame header for a body of `body_len` bytes.
+pub(crate) fn header_bytes(body_len: usize, id: u32, flags: Flags) -> [u8; 9] {
     // Callers have checked body_len against the limit, so it fits in u32.
-    dst.put_u32((FRAME_HEADER_SIZE + body_len) as u32);
-    dst.put_u32(id);
-    dst.put_u8(flags.bits());
+    let len = ((FRAME_HEADER_SIZE + body_len) as u32).to_be_bytes();
+    let id = id.to_be_bytes();
+    [len[0], len[1], len[2], len[3], id[0], id[1], id[2], id[3], flags.bits()]
 }
 
 /// Checks that a body of `body_len` bytes makes a frame within `limit`.
@@ -389,6 +394,34 @@ impl Decoder for FrameCodec {
     type Error = StreamError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        // The common case, at a frame boundary with the whole frame buffered and
+        // its length in range, in one step; everything else in the state machine.
+        if let (DecodeState::Head, Some(header)) = (self.state, src.first_chunk::<9>()) {
+            let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            if (FRAME_HEADER_SIZE..=self.max_frame_len).contains(&len) && src.len() >= LENGTH_FIELD_SIZE + len {
+                let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                let flags = Flags::from_bits(header[8]);
+                src.advance(LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE);
+                let body = src.split_to(len - FRAME_HEADER_SIZE).freeze();
+                self.last_frame_offset = self.offset;
+                self.offset += (LENGTH_FIELD_SIZE + len) as u64;
+                return Ok(Some(Ok(Frame { id, flags, body })));
+            }
+        }
+        self.decode_in_steps(src)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        if let Some(item) = self.decode(src)? {
+            return Ok(Some(item));
+        }
+        self.end_of_stream(src)
+    }
+}
+
+impl FrameCodec {
+    /// The state machine: header, then body or discard, one step at a time.
+    fn decode_in_steps(&mut self, src: &mut BytesMut) -> Result<Option<Result<Frame, OversizedFrame>>, StreamError> {
         loop {
             match self.state {
                 DecodeState::Lost { offset } => return Err(StreamError::Lost { offset }),
@@ -448,10 +481,8 @@ impl Decoder for FrameCodec {
         }
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        if let Some(item) = self.decode(src)? {
-            return Ok(Some(item));
-        }
+    /// What the end of the stream means where the decoder stands.
+    fn end_of_stream(&mut self, src: &BytesMut) -> Result<Option<Result<Frame, OversizedFrame>>, StreamError> {
         let (offset, received, expected) = match self.state {
             DecodeState::Head if src.is_empty() => return Ok(None),
             DecodeState::Head => {

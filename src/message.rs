@@ -134,6 +134,11 @@ macro_rules! message_types {
                 match self { $( Payload::$variant(_) => MessageType::$variant, )* }
             }
 
+            /// Exact size of the encoded payload when known without encoding it.
+            pub fn exact_encoded_len(&self) -> Option<usize> {
+                match self { $( Payload::$variant(p) => p.exact_encoded_len(), )* }
+            }
+
             /// Exact size of the encoded payload.
             pub fn encoded_len(&self) -> Result<usize, PayloadError> {
                 match self { $( Payload::$variant(p) => p.encoded_len(), )* }

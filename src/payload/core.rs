@@ -113,7 +113,8 @@ open_enum! {
     }
 }
 
-serde_payload!(Ready, ClockSync, InitResolved, InitAck, RelayClientDisconnected, Ping, Pong, Touch, Touched, CoreError);
+// Ready has a hand-written path (payload::fast).
+serde_payload!(ClockSync, InitResolved, InitAck, RelayClientDisconnected, Ping, Pong, Touch, Touched, CoreError);
 
 impl super::CborPayload for Shutdown {
     fn decode(p: &bytes::Bytes) -> Result<Self, super::PayloadError> {

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{data_payload, open_enum, serde_payload};
+use super::{open_enum, serde_payload};
 
 /// `core.exec.request`: run a command. Starts a session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,8 +265,8 @@ pub struct ExecSignal {
     pub signal: i32,
 }
 
-serde_payload!(ExecRequest, ExecStarted, ExecStdinError, ExecExited, ExecFailed, ExecResize, ExecSignal);
-data_payload!(ExecStdin, ExecStdout, ExecStderr);
+// ExecStdin, ExecStdout, ExecStderr and ExecExited have hand-written paths (payload::fast).
+serde_payload!(ExecRequest, ExecStarted, ExecStdinError, ExecFailed, ExecResize, ExecSignal);
 
 #[cfg(test)]
 mod tests {

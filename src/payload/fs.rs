@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{data_payload, serde_payload};
+use super::serde_payload;
 
 /// The largest data chunk of one `core.fs.data`: 3 MiB, so that a chunk and its
 /// envelope stay under [`MAX_FRAME_SIZE`](crate::MAX_FRAME_SIZE).
@@ -256,5 +256,5 @@ pub struct FsData {
     pub data: Bytes,
 }
 
+// FsData has a hand-written path (payload::fast).
 serde_payload!(FsRequest, FsResponse);
-data_payload!(FsData);

@@ -10,6 +10,7 @@
 pub mod bootstrap;
 pub mod core;
 pub mod exec;
+mod fast;
 pub mod fs;
 pub mod tcp;
 
@@ -19,7 +20,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cbor::{self, MAX_NESTING_DEPTH, Reader};
+use crate::cbor::{self, MAX_NESTING_DEPTH};
 
 /// A payload that did not decode (or, rarely, encode): what was wrong and where.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +54,7 @@ impl<E: std::fmt::Debug> From<ciborium::de::Error<E>> for PayloadError {
 /// How a payload type is written to and read from the envelope's `p` bytes.
 ///
 /// Every method has a default that goes through the type's serde derives and
-/// ciborium. Decoding first checks the bytes with the crate's own iterative
+/// ciborium; the hottest payloads override them (see the module docs). Decoding first checks the bytes with the crate's own iterative
 /// reader: one well-formed item, nothing left over, at most
 /// [`MAX_NESTING_DEPTH`] levels, every claimed length backed by bytes that are
 /// present. Only then does the serde path see them.
@@ -67,9 +68,19 @@ impl<E: std::fmt::Debug> From<ciborium::de::Error<E>> for PayloadError {
 /// # Ok::<(), agentwire::payload::PayloadError>(())
 /// ```
 pub trait CborPayload: Serialize + DeserializeOwned {
-    /// Exact size of [`CborPayload::encode`]'s output.
+    /// The exact size of [`CborPayload::encode`]'s output when it is known
+    /// without encoding (the hand-written paths know it); `None` otherwise.
+    fn exact_encoded_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// Exact size of [`CborPayload::encode`]'s output (by counting a
+    /// serialization when it is not known otherwise).
     fn encoded_len(&self) -> Result<usize, PayloadError> {
-        serde_encoded_len(self)
+        match self.exact_encoded_len() {
+            Some(len) => Ok(len),
+            None => serde_encoded_len(self),
+        }
     }
 
     /// Appends the canonical encoding to `dst`.
@@ -86,6 +97,10 @@ pub trait CborPayload: Serialize + DeserializeOwned {
 /// A boxed payload (the large `core.bootstrap` one, so that [`crate::Payload`]
 /// stays small) goes on the wire exactly as the payload itself.
 impl<T: CborPayload> CborPayload for Box<T> {
+    fn exact_encoded_len(&self) -> Option<usize> {
+        (**self).exact_encoded_len()
+    }
+
     fn encoded_len(&self) -> Result<usize, PayloadError> {
         (**self).encoded_len()
     }
@@ -116,15 +131,16 @@ fn encode_error(e: ciborium::ser::Error<io::Error>) -> PayloadError {
     PayloadError { offset: None, reason: format!("{e:?}") }
 }
 
-/// Size of `value` as ciborium writes it.
-pub(crate) fn serde_encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, PayloadError> {
+/// Size of `value` as ciborium writes it (the serde path).
+pub fn serde_encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, PayloadError> {
     let mut counter = CountingWriter(0);
     ciborium::into_writer(value, &mut counter).map_err(encode_error)?;
     Ok(counter.0)
 }
 
-/// Appends `value` as ciborium writes it (shortest heads, definite lengths).
-pub(crate) fn serde_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), PayloadError> {
+/// Appends `value` as ciborium writes it, shortest heads and definite lengths:
+/// the serde path, which the hand-written paths are held to.
+pub fn serde_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), PayloadError> {
     let start = dst.len();
     ciborium::into_writer(value, dst.writer()).map_err(|e| {
         dst.truncate(start);
@@ -132,8 +148,9 @@ pub(crate) fn serde_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut)
     })
 }
 
-/// Decodes `p` through the type's serde derive after checking it.
-pub(crate) fn serde_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadError> {
+/// Decodes `p` through the type's serde derive and ciborium after checking it:
+/// the serde path, which the hand-written paths are held to.
+pub fn serde_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadError> {
     let checked = cbor::check_item(p, MAX_NESTING_DEPTH)?;
     if !checked.indefinite {
         return Ok(ciborium::from_reader(p)?);
@@ -147,81 +164,6 @@ pub(crate) fn serde_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadEr
     ciborium::into_writer(&value, &mut definite).map_err(encode_error)?;
     Ok(ciborium::from_reader(&definite[..])?)
 }
-
-const DATA_KEY: &str = "data";
-/// `{"data": <bstr head>` up to the head: map of one entry, the key `data`.
-const DATA_PREFIX: [u8; 6] = [0xa1, 0x64, b'd', b'a', b't', b'a'];
-
-/// Size of a `{data: bytes}` payload carrying `len` bytes.
-pub(crate) fn data_encoded_len(len: usize) -> usize {
-    DATA_PREFIX.len() + cbor::head_len(len as u64) + len
-}
-
-/// Writes a `{data: bytes}` payload: the data bytes are copied once, into `dst`.
-pub(crate) fn data_encode(data: &[u8], dst: &mut BytesMut) {
-    dst.reserve(data_encoded_len(data.len()));
-    dst.put_slice(&DATA_PREFIX);
-    cbor::put_head(dst, cbor::MAJOR_BYTES, data.len() as u64);
-    dst.put_slice(data);
-}
-
-/// Reads the `data` of a `{data: bytes}` payload as a view of `p`, without a copy.
-///
-/// Handles definite maps with definite text keys, unknown keys (skipped) and a
-/// definite byte string for `data`. Returns `None` for anything else (tags,
-/// indefinite lengths, a duplicate or missing key, malformed input), which the
-/// caller hands to the serde path for the one true answer.
-pub(crate) fn data_decode_fast(p: &Bytes) -> Option<Bytes> {
-    let mut r = Reader::new(p);
-    let cbor::Head::Map(Some(entries)) = r.head().ok()? else {
-        return None;
-    };
-    let mut data = None;
-    for _ in 0..entries {
-        if !matches!(r.peek_head().ok()?, cbor::Head::Text(Some(_))) {
-            return None;
-        }
-        if r.text("payload key is not a text string").ok()? == DATA_KEY {
-            if !matches!(r.peek_head().ok()?, cbor::Head::Bytes(Some(_))) {
-                return None;
-            }
-            let cbor::StrBytes::Slice(range) = r.bytes("data is not a byte string").ok()? else {
-                return None;
-            };
-            if data.replace(p.slice(range)).is_some() {
-                return None;
-            }
-        } else {
-            r.skip_item(MAX_NESTING_DEPTH - 1).ok()?;
-        }
-    }
-    if !r.is_at_end() {
-        return None;
-    }
-    data
-}
-
-/// Implements [`CborPayload`] for `{data: bytes}` payloads with the zero-copy path.
-macro_rules! data_payload {
-    ($($ty:ty),* $(,)?) => {$(
-        impl $crate::payload::CborPayload for $ty {
-            fn encoded_len(&self) -> Result<usize, $crate::payload::PayloadError> {
-                Ok($crate::payload::data_encoded_len(self.data.len()))
-            }
-            fn encode(&self, dst: &mut bytes::BytesMut) -> Result<(), $crate::payload::PayloadError> {
-                $crate::payload::data_encode(&self.data, dst);
-                Ok(())
-            }
-            fn decode(p: &bytes::Bytes) -> Result<Self, $crate::payload::PayloadError> {
-                match $crate::payload::data_decode_fast(p) {
-                    Some(data) => Ok(Self { data }),
-                    None => $crate::payload::serde_decode(p),
-                }
-            }
-        }
-    )*};
-}
-pub(crate) use data_payload;
 
 /// Implements [`CborPayload`] with the serde path for each listed type.
 macro_rules! serde_payload {
@@ -299,6 +241,7 @@ pub(crate) use open_enum;
 #[cfg(test)]
 mod tests {
     use super::exec::ExecStdout;
+    use super::fast::data_decode as data_decode_fast;
     use super::*;
 
     fn stdout_serde(p: &[u8]) -> Result<ExecStdout, PayloadError> {

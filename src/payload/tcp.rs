@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{data_payload, serde_payload};
+use super::serde_payload;
 
 /// `core.tcp.connect`: open a connection from inside the guest. Starts a session.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,5 +44,5 @@ pub struct TcpFailed {
     pub error: String,
 }
 
+// TcpData has a hand-written path (payload::fast).
 serde_payload!(TcpConnect, TcpConnected, TcpEof, TcpClose, TcpClosed, TcpFailed);
-data_payload!(TcpData);

@@ -1,0 +1,292 @@
+//! Criterion benchmarks: agentwire against the codec a user would otherwise
+//! write, measured in the same run, plus `memcpy` of the same bytes as the
+//! physical reference for bulk data.
+//!
+//! The baseline: `tokio_util::codec::LengthDelimitedCodec` for framing, the id
+//! and flags as the first five bytes of its frame, and the envelope and the
+//! payload each serialized through ciborium's serde path into a `Vec`.
+//!
+//! ```text
+//! cargo bench --bench codec                 # full run (about 10 minutes)
+//! cargo bench --bench codec -- --quick      # quick mode (about 2 minutes)
+//! python3 benches/report.py                 # the table of medians and ratios
+//! ```
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use agentwire::payload::core::Ready;
+use agentwire::payload::exec::{ExecExited, ExecRequest, ExecRlimit, ExecStdout};
+use agentwire::payload::fs::FsData;
+use agentwire::{Frame, FrameCodec, Message, MessageCodec, Payload, TypedPayload};
+use bytes::{BufMut, Bytes, BytesMut};
+use criterion::{BatchSize, BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// The envelope as a user would declare it for serde.
+#[derive(Serialize, Deserialize)]
+struct BaselineEnvelope {
+    v: u8,
+    t: String,
+    p: serde_bytes::ByteBuf,
+}
+
+fn baseline_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(agentwire::MAX_FRAME_SIZE).new_codec()
+}
+
+fn baseline_encode<T: Serialize>(
+    codec: &mut LengthDelimitedCodec,
+    id: u32,
+    flags: u8,
+    t: &str,
+    payload: &T,
+    dst: &mut BytesMut,
+) {
+    let mut p = Vec::new();
+    ciborium::into_writer(payload, &mut p).unwrap();
+    let envelope = BaselineEnvelope { v: 7, t: t.to_string(), p: serde_bytes::ByteBuf::from(p) };
+    let mut frame = Vec::with_capacity(5);
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.push(flags);
+    ciborium::into_writer(&envelope, &mut frame).unwrap();
+    codec.encode(Bytes::from(frame), dst).unwrap();
+}
+
+fn baseline_decode<T: DeserializeOwned>(codec: &mut LengthDelimitedCodec, src: &mut BytesMut) -> Option<(u32, u8, T)> {
+    let frame = codec.decode(src).unwrap()?;
+    let id = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+    let envelope: BaselineEnvelope = ciborium::from_reader(&frame[5..]).unwrap();
+    let payload: T = ciborium::from_reader(&envelope.p[..]).unwrap();
+    Some((id, frame[4], payload))
+}
+
+fn wire(m: &Message) -> Bytes {
+    let mut b = BytesMut::new();
+    MessageCodec::new().encode_message(m, &mut b).unwrap();
+    b.freeze()
+}
+
+/// Encode and decode of one message type, ours and the baseline's.
+///
+/// Decoding takes a fresh input buffer each time (made outside the timing).
+/// For bulk data that buffer is made right before each decode
+/// (`BatchSize::PerIteration`), so that it is as warm in cache as the memcpy it
+/// is compared with; small inputs are made in batches.
+fn encode_decode<T>(group: &mut BenchmarkGroup<'_, WallTime>, value: T, batch: BatchSize)
+where
+    T: TypedPayload + Clone + Serialize + DeserializeOwned + 'static,
+{
+    let t = T::MESSAGE_TYPE;
+    let message = Message::new(7, value.clone());
+    let frame = wire(&message);
+    let mut dst = BytesMut::with_capacity(frame.len() * 2);
+
+    let mut codec = MessageCodec::new();
+    group.bench_function("encode/agentwire", |b| {
+        b.iter(|| {
+            dst.clear();
+            codec.encode_message(black_box(&message), &mut dst).unwrap();
+        })
+    });
+    let mut base = baseline_codec();
+    group.bench_function("encode/baseline", |b| {
+        b.iter(|| {
+            dst.clear();
+            baseline_encode(&mut base, 7, t.flags().bits(), t.wire_name(), black_box(&value), &mut dst);
+        })
+    });
+    assert_eq!(&dst[..], &frame[..], "the baseline writes the same bytes");
+
+    group.bench_function("decode/agentwire", |b| {
+        b.iter_batched(
+            || BytesMut::from(&frame[..]),
+            |mut src| {
+                let m = codec.decode(&mut src).unwrap().unwrap().unwrap();
+                (src, m)
+            },
+            batch,
+        )
+    });
+    group.bench_function("decode/baseline", |b| {
+        b.iter_batched(
+            || BytesMut::from(&frame[..]),
+            |mut src| {
+                let m: (u32, u8, T) = baseline_decode(&mut base, &mut src).unwrap();
+                (src, m)
+            },
+            batch,
+        )
+    });
+}
+
+fn ready(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ready");
+    let value = Ready {
+        boot_time_ns: 1_234_567_890,
+        init_time_ns: 45_678_901,
+        ready_time_ns: 1_300_000_000,
+        agent_version: "agentwire 0.1.0".into(),
+    };
+    encode_decode(&mut g, value, BatchSize::SmallInput);
+    g.finish();
+}
+
+fn exited(c: &mut Criterion) {
+    let mut g = c.benchmark_group("exited");
+    encode_decode(&mut g, ExecExited { code: 42 }, BatchSize::SmallInput);
+    g.finish();
+}
+
+fn exec_request(c: &mut Criterion) {
+    let mut g = c.benchmark_group("exec_request");
+    let value = ExecRequest {
+        args: vec!["-c".into(), "make -j2 test".into()],
+        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into(), "HOME=/root".into(), "TERM=xterm".into()],
+        cwd: Some("/workspace".into()),
+        rlimits: vec![ExecRlimit { resource: "nofile".into(), soft: 1024, hard: 4096 }],
+        ..ExecRequest::new("/bin/sh")
+    };
+    encode_decode(&mut g, value, BatchSize::SmallInput);
+    g.finish();
+}
+
+/// Encode and decode of one data frame of `size` bytes, and memcpy of the same bytes.
+fn bulk<T>(c: &mut Criterion, name: &str, size: usize, make: fn(Bytes) -> T)
+where
+    T: TypedPayload + Clone + Serialize + DeserializeOwned + 'static,
+{
+    let mut g = c.benchmark_group(name);
+    g.throughput(criterion::Throughput::Bytes(size as u64));
+    let data = Bytes::from((0..size).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+    encode_decode(&mut g, make(data.clone()), BatchSize::PerIteration);
+    let mut copy = vec![0u8; size];
+    g.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&data))));
+    if name == "fs_data_1m" {
+        // The same decode of a 100-byte chunk: decode cost must not grow with the data.
+        let frame = wire(&Message::new(7, make(data.slice(..100))));
+        let mut codec = MessageCodec::new();
+        g.bench_function("decode_100b/agentwire", |b| {
+            b.iter_batched(
+                || BytesMut::from(&frame[..]),
+                |mut src| {
+                    let m = codec.decode(&mut src).unwrap().unwrap().unwrap();
+                    (src, m)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn stdout_64k(c: &mut Criterion) {
+    bulk(c, "stdout_64k", 64 * 1024, |data| ExecStdout { data });
+}
+
+fn fs_data_1m(c: &mut Criterion) {
+    bulk(c, "fs_data_1m", 1024 * 1024, |data| FsData { data });
+}
+
+fn fs_data_3m(c: &mut Criterion) {
+    bulk(c, "fs_data_3m", 3 * 1024 * 1024, |data| FsData { data });
+}
+
+/// Decoding a buffer of `frames` stdout frames of 100 bytes each, to typed payloads.
+fn stream(c: &mut Criterion) {
+    let mut g = c.benchmark_group("stream");
+    g.sample_size(10);
+    for frames in [10_000usize, 100_000] {
+        let mut buf = BytesMut::new();
+        let mut codec = MessageCodec::new();
+        for i in 0..frames {
+            let data = Bytes::from(vec![(i % 251) as u8; 100]);
+            codec.encode(Message::new(i as u32, ExecStdout { data }), &mut buf).unwrap();
+        }
+        let stream = buf.freeze();
+        g.throughput(criterion::Throughput::Elements(frames as u64));
+        g.bench_function(format!("{frames}/agentwire"), |b| {
+            b.iter_batched(
+                || BytesMut::from(&stream[..]),
+                |mut src| {
+                    let mut codec = MessageCodec::new();
+                    let mut bytes = 0;
+                    while let Some(item) = codec.decode(&mut src).unwrap() {
+                        if let Payload::ExecStdout(o) = item.unwrap().payload {
+                            bytes += o.data.len();
+                        }
+                    }
+                    assert_eq!(bytes, frames * 100);
+                    src
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.bench_function(format!("{frames}/baseline"), |b| {
+            b.iter_batched(
+                || BytesMut::from(&stream[..]),
+                |mut src| {
+                    let mut codec = baseline_codec();
+                    let mut bytes = 0;
+                    while let Some((_, _, o)) = baseline_decode::<ExecStdout>(&mut codec, &mut src) {
+                        bytes += o.data.len();
+                    }
+                    assert_eq!(bytes, frames * 100);
+                    src
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+/// What a relay does with a 64 KiB frame: read the header, cut the frame out,
+/// write it to the client's buffer.
+fn relay(c: &mut Criterion) {
+    let mut g = c.benchmark_group("relay");
+    let size = 64 * 1024;
+    g.throughput(criterion::Throughput::Bytes(size as u64));
+    let frame = wire(&Message::new(9, ExecStdout { data: Bytes::from(vec![3u8; size]) }));
+    let mut codec = FrameCodec::new();
+    let mut out = BytesMut::with_capacity(frame.len() * 2);
+    g.bench_function("decode_encode/agentwire", |b| {
+        b.iter_batched(
+            || BytesMut::from(&frame[..]),
+            |mut src| {
+                let f: Frame = codec.decode(&mut src).unwrap().unwrap().unwrap();
+                out.clear();
+                codec.encode_frame(&f, &mut out).unwrap();
+                (src, f)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let mut copy = vec![0u8; frame.len()];
+    g.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&frame))));
+    let mut base = baseline_codec();
+    g.bench_function("decode_encode/baseline", |b| {
+        b.iter_batched(
+            || BytesMut::from(&frame[..]),
+            |mut src| {
+                let f = base.decode(&mut src).unwrap().unwrap();
+                out.clear();
+                out.reserve(4 + f.len());
+                out.put_u32(f.len() as u32);
+                out.put_slice(&f);
+                (src, f)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = ready, stdout_64k, fs_data_1m, fs_data_3m, stream, relay, exited, exec_request
+}
+criterion_main!(benches);

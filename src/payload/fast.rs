@@ -1,0 +1,362 @@
+//! Hand-written paths for the hottest payloads: the data frames
+//! (`core.exec.stdin/stdout/stderr`, `core.fs.data`, `core.tcp.data`),
+//! `core.ready` and `core.exec.exited`.
+//!
+//! Each writes exactly what the serde derive writes through ciborium, and reads
+//! only the plain form of its payload: a definite map with definite text keys
+//! and untagged values of the expected type, unknown keys skipped. Anything else
+//! (tags, indefinite lengths, a duplicate or missing key, a value of another
+//! type, malformed input) makes the reader return `None`, and the caller asks
+//! the serde path, which gives the one answer. Tests hold both paths to the same
+//! bytes and values.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::core::Ready;
+use super::exec::{ExecExited, ExecStderr, ExecStdin, ExecStdout};
+use super::fs::FsData;
+use super::tcp::TcpData;
+use super::{CborPayload, PayloadError, serde_decode};
+use crate::cbor::{self, Head, MAX_NESTING_DEPTH, Reader};
+
+/// Calls `field` with the raw bytes of each key of a plain map and a reader at
+/// its value; the callback consumes the value (an unknown key's through
+/// [`skip_unknown`]). `None` when the map is not plain.
+fn walk_map<'a>(p: &'a [u8], mut field: impl FnMut(&[u8], &mut Reader<'a>) -> Option<()>) -> Option<()> {
+    let mut r = Reader::new(p);
+    let Head::Map(Some(entries)) = r.head().ok()? else {
+        return None;
+    };
+    for _ in 0..entries {
+        let key = r.plain_text_bytes().ok()??;
+        field(key, &mut r)?;
+    }
+    r.is_at_end().then_some(())
+}
+
+/// Stores a field's value, refusing a second one (serde calls that a duplicate field).
+fn set_once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    slot.replace(value).is_none().then_some(())
+}
+
+/// Passes over an unknown key's value, after checking that the key is UTF-8
+/// (known keys are ASCII and were compared as bytes).
+fn skip_unknown(key: &[u8], r: &mut Reader<'_>) -> Option<()> {
+    std::str::from_utf8(key).ok()?;
+    // The map itself is one level of nesting.
+    r.skip_item(MAX_NESTING_DEPTH - 1).ok().map(drop)
+}
+
+fn plain_u64(r: &mut Reader<'_>) -> Option<u64> {
+    match r.head().ok()? {
+        Head::Unsigned(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn plain_i32(r: &mut Reader<'_>) -> Option<i32> {
+    match r.head().ok()? {
+        Head::Unsigned(v) => i32::try_from(v).ok(),
+        // -1 - n, for n up to i32::MAX.
+        Head::Negative(n) => i32::try_from(n).ok().map(|n| -1 - n),
+        _ => None,
+    }
+}
+
+fn plain_text<'a>(r: &mut Reader<'a>) -> Option<std::borrow::Cow<'a, str>> {
+    let Head::Text(Some(_)) = r.peek_head().ok()? else {
+        return None;
+    };
+    r.text("text").ok()
+}
+
+fn plain_bytes(r: &mut Reader<'_>) -> Option<Range<usize>> {
+    let Head::Bytes(Some(_)) = r.peek_head().ok()? else {
+        return None;
+    };
+    match r.bytes("bytes").ok()? {
+        cbor::StrBytes::Slice(range) => Some(range),
+        cbor::StrBytes::Owned(_) => None,
+    }
+}
+
+/// Size of an integer item.
+fn int_len(v: i64) -> usize {
+    cbor::head_len(if v < 0 { !v as u64 } else { v as u64 })
+}
+
+/// Writes an integer item (major type 1 for negatives, as serde and ciborium do).
+fn put_int(dst: &mut BytesMut, v: i64) {
+    if v < 0 {
+        cbor::put_head(dst, cbor::MAJOR_NEGATIVE, !v as u64);
+    } else {
+        cbor::put_head(dst, cbor::MAJOR_UNSIGNED, v as u64);
+    }
+}
+
+/// Size of a `key: unsigned` entry.
+fn u64_entry_len(key: &str, v: u64) -> usize {
+    cbor::text_len(key) + cbor::head_len(v)
+}
+
+fn put_u64_entry(dst: &mut BytesMut, key: &str, v: u64) {
+    cbor::put_text(dst, key);
+    cbor::put_head(dst, cbor::MAJOR_UNSIGNED, v);
+}
+
+/// The fast answer when there is one, else the serde path's.
+fn fast_or_serde<T: CborPayload>(p: &Bytes, fast: impl FnOnce(&Bytes) -> Option<T>) -> Result<T, PayloadError> {
+    match fast(p) {
+        Some(value) => Ok(value),
+        None => serde_decode(p),
+    }
+}
+
+const DATA: &[u8] = b"data";
+/// `{"data": ` — a map of one entry and the key.
+const DATA_PREFIX: [u8; 6] = [0xa1, 0x64, b'd', b'a', b't', b'a'];
+
+/// Size of a `{data: bytes}` payload carrying `len` bytes.
+pub(crate) fn data_encoded_len(len: usize) -> usize {
+    DATA_PREFIX.len() + cbor::head_len(len as u64) + len
+}
+
+/// Reads the `data` of a `{data: bytes}` payload as a view of `p`, without a copy.
+pub(crate) fn data_decode(p: &Bytes) -> Option<Bytes> {
+    // The canonical form, `a1 64 "data" <bstr>`, in a few comparisons.
+    if let Some(rest) = strip(p, &DATA_PREFIX) {
+        if let Some((len, used)) = cbor::shortest_head(rest, cbor::MAJOR_BYTES) {
+            if (rest.len() - used) as u64 == len {
+                return Some(p.slice(p.len() - len as usize..));
+            }
+        }
+    }
+    let mut data = None;
+    walk_map(p, |key, r| match key {
+        DATA => set_once(&mut data, p.slice(plain_bytes(r)?)),
+        _ => skip_unknown(key, r),
+    })?;
+    data
+}
+
+/// `{data: bytes}` payloads: written with one copy of the data, read as a view of the frame.
+macro_rules! data_payload {
+    ($($ty:ty),* $(,)?) => {$(
+        impl CborPayload for $ty {
+            fn exact_encoded_len(&self) -> Option<usize> {
+                Some(data_encoded_len(self.data.len()))
+            }
+            fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+                dst.reserve(data_encoded_len(self.data.len()));
+                dst.put_slice(&DATA_PREFIX);
+                cbor::put_head(dst, cbor::MAJOR_BYTES, self.data.len() as u64);
+                dst.put_slice(&self.data);
+                Ok(())
+            }
+            fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+                fast_or_serde(p, |p| data_decode(p).map(|data| Self { data }))
+            }
+        }
+    )*};
+}
+
+data_payload!(ExecStdin, ExecStdout, ExecStderr, FsData, TcpData);
+
+const BOOT: &str = "boot_time_ns";
+const INIT: &str = "init_time_ns";
+const READY: &str = "ready_time_ns";
+const AGENT: &str = "agent_version";
+const BOOT_KEY: &[u8] = BOOT.as_bytes();
+const INIT_KEY: &[u8] = INIT.as_bytes();
+const READY_KEY: &[u8] = READY.as_bytes();
+const AGENT_KEY: &[u8] = AGENT.as_bytes();
+
+impl CborPayload for Ready {
+    fn exact_encoded_len(&self) -> Option<usize> {
+        let version =
+            if self.agent_version.is_empty() { 0 } else { cbor::text_len(AGENT) + cbor::text_len(&self.agent_version) };
+        Some(
+            1 + u64_entry_len(BOOT, self.boot_time_ns)
+                + u64_entry_len(INIT, self.init_time_ns)
+                + u64_entry_len(READY, self.ready_time_ns)
+                + version,
+        )
+    }
+
+    fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        // agent_version is skipped when empty, as the derive says.
+        let entries = if self.agent_version.is_empty() { 3 } else { 4 };
+        cbor::put_head(dst, cbor::MAJOR_MAP, entries);
+        put_u64_entry(dst, BOOT, self.boot_time_ns);
+        put_u64_entry(dst, INIT, self.init_time_ns);
+        put_u64_entry(dst, READY, self.ready_time_ns);
+        if !self.agent_version.is_empty() {
+            cbor::put_text(dst, AGENT);
+            cbor::put_text(dst, &self.agent_version);
+        }
+        Ok(())
+    }
+
+    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+        fast_or_serde(p, |p| {
+            if let Some(ready) = ready_canonical(p) {
+                return Some(ready);
+            }
+            let (mut boot, mut init, mut ready, mut agent) = (None, None, None, None);
+            walk_map(p, |key, r| match key {
+                BOOT_KEY => set_once(&mut boot, plain_u64(r)?),
+                INIT_KEY => set_once(&mut init, plain_u64(r)?),
+                READY_KEY => set_once(&mut ready, plain_u64(r)?),
+                AGENT_KEY => set_once(&mut agent, plain_text(r)?),
+                _ => skip_unknown(key, r),
+            })?;
+            Some(Ready {
+                boot_time_ns: boot?,
+                init_time_ns: init?,
+                ready_time_ns: ready?,
+                agent_version: agent.map(String::from).unwrap_or_default(),
+            })
+        })
+    }
+}
+
+/// An unsigned integer in shortest form at the start of `buf`, and what follows it.
+fn canonical_u64(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let (v, used) = cbor::shortest_head(buf, cbor::MAJOR_UNSIGNED)?;
+    Some((v, &buf[used..]))
+}
+
+/// `buf` without the fixed `prefix`; comparing arrays of a known size compiles
+/// to a few integer compares instead of a call.
+#[inline]
+fn strip<'a, const N: usize>(buf: &'a [u8], prefix: &[u8; N]) -> Option<&'a [u8]> {
+    let (head, rest) = buf.split_first_chunk::<N>()?;
+    (head == prefix).then_some(rest)
+}
+
+/// `core.ready` exactly as the serde derive writes it, keys in declaration order.
+fn ready_canonical(p: &[u8]) -> Option<Ready> {
+    let (&entries, rest) = p.split_first()?;
+    let (boot_time_ns, rest) = canonical_u64(strip(rest, BOOT_ENTRY)?)?;
+    let (init_time_ns, rest) = canonical_u64(strip(rest, INIT_ENTRY)?)?;
+    let (ready_time_ns, rest) = canonical_u64(strip(rest, READY_ENTRY)?)?;
+    let agent_version = match entries {
+        0xa3 if rest.is_empty() => String::new(),
+        0xa4 => {
+            let rest = strip(rest, AGENT_ENTRY)?;
+            let (len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
+            let text = rest.get(used..)?;
+            if text.len() as u64 != len {
+                return None;
+            }
+            std::str::from_utf8(text).ok()?.to_string()
+        }
+        _ => return None,
+    };
+    Some(Ready { boot_time_ns, init_time_ns, ready_time_ns, agent_version })
+}
+
+/// The keys of `core.ready` with their text heads, as the canonical form has them.
+const BOOT_ENTRY: &[u8; 13] = b"\x6cboot_time_ns";
+const INIT_ENTRY: &[u8; 13] = b"\x6cinit_time_ns";
+const READY_ENTRY: &[u8; 14] = b"\x6dready_time_ns";
+const AGENT_ENTRY: &[u8; 14] = b"\x6dagent_version";
+
+const CODE: &str = "code";
+/// `{"code": ` — a map of one entry and the key.
+const CODE_PREFIX: &[u8; 6] = b"\xa1\x64code";
+
+/// `core.exec.exited` exactly as the serde derive writes it.
+fn exited_canonical(p: &[u8]) -> Option<ExecExited> {
+    let rest = strip(p, CODE_PREFIX)?;
+    let (code, used) = match cbor::shortest_head(rest, cbor::MAJOR_UNSIGNED) {
+        Some((v, used)) => (i32::try_from(v).ok()?, used),
+        None => {
+            let (n, used) = cbor::shortest_head(rest, cbor::MAJOR_NEGATIVE)?;
+            (-1 - i32::try_from(n).ok()?, used)
+        }
+    };
+    (used == rest.len()).then_some(ExecExited { code })
+}
+const CODE_KEY: &[u8] = CODE.as_bytes();
+
+impl CborPayload for ExecExited {
+    fn exact_encoded_len(&self) -> Option<usize> {
+        Some(1 + cbor::text_len(CODE) + int_len(self.code.into()))
+    }
+
+    fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        cbor::put_head(dst, cbor::MAJOR_MAP, 1);
+        cbor::put_text(dst, CODE);
+        put_int(dst, self.code.into());
+        Ok(())
+    }
+
+    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+        fast_or_serde(p, |p| {
+            if let Some(exited) = exited_canonical(p) {
+                return Some(exited);
+            }
+            let mut code = None;
+            walk_map(p, |key, r| match key {
+                CODE_KEY => set_once(&mut code, plain_i32(r)?),
+                _ => skip_unknown(key, r),
+            })?;
+            Some(ExecExited { code: code? })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded<T: CborPayload>(value: &T) -> Bytes {
+        let mut b = BytesMut::new();
+        value.encode(&mut b).unwrap();
+        b.freeze()
+    }
+
+    /// The canonical readers must recognise what the writers write, or the hot
+    /// paths silently fall back to the slow ones.
+    #[test]
+    fn canonical_readers_take_what_the_writers_write() {
+        for agent_version in ["", "agentwire 0.1.0", &"x".repeat(300)] {
+            for t in [0, 23, 24, 255, 65536, u64::MAX] {
+                let r = Ready {
+                    boot_time_ns: t,
+                    init_time_ns: t / 3,
+                    ready_time_ns: 7,
+                    agent_version: agent_version.into(),
+                };
+                assert_eq!(ready_canonical(&encoded(&r)), Some(r));
+            }
+        }
+        for code in [0, 1, -1, 23, 24, -24, -25, 255, -256, i32::MAX, i32::MIN] {
+            assert_eq!(exited_canonical(&encoded(&ExecExited { code })), Some(ExecExited { code }));
+        }
+        for len in [0, 23, 24, 255, 256, 65535, 65536] {
+            let p = encoded(&ExecStdout { data: Bytes::from(vec![1u8; len]) });
+            assert_eq!(p.strip_prefix(&DATA_PREFIX).map(|r| r.len() - cbor::head_len(len as u64)), Some(len));
+            assert_eq!(data_decode(&p).map(|d| d.len()), Some(len));
+        }
+        assert_eq!(BOOT_ENTRY[1..], *BOOT.as_bytes());
+        assert_eq!(INIT_ENTRY[1..], *INIT.as_bytes());
+        assert_eq!(READY_ENTRY[1..], *READY.as_bytes());
+        assert_eq!(AGENT_ENTRY[1..], *AGENT.as_bytes());
+    }
+
+    #[test]
+    fn canonical_readers_decline_other_forms() {
+        // Out of order, non-shortest, trailing byte, i32 overflow.
+        assert_eq!(exited_canonical(b"\xa1\x64code\x18\x05"), None);
+        assert_eq!(exited_canonical(b"\xa1\x64code\x05\x00"), None);
+        assert_eq!(exited_canonical(b"\xa1\x64code\x1a\x80\x00\x00\x00"), None);
+        let r = encoded(&Ready { agent_version: String::new(), ..Ready::default() });
+        let mut longer = r.to_vec();
+        longer.push(0);
+        assert_eq!(ready_canonical(&longer), None);
+    }
+}
