@@ -75,25 +75,31 @@ async fn guest(io: UnixStream) -> Result<(), Box<dyn std::error::Error + Send + 
                     framed.send(Message::new(id, failed)).await?;
                 }
             },
-            Payload::FsRequest(FsRequest { op: FsOp::Write { handle, .. } }) => {
-                files.insert(handle, Vec::with_capacity(FILE_SIZE));
-                writing = Some(handle);
-            }
+            Payload::FsRequest(request) => match request.op {
+                FsOp::Write { handle, .. } => {
+                    files.insert(handle, Vec::with_capacity(FILE_SIZE));
+                    writing = Some(handle);
+                }
+                FsOp::Read { handle, .. } => {
+                    let file = Bytes::from(files.remove(&handle).unwrap_or_default());
+                    for chunk in file.chunks(FS_CHUNK_SIZE) {
+                        framed.feed(Message::new(id, FsData { data: file.slice_ref(chunk) })).await?;
+                    }
+                    framed.send(Message::new(id, FsResponse::success(None))).await?;
+                }
+                other => {
+                    let failure = FsResponse::failure(format!("this example guest does not serve {other:?}"));
+                    framed.send(Message::new(id, failure)).await?;
+                }
+            },
             Payload::FsData(FsData { data }) if data.is_empty() => {
                 writing = None;
-                framed.send(Message::new(id, FsResponse { ok: true, error: None, data: None })).await?;
+                framed.send(Message::new(id, FsResponse::success(None))).await?;
             }
             Payload::FsData(FsData { data }) => {
                 if let Some(file) = writing.and_then(|h| files.get_mut(&h)) {
                     file.extend_from_slice(&data);
                 }
-            }
-            Payload::FsRequest(FsRequest { op: FsOp::Read { handle, .. } }) => {
-                let file = Bytes::from(files.remove(&handle).unwrap_or_default());
-                for chunk in file.chunks(FS_CHUNK_SIZE) {
-                    framed.feed(Message::new(id, FsData { data: file.slice_ref(chunk) })).await?;
-                }
-                framed.send(Message::new(id, FsResponse { ok: true, error: None, data: None })).await?;
             }
             Payload::Ping(_) => framed.send(Message::new(id, Pong {})).await?,
             Payload::Shutdown(_) => return Ok(()),
@@ -258,7 +264,7 @@ async fn main() -> ExitCode {
     checks.check(ready.version == agentwire::PROTOCOL_VERSION, "guest speaks generation 7");
     checks.check(matches!(resolved.payload, Payload::InitResolved(_)), "init resolved");
     checks.check(exit_code == Some(0) && !stdout.is_empty(), "uname ran in the guest and exited 0");
-    checks.check(matches!(written.payload, Payload::FsResponse(FsResponse { ok: true, .. })), "16 MiB written");
+    checks.check(matches!(&written.payload, Payload::FsResponse(r) if r.ok), "16 MiB written");
     checks.check(checksum(&back) == checksum(&file) && back.len() == FILE_SIZE, "16 MiB read back identical");
     checks.check(rtts.len() == PINGS, "1,000 pings answered");
     checks.check(

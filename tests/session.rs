@@ -72,28 +72,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guest<S> {
                     self.send(Message::new(id, ExecExited { code: 0 })).await;
                 }
                 Payload::ExecStdin(ExecStdin { data }) => self.send(Message::new(id, ExecStdout { data })).await,
-                Payload::FsRequest(FsRequest { op: FsOp::Write { handle, .. } }) => {
-                    self.files.insert(handle, Vec::new());
-                    writing = Some((id, handle));
-                }
+                Payload::FsRequest(request) => match request.op {
+                    FsOp::Write { handle, .. } => {
+                        self.files.insert(handle, Vec::new());
+                        writing = Some((id, handle));
+                    }
+                    FsOp::Read { handle, offset, len } => {
+                        let file = Bytes::from(self.files[&handle].clone());
+                        let end = len.map_or(file.len(), |l| (offset + l) as usize).min(file.len());
+                        for chunk in file.slice(offset as usize..end).chunks(FS_CHUNK_SIZE) {
+                            self.send(Message::new(id, FsData { data: file.slice_ref(chunk) })).await;
+                        }
+                        let handle = FsResponseData::Handle(handle);
+                        self.send(Message::new(id, FsResponse::success(Some(handle)))).await;
+                    }
+                    other => panic!("guest got {other:?}"),
+                },
                 Payload::FsData(FsData { data }) => {
                     let (write_id, handle) = writing.expect("data of an open write");
                     assert_eq!(write_id, id, "data on the write's id");
                     if data.is_empty() {
                         writing = None;
-                        self.send(Message::new(id, FsResponse { ok: true, error: None, data: None })).await;
+                        self.send(Message::new(id, FsResponse::success(None))).await;
                     } else {
                         self.files.get_mut(&handle).unwrap().extend_from_slice(&data);
                     }
-                }
-                Payload::FsRequest(FsRequest { op: FsOp::Read { handle, offset, len } }) => {
-                    let file = Bytes::from(self.files[&handle].clone());
-                    let end = len.map_or(file.len(), |l| (offset + l) as usize).min(file.len());
-                    for chunk in file.slice(offset as usize..end).chunks(FS_CHUNK_SIZE) {
-                        self.send(Message::new(id, FsData { data: file.slice_ref(chunk) })).await;
-                    }
-                    let size = FsResponseData::Handle(handle);
-                    self.send(Message::new(id, FsResponse { ok: true, error: None, data: Some(size) })).await;
                 }
                 Payload::TcpConnect(c) => {
                     assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 5432));
@@ -223,7 +226,7 @@ async fn full_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(host_i
         host.send(Message::new(2, FsData { data: file.slice_ref(chunk) })).await;
     }
     host.send(Message::new(2, FsData { data: Bytes::new() })).await;
-    assert!(matches!(host.recv().await.payload, Payload::FsResponse(FsResponse { ok: true, .. })));
+    assert!(matches!(host.recv().await.payload, Payload::FsResponse(r) if r.ok));
     host.send(Message::new(3, FsRequest { op: FsOp::Read { handle: 5, offset: 0, len: None } })).await;
     let mut back = Vec::new();
     let mut chunks = 0;

@@ -10,6 +10,7 @@ use super::{open_enum, serde_payload};
 
 /// `core.bootstrap`: everything the guest needs before `core.ready`. Every key
 /// may be missing on decode; empty lists and `None`s are not written.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GuestBootstrap {
@@ -57,6 +58,7 @@ pub struct GuestBootstrap {
 }
 
 /// The root filesystem (tagged by `kind`).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum BootstrapBlockRoot {
@@ -78,6 +80,7 @@ pub enum BootstrapBlockRoot {
 }
 
 /// The writable upper layer of an overlay root (tagged by `kind`).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum BootstrapBlockRootUpper {
@@ -97,6 +100,7 @@ pub enum BootstrapBlockRootUpper {
 }
 
 /// Mount flags; each defaults to false.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapMountFlags {
     /// Read-only.
@@ -114,6 +118,7 @@ pub struct BootstrapMountFlags {
 }
 
 /// A host directory shared into the guest.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapDirMount {
     /// The share's tag.
@@ -126,6 +131,7 @@ pub struct BootstrapDirMount {
 }
 
 /// A single host file shared into the guest.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapFileMount {
     /// The share's tag.
@@ -140,6 +146,7 @@ pub struct BootstrapFileMount {
 }
 
 /// A block device to mount.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapDiskMount {
     /// The disk's id.
@@ -155,6 +162,7 @@ pub struct BootstrapDiskMount {
 }
 
 /// A tmpfs mount.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapTmpfsMount {
     /// Where it is mounted.
@@ -171,6 +179,7 @@ pub struct BootstrapTmpfsMount {
 }
 
 /// The guest's network interface.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapNetwork {
     /// Interface name.
@@ -188,6 +197,7 @@ pub struct BootstrapNetwork {
 }
 
 /// IPv4 configuration (addresses are arrays of 4 octets on the wire).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapIpv4 {
     /// Address.
@@ -202,6 +212,7 @@ pub struct BootstrapIpv4 {
 }
 
 /// IPv6 configuration (addresses are arrays of 16 octets on the wire).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapIpv6 {
     /// Address.
@@ -216,6 +227,7 @@ pub struct BootstrapIpv6 {
 }
 
 /// An environment variable.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapEnvVar {
     /// Name.
@@ -237,6 +249,7 @@ open_enum! {
 }
 
 /// Another init to hand PID 1 over to.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapHandoffInit {
     /// Absolute path, or `auto`.

@@ -11,6 +11,7 @@ use super::{open_enum, serde_payload};
 /// let ready = Ready { boot_time_ns: 1, init_time_ns: 2, ready_time_ns: 3, agent_version: String::new() };
 /// assert_eq!(ready, Ready { ready_time_ns: 3, ..ready.clone() });
 /// ```
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
     /// `CLOCK_BOOTTIME` in ns when the agent started.
@@ -25,6 +26,7 @@ pub struct Ready {
 }
 
 /// `core.clock.sync`: the host's wall clock, for the guest to step to.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockSync {
     /// Host `CLOCK_REALTIME` in ns since the Unix epoch.
@@ -32,6 +34,7 @@ pub struct ClockSync {
 }
 
 /// `core.init.resolved`: the guest's default user, as it resolved it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitResolved {
     /// The user commands run as unless a request names another.
@@ -39,6 +42,7 @@ pub struct InitResolved {
 }
 
 /// A resolved user.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedUser {
     /// User id.
@@ -48,14 +52,17 @@ pub struct ResolvedUser {
 }
 
 /// `core.init.ack`: the host accepts the guest's init report.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitAck {}
 
 /// `core.shutdown`: power off. CBOR `null` on the wire; an empty payload is accepted too.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shutdown;
 
 /// `core.relay.client.disconnected`: a relay client left; its ids are free again.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayClientDisconnected {
     /// First id of the client's range.
@@ -65,18 +72,22 @@ pub struct RelayClientDisconnected {
 }
 
 /// `core.ping`: are you there?
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
 
 /// `core.pong`: the answer to `core.ping`, on its id.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {}
 
 /// `core.touch`: note activity (keeps an idle timer from firing).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Touch {}
 
 /// `core.touched`: the answer to `core.touch`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Touched {
     /// The guest's activity counter after the touch.
@@ -84,6 +95,7 @@ pub struct Touched {
 }
 
 /// `core.error`: a frame on this id could not be handled. Ends the id.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoreError {
     /// What kind of problem.

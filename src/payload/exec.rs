@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{open_enum, serde_payload};
 
 /// `core.exec.request`: run a command. Starts a session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     /// The program.
@@ -83,6 +84,7 @@ impl ExecRequest {
 /// assert!("as=10:5".parse::<ExecRlimit>().is_err());
 /// # Ok::<(), agentwire::payload::exec::RlimitParseError>(())
 /// ```
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRlimit {
     /// Lowercase resource name: `nofile`, `nproc`, `as`, `cpu`, ...
@@ -158,6 +160,7 @@ impl fmt::Display for ExecRlimit {
 }
 
 /// `core.exec.started`: the process is running.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecStarted {
     /// Its pid in the guest.
@@ -165,27 +168,34 @@ pub struct ExecStarted {
 }
 
 /// `core.exec.stdin`: bytes for the process's standard input. Empty means EOF.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecStdin {
     /// The bytes; decoded as a view of the frame, not a copy.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::payload::arbitrary_bytes))]
     pub data: Bytes,
 }
 
 /// `core.exec.stdout`: bytes the process wrote to standard output.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecStdout {
     /// The bytes; decoded as a view of the frame, not a copy.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::payload::arbitrary_bytes))]
     pub data: Bytes,
 }
 
 /// `core.exec.stderr`: bytes the process wrote to standard error.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecStderr {
     /// The bytes; decoded as a view of the frame, not a copy.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::payload::arbitrary_bytes))]
     pub data: Bytes,
 }
 
 /// `core.exec.stdin.error`: writing to the process's stdin failed.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecStdinError {
     /// The errno, when there was one.
@@ -199,6 +209,7 @@ pub struct ExecStdinError {
 }
 
 /// `core.exec.exited`: the process exited. Ends the session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecExited {
     /// Exit code (negative for a signal, by the guest's convention).
@@ -206,6 +217,7 @@ pub struct ExecExited {
 }
 
 /// `core.exec.failed`: the process could not be started. Ends the session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecFailed {
     /// What kind of failure.
@@ -250,6 +262,7 @@ open_enum! {
 }
 
 /// `core.exec.resize`: the terminal changed size.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResize {
     /// Rows.
@@ -259,6 +272,7 @@ pub struct ExecResize {
 }
 
 /// `core.exec.signal`: deliver a signal to the process.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecSignal {
     /// Signal number.

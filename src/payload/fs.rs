@@ -10,6 +10,7 @@ use super::serde_payload;
 pub const FS_CHUNK_SIZE: usize = 3 * 1024 * 1024;
 
 /// `core.fs.request`: one file operation. Starts a session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsRequest {
     /// The operation.
@@ -17,6 +18,7 @@ pub struct FsRequest {
 }
 
 /// A file operation. Paths are text, as the guest sees them.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FsOp {
     /// Resolve to a canonical absolute path.
@@ -148,6 +150,7 @@ pub enum FsOp {
 }
 
 /// Metadata to change; `None` leaves a field as it is.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsSetAttrs {
     /// Permission bits.
@@ -165,6 +168,7 @@ pub struct FsSetAttrs {
 }
 
 /// How to open a file, as `std::fs::OpenOptions`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsOpenOptions {
     /// Open for reading.
@@ -184,6 +188,7 @@ pub struct FsOpenOptions {
 }
 
 /// Metadata of one file.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsEntryInfo {
     /// Path (or name, in a listing).
@@ -207,6 +212,7 @@ pub struct FsEntryInfo {
 }
 
 /// What a successful operation returns.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FsResponseData {
     /// Metadata.
@@ -220,6 +226,7 @@ pub enum FsResponseData {
 }
 
 /// `core.fs.response`: the result of the session's operation. Ends the session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsResponse {
     /// Whether the operation succeeded.
@@ -250,9 +257,11 @@ impl FsResponse {
 }
 
 /// `core.fs.data`: one chunk of a streamed read or write. Empty means EOF.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsData {
     /// The bytes, at most [`FS_CHUNK_SIZE`]; decoded as a view of the frame, not a copy.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::payload::arbitrary_bytes))]
     pub data: Bytes,
 }
 

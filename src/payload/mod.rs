@@ -165,6 +165,12 @@ pub fn serde_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadError> {
     Ok(ciborium::from_reader(&definite[..])?)
 }
 
+/// Builds arbitrary `Bytes` for fuzzing and property tests.
+#[cfg(feature = "arbitrary")]
+pub(crate) fn arbitrary_bytes(u: &mut arbitrary::Unstructured<'_>) -> arbitrary::Result<Bytes> {
+    Ok(Bytes::from(<Vec<u8> as arbitrary::Arbitrary>::arbitrary(u)?))
+}
+
 /// Implements [`CborPayload`] with the serde path for each listed type.
 macro_rules! serde_payload {
     ($($ty:ty),* $(,)?) => {$( impl $crate::payload::CborPayload for $ty {} )*};
@@ -210,6 +216,19 @@ macro_rules! open_enum {
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+
+        /// A known value, or a name that is not one (as a newer peer would send).
+        #[cfg(feature = "arbitrary")]
+        impl<'a> arbitrary::Arbitrary<'a> for $name {
+            fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+                let pick = u.choose_index(Self::KNOWN.len() + 1)?;
+                match Self::KNOWN.get(pick) {
+                    Some(known) => Ok(known.clone()),
+                    // from_wire keeps an accidental known name known, so the value round-trips.
+                    None => Ok($name::from_wire(&String::arbitrary(u)?)),
+                }
             }
         }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::serde_payload;
 
 /// `core.tcp.connect`: open a connection from inside the guest. Starts a session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpConnect {
     /// Host name or address, as the guest resolves it.
@@ -15,29 +16,36 @@ pub struct TcpConnect {
 }
 
 /// `core.tcp.connected`: the connection is open.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpConnected {}
 
 /// `core.tcp.data`: bytes of the connection, either way.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpData {
     /// The bytes; decoded as a view of the frame, not a copy.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::payload::arbitrary_bytes))]
     pub data: Bytes,
 }
 
 /// `core.tcp.eof`: this side will send no more (half close).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpEof {}
 
 /// `core.tcp.close`: the host asks to close the connection.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpClose {}
 
 /// `core.tcp.closed`: the connection is closed. Ends the session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpClosed {}
 
 /// `core.tcp.failed`: the connection could not be opened or broke. Ends the session.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpFailed {
     /// What went wrong.

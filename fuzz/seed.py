@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus under fuzz/corpus/<target>/ from tests/vectors.
+
+Seeds: every golden frame (both generations), every malformed input, a stream
+of all golden frames of one type after another, and for the payload target the
+payload (`p`) of every golden frame. Run again after the vectors change.
+"""
+import hashlib
+import json
+import pathlib
+
+here = pathlib.Path(__file__).resolve().parent
+vectors = here.parent / "tests" / "vectors"
+targets = ["frame", "message", "payload", "roundtrip", "split"]
+
+
+def head(buf, at):
+    """(argument, size) of the CBOR head at `at` (canonical input only)."""
+    info = buf[at] & 0x1F
+    if info < 24:
+        return info, 1
+    width = 1 << (info - 24)
+    return int.from_bytes(buf[at + 1 : at + 1 + width], "big"), 1 + width
+
+
+def payload_of(frame):
+    """The `p` of a canonical frame: the envelope is `a3 61 76 v 61 74 t 61 70 p`."""
+    body = frame[9:]
+    at = 3
+    _, n = head(body, at)
+    at += n + 2
+    tlen, n = head(body, at)
+    at += n + tlen + 2
+    plen, n = head(body, at)
+    return body[at + n : at + n + plen]
+
+
+MAX_SEED = 16 * 1024  # the 100 KB nesting bomb and long streams are covered by cargo test
+
+
+def write(target, data):
+    if len(data) > MAX_SEED:
+        return
+    d = here / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / hashlib.sha1(data).hexdigest()[:16]).write_bytes(data)
+
+
+golden = [json.loads(l) for l in (vectors / "golden.jsonl").read_text().splitlines() if l.strip()]
+malformed = [json.loads(l) for l in (vectors / "malformed.jsonl").read_text().splitlines() if l.strip()]
+frames = [bytes.fromhex(g["frame"]) for g in golden]
+bad = [bytes.fromhex(m["hex"]) for m in malformed]
+
+for f in frames:
+    for t in ("frame", "message", "roundtrip", "split"):
+        write(t, f)
+    write("payload", payload_of(f))
+for b in bad:
+    for t in ("frame", "message", "split"):
+        write(t, b)
+by_type = {}
+for g, f in zip(golden, frames):
+    by_type.setdefault(g["type"], b"")
+    by_type[g["type"]] += f
+for stream in by_type.values():
+    for t in ("message", "split"):
+        write(t, stream)
+for t in targets:
+    print(t, len(list((here / "corpus" / t).iterdir())), "seeds")
