@@ -220,6 +220,28 @@ fn hostile_inputs_stay_within_the_peak_heap_limit() {
 }
 
 #[test]
+fn every_malformed_vector_stays_within_the_peak_heap_limit() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/malformed.jsonl")).unwrap();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let hex = v["hex"].as_str().unwrap();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let mut src = BytesMut::from(&bytes[..]);
+        let mut codec = MessageCodec::new();
+        let (items, stats) = measure(|| {
+            let mut items = 0;
+            while let Ok(Some(_)) = codec.decode_eof(&mut src) {
+                items += 1;
+            }
+            items
+        });
+        assert!(items <= 2, "{line}");
+        assert!(stats.peak < PEAK_LIMIT, "peak {} for {line}", stats.peak);
+    }
+}
+
+#[test]
 fn a_header_claiming_u32_max_costs_nothing_and_is_a_stream_error() {
     let mut src = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0][..]);
     src.put_slice(&[0u8; 4096]);

@@ -96,16 +96,6 @@ fn put_int(dst: &mut BytesMut, v: i64) {
     }
 }
 
-/// Size of a `key: unsigned` entry.
-fn u64_entry_len(key: &str, v: u64) -> usize {
-    cbor::text_len(key) + cbor::head_len(v)
-}
-
-fn put_u64_entry(dst: &mut BytesMut, key: &str, v: u64) {
-    cbor::put_text(dst, key);
-    cbor::put_head(dst, cbor::MAJOR_UNSIGNED, v);
-}
-
 /// The fast answer when there is one, else the serde path's.
 fn fast_or_serde<T: CborPayload>(p: &Bytes, fast: impl FnOnce(&Bytes) -> Option<T>) -> Result<T, PayloadError> {
     match fast(p) {
@@ -175,25 +165,33 @@ const AGENT_KEY: &[u8] = AGENT.as_bytes();
 
 impl CborPayload for Ready {
     fn exact_encoded_len(&self) -> Option<usize> {
-        let version =
-            if self.agent_version.is_empty() { 0 } else { cbor::text_len(AGENT) + cbor::text_len(&self.agent_version) };
+        let version = if self.agent_version.is_empty() {
+            0
+        } else {
+            AGENT_ENTRY.len() + cbor::text_len(&self.agent_version)
+        };
         Some(
-            1 + u64_entry_len(BOOT, self.boot_time_ns)
-                + u64_entry_len(INIT, self.init_time_ns)
-                + u64_entry_len(READY, self.ready_time_ns)
+            1 + BOOT_ENTRY.len()
+                + cbor::head_len(self.boot_time_ns)
+                + INIT_ENTRY.len()
+                + cbor::head_len(self.init_time_ns)
+                + READY_ENTRY.len()
+                + cbor::head_len(self.ready_time_ns)
                 + version,
         )
     }
 
     fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
         // agent_version is skipped when empty, as the derive says.
-        let entries = if self.agent_version.is_empty() { 3 } else { 4 };
-        cbor::put_head(dst, cbor::MAJOR_MAP, entries);
-        put_u64_entry(dst, BOOT, self.boot_time_ns);
-        put_u64_entry(dst, INIT, self.init_time_ns);
-        put_u64_entry(dst, READY, self.ready_time_ns);
+        dst.put_u8(if self.agent_version.is_empty() { MAP3 } else { MAP4 });
+        dst.put_slice(BOOT_ENTRY);
+        cbor::put_head(dst, cbor::MAJOR_UNSIGNED, self.boot_time_ns);
+        dst.put_slice(INIT_ENTRY);
+        cbor::put_head(dst, cbor::MAJOR_UNSIGNED, self.init_time_ns);
+        dst.put_slice(READY_ENTRY);
+        cbor::put_head(dst, cbor::MAJOR_UNSIGNED, self.ready_time_ns);
         if !self.agent_version.is_empty() {
-            cbor::put_text(dst, AGENT);
+            dst.put_slice(AGENT_ENTRY);
             cbor::put_text(dst, &self.agent_version);
         }
         Ok(())
@@ -243,8 +241,8 @@ fn ready_canonical(p: &[u8]) -> Option<Ready> {
     let (init_time_ns, rest) = canonical_u64(strip(rest, INIT_ENTRY)?)?;
     let (ready_time_ns, rest) = canonical_u64(strip(rest, READY_ENTRY)?)?;
     let agent_version = match entries {
-        0xa3 if rest.is_empty() => String::new(),
-        0xa4 => {
+        MAP3 if rest.is_empty() => String::new(),
+        MAP4 => {
             let rest = strip(rest, AGENT_ENTRY)?;
             let (len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
             let text = rest.get(used..)?;
@@ -257,6 +255,10 @@ fn ready_canonical(p: &[u8]) -> Option<Ready> {
     };
     Some(Ready { boot_time_ns, init_time_ns, ready_time_ns, agent_version })
 }
+
+/// Map heads of three and four entries.
+const MAP3: u8 = 0xa3;
+const MAP4: u8 = 0xa4;
 
 /// The keys of `core.ready` with their text heads, as the canonical form has them.
 const BOOT_ENTRY: &[u8; 13] = b"\x6cboot_time_ns";

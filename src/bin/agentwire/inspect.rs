@@ -1,0 +1,195 @@
+//! `agentwire inspect`: a dissector for captured byte streams.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use agentwire::{Message, MessageCodec, Payload, Rejected, StreamError};
+use bytes::BytesMut;
+use serde_json::json;
+use tokio_util::codec::Decoder;
+
+use crate::{EXIT_USAGE, open_input};
+
+/// How much is read at a time: the capture streams through in bounded memory
+/// (this plus at most one frame).
+const READ_SIZE: usize = 64 * 1024;
+/// Show progress on a terminal for files larger than this.
+const PROGRESS_ABOVE: u64 = 64 * 1024 * 1024;
+
+pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
+    let mut input = match open_input(path) {
+        Ok(input) => input,
+        Err(e) => {
+            eprintln!("agentwire: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let size = path.and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+    let progress = size > PROGRESS_ABOVE && std::io::stderr().is_terminal();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut printer = Printer { json, out: &mut out, failed: false };
+    let mut codec = MessageCodec::new();
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut chunk = vec![0u8; READ_SIZE];
+    let mut read_total = 0u64;
+    let outcome = loop {
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(item)) => printer.item(&codec, item),
+                Ok(None) => break,
+                Err(e) => break_fatal(&mut printer, &codec, e),
+            }
+            if printer.failed {
+                break;
+            }
+        }
+        if printer.failed {
+            break 1;
+        }
+        let n = match input.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!(
+                    "agentwire: reading {}: {e}",
+                    path.map_or("standard input".into(), |p| p.display().to_string())
+                );
+                break EXIT_USAGE;
+            }
+        };
+        if n == 0 {
+            // The end: whatever is left must be whole frames.
+            loop {
+                match codec.decode_eof(&mut buf) {
+                    Ok(Some(item)) => printer.item(&codec, item),
+                    Ok(None) => break,
+                    Err(e) => {
+                        break_fatal(&mut printer, &codec, e);
+                        break;
+                    }
+                }
+            }
+            break if printer.failed { 1 } else { 0 };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        read_total += n as u64;
+        if progress {
+            eprint!("\r{:>5.1}% of {} MiB", read_total as f64 * 100.0 / size as f64, size >> 20);
+        }
+    };
+    if progress {
+        eprintln!();
+    }
+    let _ = out.flush();
+    ExitCode::from(outcome)
+}
+
+fn break_fatal(printer: &mut Printer<'_>, codec: &MessageCodec, e: StreamError) {
+    let offset = match &e {
+        StreamError::LengthBelowHeader { offset, .. }
+        | StreamError::FrameTooLarge { offset, .. }
+        | StreamError::Truncated { offset, .. }
+        | StreamError::Lost { offset } => *offset,
+        StreamError::Io(_) => codec.frame_codec().stream_offset(),
+    };
+    printer.fatal(offset, &e.to_string());
+}
+
+struct Printer<'a> {
+    json: bool,
+    out: &'a mut dyn Write,
+    failed: bool,
+}
+
+impl Printer<'_> {
+    fn item(&mut self, codec: &MessageCodec, item: Result<Message, Rejected>) {
+        // A closed standard output (a pager quit early) ends the output, not the program's health.
+        let _ = match item {
+            Ok(m) => self.message(codec.frame_codec().last_frame_offset(), &m),
+            Err(r) => self.rejected(&r),
+        };
+    }
+
+    fn message(&mut self, offset: u64, m: &Message) -> std::io::Result<()> {
+        let t = m.message_type().wire_name();
+        if self.json {
+            let record = json!({
+                "offset": offset, "id": m.id, "flags": m.flags.bits(), "v": m.version, "t": t,
+                "payload": serde_json::to_value(&m.payload).unwrap_or(serde_json::Value::Null),
+            });
+            writeln!(self.out, "{record}")
+        } else {
+            writeln!(
+                self.out,
+                "{offset:>10}  id={:<10} {:<24} {t:<32} {}",
+                m.id,
+                m.flags.to_string(),
+                summary(&m.payload)
+            )
+        }
+    }
+
+    fn rejected(&mut self, r: &Rejected) -> std::io::Result<()> {
+        if self.json {
+            let mut record = json!({
+                "offset": r.offset, "id": r.id, "flags": r.flags.bits(),
+                "error": { "kind": r.kind.as_str(), "message": r.reason },
+            });
+            if let Some(t) = &r.type_name {
+                record["t"] = json!(t.as_str());
+            }
+            writeln!(self.out, "{record}")
+        } else {
+            let t = r.type_name.as_ref().map_or("?", |t| t.as_str());
+            writeln!(
+                self.out,
+                "{:>10}  id={:<10} {:<24} {t:<32} REJECTED {}: {}",
+                r.offset,
+                r.id,
+                r.flags.to_string(),
+                r.kind,
+                r.reason
+            )
+        }
+    }
+
+    fn fatal(&mut self, offset: u64, message: &str) {
+        self.failed = true;
+        let _ = if self.json {
+            writeln!(self.out, "{}", json!({ "offset": offset, "fatal": { "message": message } }))
+        } else {
+            writeln!(self.out, "{offset:>10}  STREAM FAILED: {message}")
+        };
+    }
+}
+
+/// A short description of a payload for a person: size and a printable preview
+/// for data, the fields for the rest.
+fn summary(payload: &Payload) -> String {
+    let data = match payload {
+        Payload::ExecStdin(p) => Some(&p.data),
+        Payload::ExecStdout(p) => Some(&p.data),
+        Payload::ExecStderr(p) => Some(&p.data),
+        Payload::FsData(p) => Some(&p.data),
+        Payload::TcpData(p) => Some(&p.data),
+        _ => None,
+    };
+    match data {
+        Some(d) => {
+            let preview: String =
+                d.iter().take(48).map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
+            let more = if d.len() > 48 { "…" } else { "" };
+            format!("{} bytes \"{preview}{more}\"", d.len())
+        }
+        None => {
+            let mut text = serde_json::to_string(payload).unwrap_or_default();
+            if text.len() > 160 {
+                let cut = (0..=157).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+                text.truncate(cut);
+                text.push('…');
+            }
+            text
+        }
+    }
+}
