@@ -165,11 +165,8 @@ const AGENT_KEY: &[u8] = AGENT.as_bytes();
 
 impl CborPayload for Ready {
     fn exact_encoded_len(&self) -> Option<usize> {
-        let version = if self.agent_version.is_empty() {
-            0
-        } else {
-            AGENT_ENTRY.len() + cbor::text_len(&self.agent_version)
-        };
+        let version =
+            if self.agent_version.is_empty() { 0 } else { AGENT_ENTRY.len() + cbor::text_len(&self.agent_version) };
         Some(
             1 + BOOT_ENTRY.len()
                 + cbor::head_len(self.boot_time_ns)
