@@ -2,6 +2,8 @@
 //! proptest's random bytes: round trips, canonical output, split invariance,
 //! and prefixes of a stream.
 
+mod common;
+
 use agentwire::payload::serde_encode;
 use agentwire::{Message, MessageCodec, MessageType, Payload};
 use arbitrary::{Arbitrary, Unstructured};
@@ -50,10 +52,10 @@ proptest! {
                 wire.put_slice(&encode(&m));
             }
         }
-        let whole = decode_pieces(&wire, &[]);
+        let whole = common::pieces::decode_in_pieces(&wire, &[], agentwire::MAX_FRAME_SIZE);
         let mut cuts: Vec<usize> = cuts.iter().map(|c| usize::from(*c) % (wire.len() + 1)).collect();
         cuts.sort_unstable();
-        prop_assert_eq!(decode_pieces(&wire, &cuts), whole);
+        prop_assert_eq!(common::pieces::decode_in_pieces(&wire, &cuts, agentwire::MAX_FRAME_SIZE), whole);
     }
 
     /// A prefix of a valid stream gives its complete frames and waits for the rest.
@@ -83,21 +85,6 @@ proptest! {
         prop_assert_eq!(complete, ends.len());
         prop_assert!(buf.is_empty());
     }
-}
-
-fn decode_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
-    let mut codec = MessageCodec::new();
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    let mut start = 0;
-    for &end in cuts.iter().chain(std::iter::once(&wire.len())) {
-        buf.put_slice(&wire[start..end]);
-        start = end;
-        while let Some(item) = codec.decode(&mut buf).unwrap() {
-            out.push(format!("{item:?}"));
-        }
-    }
-    out
 }
 
 /// Every one of the 32 types, many times: a round trip of arbitrary values.

@@ -35,40 +35,14 @@ fn mixed_stream() -> Vec<u8> {
 }
 
 fn codec() -> MessageCodec {
-    MessageCodec::with_frame_codec(FrameCodec::builder().max_frame_len(512).build())
+    MessageCodec::with_frame_codec(FrameCodec::builder().max_frame_len(LIMIT).build())
 }
 
-/// Decodes `wire` delivered in the given pieces; items rendered with Debug
-/// (stream errors are not comparable otherwise), then the end-of-stream outcome.
+/// The limit used here: small, so the mixed stream can hold an oversized frame.
+const LIMIT: usize = 512;
+
 fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<String> {
-    let mut codec = codec();
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    let mut start = 0;
-    for &end in cuts.iter().chain(std::iter::once(&wire.len())) {
-        buf.put_slice(&wire[start..end]);
-        start = end;
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(item)) => out.push(format!("{item:?}")),
-                Ok(None) => break,
-                Err(e) => {
-                    out.push(format!("stream error: {e}"));
-                    return out;
-                }
-            }
-        }
-    }
-    loop {
-        match codec.decode_eof(&mut buf) {
-            Ok(Some(item)) => out.push(format!("{item:?}")),
-            Ok(None) => return out,
-            Err(e) => {
-                out.push(format!("stream error: {e}"));
-                return out;
-            }
-        }
-    }
+    common::pieces::decode_in_pieces(wire, cuts, LIMIT)
 }
 
 #[test]

@@ -4,30 +4,34 @@
 
 #![no_main]
 
-use agentwire::{MessageCodec, RawMessageCodec};
+use std::fmt::Debug;
+
+use agentwire::{MessageCodec, RawMessageCodec, Rejected, StreamError};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tokio_util::codec::Decoder;
+use tokio_util::codec::{Decoder, Encoder};
 
-fuzz_target!(|data: &[u8]| {
-    let mut codec = MessageCodec::new();
+/// Decodes `data` with a fresh `C`; every item that decodes must re-encode and
+/// decode again, alone, to the same value.
+fn reencodes<C, T>(data: &[u8])
+where
+    C: Default + Decoder<Item = Result<T, Rejected>, Error = StreamError> + Encoder<T>,
+    <C as Encoder<T>>::Error: Debug,
+    T: Clone + PartialEq + Debug,
+{
+    let mut codec = C::default();
     let mut src = BytesMut::from(data);
     while let Ok(Some(item)) = codec.decode_eof(&mut src) {
-        let Ok(message) = item else { continue };
+        let Ok(value) = item else { continue };
         let mut again = BytesMut::new();
-        MessageCodec::new().encode_message(&message, &mut again).expect("a decoded message re-encodes");
-        let back = MessageCodec::new().decode_eof(&mut again).expect("stream").expect("a frame").expect("valid");
-        assert_eq!(back, message);
+        C::default().encode(value.clone(), &mut again).expect("a decoded value re-encodes");
+        let back = C::default().decode_eof(&mut again).expect("stream").expect("a frame").expect("valid");
+        assert_eq!(back, value);
         assert!(again.is_empty());
     }
+}
 
-    let mut raw = RawMessageCodec::new();
-    let mut src = BytesMut::from(data);
-    while let Ok(Some(item)) = raw.decode_eof(&mut src) {
-        let Ok(message) = item else { continue };
-        let mut again = BytesMut::new();
-        RawMessageCodec::new().encode_raw(&message, &mut again).expect("a decoded raw message re-encodes");
-        let back = RawMessageCodec::new().decode_eof(&mut again).expect("stream").expect("a frame").expect("valid");
-        assert_eq!(back, message);
-    }
+fuzz_target!(|data: &[u8]| {
+    reencodes::<MessageCodec, _>(data);
+    reencodes::<RawMessageCodec, _>(data);
 });
