@@ -3,6 +3,8 @@
 //! Counters are per thread (tests run in parallel threads), kept in
 //! const-initialised thread-locals so that the allocator never allocates itself.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -180,17 +182,10 @@ fn rejected_within_limit(input: &[u8], expect: RejectKind, what: &str) {
     assert!(stats.peak < PEAK_LIMIT, "{what}: peak {} bytes", stats.peak);
 }
 
+/// A frame of type `t` with the type's flags, carrying `p`.
 fn envelope_frame(t: &str, p: &[u8]) -> Vec<u8> {
-    let mut body = vec![0xa3, 0x61, b'v', 0x07, 0x61, b't', 0x60 | t.len() as u8];
-    body.extend_from_slice(t.as_bytes());
-    body.extend_from_slice(&[0x61, b'p', 0x5a]);
-    body.extend_from_slice(&(p.len() as u32).to_be_bytes());
-    body.extend_from_slice(p);
     let flags = agentwire::MessageType::from_wire_name(t).map_or(0, |t| t.flags().bits());
-    let mut f = ((body.len() + 5) as u32).to_be_bytes().to_vec();
-    f.extend_from_slice(&[0, 0, 0, 1, flags]);
-    f.extend(body);
-    f
+    common::frame(1, flags, t, p)
 }
 
 #[test]

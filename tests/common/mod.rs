@@ -26,3 +26,43 @@ pub fn hex(s: &str) -> Vec<u8> {
 pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A frame with the given envelope fields, written by hand (so that tests can
+/// build any envelope, valid or not); `p` is written as a definite byte string.
+pub fn frame(id: u32, flags: u8, t: &str, p: &[u8]) -> Vec<u8> {
+    let mut body = vec![0xa3, 0x61, b'v', 0x07, 0x61, b't'];
+    push_head(&mut body, 3, t.len() as u64);
+    body.extend_from_slice(t.as_bytes());
+    body.extend_from_slice(&[0x61, b'p']);
+    push_head(&mut body, 2, p.len() as u64);
+    body.extend_from_slice(p);
+    raw_frame(id, flags, &body)
+}
+
+pub fn raw_frame(id: u32, flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = ((body.len() + 5) as u32).to_be_bytes().to_vec();
+    f.extend(id.to_be_bytes());
+    f.push(flags);
+    f.extend_from_slice(body);
+    f
+}
+
+pub fn push_head(out: &mut Vec<u8>, major: u8, arg: u64) {
+    let m = major << 5;
+    match arg {
+        0..=23 => out.push(m | arg as u8),
+        24..=0xff => out.extend([m | 24, arg as u8]),
+        0x100..=0xffff => {
+            out.push(m | 25);
+            out.extend((arg as u16).to_be_bytes())
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 26);
+            out.extend((arg as u32).to_be_bytes())
+        }
+        _ => {
+            out.push(m | 27);
+            out.extend(arg.to_be_bytes())
+        }
+    }
+}
