@@ -390,6 +390,16 @@ pub(crate) fn shortest_head(buf: &[u8], major: u8) -> Option<(u64, usize)> {
     (head_len(arg) == len).then_some((arg, len))
 }
 
+/// The content of a string of major type `major` (bytes or text) that is all of
+/// `buf`, head in shortest form: `None` for anything else (the caller then takes
+/// the general path). Text is returned unchecked; the caller checks UTF-8.
+#[inline]
+pub(crate) fn shortest_string_to_end(buf: &[u8], major: u8) -> Option<&[u8]> {
+    let (len, used) = shortest_head(buf, major)?;
+    let content = &buf[used..];
+    (content.len() as u64 == len).then_some(content)
+}
+
 /// Size of the shortest head carrying `arg`.
 pub(crate) const fn head_len(arg: u64) -> usize {
     match arg {

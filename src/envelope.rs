@@ -71,15 +71,11 @@ fn decode_canonical(body: &Bytes) -> Option<Envelope> {
     let rest = rest[used..].strip_prefix(KEY_T)?;
     let (name_len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
     let (name, rest) = rest[used..].split_at_checked(usize::try_from(name_len).ok()?)?;
-    let rest = rest.strip_prefix(KEY_P)?;
-    let (payload_len, used) = cbor::shortest_head(rest, cbor::MAJOR_BYTES)?;
-    if (rest.len() - used) as u64 != payload_len {
-        return None;
-    }
+    let payload = cbor::shortest_string_to_end(rest.strip_prefix(KEY_P)?, cbor::MAJOR_BYTES)?;
     Some(Envelope {
         version: u8::try_from(version).ok()?,
         type_name: TypeName::from_wire_name(std::str::from_utf8(name).ok()?),
-        payload: body.slice(body.len() - payload_len as usize..),
+        payload: body.slice_ref(payload),
     })
 }
 

@@ -65,11 +65,8 @@ fn plain_i32(r: &mut Reader<'_>) -> Option<i32> {
     }
 }
 
-fn plain_text<'a>(r: &mut Reader<'a>) -> Option<std::borrow::Cow<'a, str>> {
-    let Head::Text(Some(_)) = r.peek_head().ok()? else {
-        return None;
-    };
-    r.text("text").ok()
+fn plain_text<'a>(r: &mut Reader<'a>) -> Option<&'a str> {
+    std::str::from_utf8(r.plain_text_bytes().ok()??).ok()
 }
 
 fn plain_bytes(r: &mut Reader<'_>) -> Option<Range<usize>> {
@@ -104,9 +101,9 @@ fn fast_or_serde<T: CborPayload>(p: &Bytes, fast: impl FnOnce(&Bytes) -> Option<
     }
 }
 
-const DATA: &[u8] = b"data";
-/// `{"data": ` — a map of one entry and the key.
-const DATA_PREFIX: [u8; 6] = [0xa1, 0x64, b'd', b'a', b't', b'a'];
+/// `{"data": ` — a map of one entry and the key with its text head.
+const DATA_PREFIX: &[u8; 6] = b"\xa1\x64data";
+const DATA_KEY: &[u8] = DATA_PREFIX.split_at(2).1;
 
 /// Size of a `{data: bytes}` payload carrying `len` bytes.
 pub(crate) fn data_encoded_len(len: usize) -> usize {
@@ -116,16 +113,12 @@ pub(crate) fn data_encoded_len(len: usize) -> usize {
 /// Reads the `data` of a `{data: bytes}` payload as a view of `p`, without a copy.
 pub(crate) fn data_decode(p: &Bytes) -> Option<Bytes> {
     // The canonical form, `a1 64 "data" <bstr>`, in a few comparisons.
-    if let Some(rest) = strip(p, &DATA_PREFIX) {
-        if let Some((len, used)) = cbor::shortest_head(rest, cbor::MAJOR_BYTES) {
-            if (rest.len() - used) as u64 == len {
-                return Some(p.slice(p.len() - len as usize..));
-            }
-        }
+    if let Some(data) = strip(p, DATA_PREFIX).and_then(|rest| cbor::shortest_string_to_end(rest, cbor::MAJOR_BYTES)) {
+        return Some(p.slice_ref(data));
     }
     let mut data = None;
     walk_map(p, |key, r| match key {
-        DATA => set_once(&mut data, p.slice(plain_bytes(r)?)),
+        DATA_KEY => set_once(&mut data, p.slice(plain_bytes(r)?)),
         _ => skip_unknown(key, r),
     })?;
     data
@@ -140,7 +133,7 @@ macro_rules! data_payload {
             }
             fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
                 dst.reserve(data_encoded_len(self.data.len()));
-                dst.put_slice(&DATA_PREFIX);
+                dst.put_slice(DATA_PREFIX);
                 cbor::put_head(dst, cbor::MAJOR_BYTES, self.data.len() as u64);
                 dst.put_slice(&self.data);
                 Ok(())
@@ -153,15 +146,6 @@ macro_rules! data_payload {
 }
 
 data_payload!(ExecStdin, ExecStdout, ExecStderr, FsData, TcpData);
-
-const BOOT: &str = "boot_time_ns";
-const INIT: &str = "init_time_ns";
-const READY: &str = "ready_time_ns";
-const AGENT: &str = "agent_version";
-const BOOT_KEY: &[u8] = BOOT.as_bytes();
-const INIT_KEY: &[u8] = INIT.as_bytes();
-const READY_KEY: &[u8] = READY.as_bytes();
-const AGENT_KEY: &[u8] = AGENT.as_bytes();
 
 impl CborPayload for Ready {
     fn exact_encoded_len(&self) -> Option<usize> {
@@ -240,12 +224,7 @@ fn ready_canonical(p: &[u8]) -> Option<Ready> {
     let agent_version = match entries {
         MAP3 if rest.is_empty() => String::new(),
         MAP4 => {
-            let rest = strip(rest, AGENT_ENTRY)?;
-            let (len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
-            let text = rest.get(used..)?;
-            if text.len() as u64 != len {
-                return None;
-            }
+            let text = cbor::shortest_string_to_end(strip(rest, AGENT_ENTRY)?, cbor::MAJOR_TEXT)?;
             std::str::from_utf8(text).ok()?.to_string()
         }
         _ => return None,
@@ -262,10 +241,15 @@ const BOOT_ENTRY: &[u8; 13] = b"\x6cboot_time_ns";
 const INIT_ENTRY: &[u8; 13] = b"\x6cinit_time_ns";
 const READY_ENTRY: &[u8; 14] = b"\x6dready_time_ns";
 const AGENT_ENTRY: &[u8; 14] = b"\x6dagent_version";
+/// The keys themselves, as the general reader compares them.
+const BOOT_KEY: &[u8] = BOOT_ENTRY.split_at(1).1;
+const INIT_KEY: &[u8] = INIT_ENTRY.split_at(1).1;
+const READY_KEY: &[u8] = READY_ENTRY.split_at(1).1;
+const AGENT_KEY: &[u8] = AGENT_ENTRY.split_at(1).1;
 
-const CODE: &str = "code";
-/// `{"code": ` — a map of one entry and the key.
+/// `{"code": ` — a map of one entry and the key with its text head.
 const CODE_PREFIX: &[u8; 6] = b"\xa1\x64code";
+const CODE_KEY: &[u8] = CODE_PREFIX.split_at(2).1;
 
 /// `core.exec.exited` exactly as the serde derive writes it.
 fn exited_canonical(p: &[u8]) -> Option<ExecExited> {
@@ -279,16 +263,14 @@ fn exited_canonical(p: &[u8]) -> Option<ExecExited> {
     };
     (used == rest.len()).then_some(ExecExited { code })
 }
-const CODE_KEY: &[u8] = CODE.as_bytes();
 
 impl CborPayload for ExecExited {
     fn exact_encoded_len(&self) -> Option<usize> {
-        Some(1 + cbor::text_len(CODE) + int_len(self.code.into()))
+        Some(CODE_PREFIX.len() + int_len(self.code.into()))
     }
 
     fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
-        cbor::put_head(dst, cbor::MAJOR_MAP, 1);
-        cbor::put_text(dst, CODE);
+        dst.put_slice(CODE_PREFIX);
         put_int(dst, self.code.into());
         Ok(())
     }
@@ -338,13 +320,19 @@ mod tests {
         }
         for len in [0, 23, 24, 255, 256, 65535, 65536] {
             let p = encoded(&ExecStdout { data: Bytes::from(vec![1u8; len]) });
-            assert_eq!(p.strip_prefix(&DATA_PREFIX).map(|r| r.len() - cbor::head_len(len as u64)), Some(len));
+            assert_eq!(p.strip_prefix(DATA_PREFIX).map(|r| r.len() - cbor::head_len(len as u64)), Some(len));
             assert_eq!(data_decode(&p).map(|d| d.len()), Some(len));
         }
-        assert_eq!(BOOT_ENTRY[1..], *BOOT.as_bytes());
-        assert_eq!(INIT_ENTRY[1..], *INIT.as_bytes());
-        assert_eq!(READY_ENTRY[1..], *READY.as_bytes());
-        assert_eq!(AGENT_ENTRY[1..], *AGENT.as_bytes());
+        assert_eq!(BOOT_ENTRY[1..], *b"boot_time_ns");
+        assert_eq!(INIT_ENTRY[1..], *b"init_time_ns");
+        assert_eq!(READY_ENTRY[1..], *b"ready_time_ns");
+        assert_eq!(AGENT_ENTRY[1..], *b"agent_version");
+        for (entry, key) in
+            [(&BOOT_ENTRY[..], BOOT_KEY), (INIT_ENTRY, INIT_KEY), (READY_ENTRY, READY_KEY), (AGENT_ENTRY, AGENT_KEY)]
+        {
+            assert_eq!(usize::from(entry[0] - 0x60), key.len(), "text head of {key:?}");
+        }
+        assert_eq!((DATA_KEY, CODE_KEY), (&b"data"[..], &b"code"[..]));
     }
 
     #[test]
