@@ -147,6 +147,22 @@ impl Rejected {
     }
 }
 
+/// An oversized frame that a [`FrameCodec`] skipped, as the rejection a message
+/// codec reports for it (kind `frame_too_large`): for readers that split frames
+/// themselves and decode them with `decode_frame`.
+///
+/// ```
+/// use agentwire::{Flags, OversizedFrame, RejectKind, Rejected};
+/// let skipped = OversizedFrame { offset: 10, id: 4, flags: Flags::NONE, len: 99, limit: 64 };
+/// let r = Rejected::from(skipped);
+/// assert_eq!((r.offset, r.id, r.kind), (10, 4, RejectKind::FrameTooLarge));
+/// ```
+impl From<OversizedFrame> for Rejected {
+    fn from(o: OversizedFrame) -> Rejected {
+        Rejected::oversized(o)
+    }
+}
+
 /// A payload whose size is not known in advance is written after a byte-string
 /// head sized for this many bytes (2 bytes of head, for 24 to 255 bytes of
 /// payload), then moved if it came out another size: one memmove of a small

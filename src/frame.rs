@@ -141,6 +141,20 @@ impl Frame {
     pub fn wire_len(&self) -> usize {
         LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE + self.body.len()
     }
+
+    /// The 9 bytes that precede the body on the wire (`len`, `id`, `flags`):
+    /// with the body, the frame exactly as it travels, for a relay's vectored
+    /// write or a capture.
+    ///
+    /// ```
+    /// use agentwire::{Flags, Frame};
+    /// use bytes::Bytes;
+    /// let frame = Frame::new(7, Flags::TERMINAL, Bytes::from_static(b"\xa0"));
+    /// assert_eq!(frame.header(), [0, 0, 0, 6, 0, 0, 0, 7, 1]);
+    /// ```
+    pub fn header(&self) -> [u8; 9] {
+        header_bytes(self.body.len(), self.id, self.flags)
+    }
 }
 
 /// Writes the 9-byte frame header (`len`, `id`, `flags`) for a body of `body_len` bytes.

@@ -7,6 +7,28 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// Runs the built `agentwire` command with `args`, feeding it `stdin` (from a
+/// thread, so that a command that writes a lot before reading cannot block).
+pub fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    output
+}
+
 /// Reads one of the copied vector files as JSON lines.
 pub fn vectors(name: &str) -> Vec<Value> {
     let path = vector_path(name);

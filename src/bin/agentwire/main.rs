@@ -1,21 +1,31 @@
 //! The `agentwire` command: inspect and craft captured byte streams of the
-//! protocol. Built with the `cli` feature, so that users of the library never
-//! build its dependencies:
+//! protocol, and a real guest agent and host client that speak it. Built with
+//! the `cli` feature, so that users of the library never build its dependencies:
 //!
 //! ```text
+//! cargo run --release --features cli -- demo
 //! cargo run --features cli -- inspect capture.bin
 //! cargo run --features cli -- encode frames.jsonl -o capture.bin
 //! ```
 
+mod addr;
+mod agent;
+mod client;
+mod demo;
 mod encode;
+mod host;
 mod inspect;
+mod sys;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-/// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 7).
+/// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 7),
+/// and run a real agent and host that speak it.
 #[derive(Parser)]
 #[command(name = "agentwire", version, about)]
 struct Cli {
@@ -49,12 +59,115 @@ enum Command {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// Serve the protocol as a guest agent: exec, fs inside --root, tcp, ping.
+    ///
+    /// ADDR is a Unix socket path (`unix:PATH`, or any path with a `/`; created
+    /// with mode 0600), a loopback TCP address (`127.0.0.1:PORT`, `[::1]:PORT`;
+    /// any other is refused), or `vsock:PORT`.
+    Agent {
+        /// Where to listen.
+        #[arg(long)]
+        listen: String,
+        /// The directory that `core.fs.*` paths are confined to.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// Let `core.tcp.connect` reach addresses beyond loopback.
+        #[arg(long)]
+        allow_net: bool,
+        /// Log connections on standard error.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Talk to an agent as its host.
+    Host {
+        /// The agent's address (as for `agent --listen`, or `vsock:CID:PORT`).
+        #[arg(long)]
+        connect: String,
+        #[command(subcommand)]
+        action: host::Action,
+    },
+    /// The main job: an agent and a host over a real Unix socket, a scripted
+    /// session checked at every step, and a summary. Exit status 0 only if
+    /// every check held.
+    Demo {
+        /// Exec sessions to run at once on the one connection.
+        #[arg(long, default_value_t = 8)]
+        sessions: usize,
+        /// Write both directions' frames to FILE, for `agentwire inspect`.
+        #[arg(long, value_name = "FILE")]
+        capture: Option<PathBuf>,
+        /// Size of the file written and read back, in MiB.
+        #[arg(long, default_value_t = 64)]
+        file_mib: usize,
+        /// Pings whose round trip is measured.
+        #[arg(long, default_value_t = 1000)]
+        pings: usize,
+    },
 }
 
 fn main() -> ExitCode {
+    let start_ns = sys::boottime_ns();
     match Cli::parse().command {
         Command::Inspect { file, json } => inspect::run(file.as_deref(), json),
         Command::Encode { file, out } => encode::run(file.as_deref(), out.as_deref()),
+        Command::Agent { listen, root, allow_net, verbose } => {
+            runtime(async move { serve(&listen, root, allow_net, verbose, start_ns).await })
+        }
+        Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
+        Command::Demo { sessions, capture, file_mib, pings } => {
+            runtime(demo::run(demo::Options { sessions, capture, file_mib, pings }))
+        }
+    }
+}
+
+/// Runs `f` on a multi-threaded runtime. The runtime is not waited for at the
+/// end: a read of the terminal's standard input cannot be cancelled.
+fn runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => {
+            let code = rt.block_on(f);
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            code
+        }
+        Err(e) => {
+            eprintln!("agentwire: cannot start the runtime: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, start_ns: u64) -> ExitCode {
+    let usage = |m: String| {
+        eprintln!("agentwire agent: {m}");
+        ExitCode::from(EXIT_USAGE)
+    };
+    let addr = match addr::Addr::parse(listen).and_then(|a| a.check_listenable().map(|()| a)) {
+        Ok(a) => a,
+        Err(e) => return usage(e),
+    };
+    let root = match root.canonicalize() {
+        Ok(r) if r.is_dir() => r,
+        Ok(r) => return usage(format!("--root {}: not a directory", r.display())),
+        Err(e) => return usage(format!("--root {}: {e}", root.display())),
+    };
+    let listener = match addr::Listener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => return usage(format!("cannot listen on {addr}: {e}")),
+    };
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
+    eprintln!("agentwire agent: listening on {bound}, files under {}", root.display());
+    let config = Arc::new(agent::Config {
+        root,
+        allow_net,
+        boot_time_ns: start_ns,
+        init_time_ns: sys::boottime_ns().saturating_sub(start_ns),
+    });
+    match agent::serve(listener, config, verbose).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentwire agent: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,236 @@
+//! `core.exec.*`: a real child process, its output streamed as it comes.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use agentwire::Message;
+use agentwire::payload::exec::{
+    ExecExited, ExecFailed, ExecFailureKind, ExecRequest, ExecStarted, ExecStderr, ExecStdinError, ExecStdout,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{Defaults, Input};
+use crate::sys;
+use crate::wire::Outbox;
+
+/// Largest chunk of output in one frame.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// Runs one `core.exec.request` to its `core.exec.exited` or `core.exec.failed`.
+pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox, mut input: mpsc::Receiver<Input>) {
+    let mut command = match prepare(&req, &defaults) {
+        Ok(c) => c,
+        Err(failed) => {
+            let _ = out.send(Message::new(id, failed)).await;
+            return;
+        }
+    };
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = out.send(Message::new(id, spawn_failure(&req, &e))).await;
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    if out.send(Message::new(id, ExecStarted { pid })).await.is_err() {
+        return;
+    }
+    let stdout = child.stdout.take().map(|r| tokio::spawn(pump(r, id, out.clone(), |data| ExecStdout { data }.into())));
+    let stderr = child.stderr.take().map(|r| tokio::spawn(pump(r, id, out.clone(), |data| ExecStderr { data }.into())));
+    // stdin is fed by its own task, so that a child that does not read cannot stop signals.
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+    let feeder = child.stdin.take().map(|w| tokio::spawn(feed_stdin(w, stdin_rx, id, out.clone())));
+    let mut stdin_tx = Some(stdin_tx);
+    let mut input_open = true;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            next = input.recv(), if input_open => match next {
+                Some(Input::Stdin(data)) if data.is_empty() => stdin_tx = None,
+                Some(Input::Stdin(data)) => {
+                    if let Some(tx) = &stdin_tx
+                        && tx.send(data).await.is_err()
+                    {
+                        stdin_tx = None;
+                    }
+                }
+                Some(Input::Signal(signal)) => {
+                    if let Err(e) = sys::kill(pid, signal) {
+                        eprintln!("agentwire agent: signal {signal} to pid {pid} (id {id}): {e}");
+                    }
+                }
+                Some(_) => {}
+                // The connection is gone: nobody will read the output.
+                None => {
+                    input_open = false;
+                    let _ = child.start_kill();
+                }
+            },
+        }
+    };
+    drop(stdin_tx);
+    // All output is sent before the exit status, so the host sees it complete.
+    for task in [stdout, stderr].into_iter().flatten() {
+        let _ = task.await;
+    }
+    if let Some(f) = feeder {
+        f.abort();
+    }
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + s.signal().unwrap_or(0)
+        }),
+        Err(e) => {
+            eprintln!("agentwire agent: waiting for pid {pid} (id {id}): {e}");
+            -1
+        }
+    };
+    let _ = out.send(Message::new(id, ExecExited { code })).await;
+}
+
+fn failure(kind: ExecFailureKind, errno: Option<i32>, message: String, stage: &str) -> ExecFailed {
+    ExecFailed {
+        kind,
+        errno,
+        errno_name: errno.and_then(sys::errno_name).map(String::from),
+        message,
+        stage: Some(stage.to_string()),
+    }
+}
+
+/// Everything that can be checked before the process is created, each with its own kind.
+fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Command, ExecFailed> {
+    let bad_args = |message: String| failure(ExecFailureKind::BadArgs, None, message, "prepare");
+    if req.tty {
+        let message = "this agent runs commands on pipes; a pseudo-terminal (tty: true) is not supported".into();
+        return Err(failure(ExecFailureKind::PtySetupFailed, None, message, "pty"));
+    }
+    if req.cmd.is_empty() {
+        return Err(bad_args("the command is empty".into()));
+    }
+    if let Some(s) = std::iter::once(&req.cmd).chain(&req.args).chain(&req.env).find(|s| s.contains('\0')) {
+        return Err(bad_args(format!("{s:?} contains a NUL byte")));
+    }
+    let mut command = tokio::process::Command::new(&req.cmd);
+    command.args(&req.args);
+    command.envs(defaults.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for entry in &req.env {
+        match entry.split_once('=') {
+            Some((key, value)) if !key.is_empty() => command.env(key, value),
+            _ => return Err(bad_args(format!("environment entry {entry:?} is not KEY=VALUE"))),
+        };
+    }
+    if let Some(cwd) = req.cwd.as_ref().or(defaults.cwd.as_ref()) {
+        match std::fs::metadata(cwd) {
+            Ok(m) if m.is_dir() => {
+                command.current_dir(cwd);
+            }
+            Ok(_) => {
+                let message = format!("working directory {cwd}: not a directory");
+                return Err(failure(ExecFailureKind::BadCwd, Some(libc::ENOTDIR), message, "cwd"));
+            }
+            Err(e) => {
+                let message = format!("working directory {cwd}: {e}");
+                return Err(failure(ExecFailureKind::BadCwd, e.raw_os_error(), message, "cwd"));
+            }
+        }
+    }
+    if let Some(user) = req.user.as_ref().or(defaults.user.as_ref()) {
+        let (uid, gid) = lookup_user(user)
+            .ok_or_else(|| failure(ExecFailureKind::UserSetupFailed, None, format!("no user {user:?}"), "user"))?;
+        let (euid, _) = sys::effective_ids();
+        if uid != euid {
+            if euid != 0 {
+                let message = format!("the agent runs as uid {euid} and cannot switch to {user} (uid {uid})");
+                return Err(failure(ExecFailureKind::UserSetupFailed, Some(libc::EPERM), message, "user"));
+            }
+            command.uid(uid).gid(gid);
+        }
+    }
+    let mut limits = Vec::new();
+    for r in defaults.rlimits.iter().chain(&req.rlimits) {
+        let fail = |message: String| failure(ExecFailureKind::ResourceLimit, None, message, "rlimit");
+        let resource =
+            sys::rlimit_resource(&r.resource).ok_or_else(|| fail(format!("no resource limit {:?}", r.resource)))?;
+        if r.soft > r.hard {
+            return Err(fail(format!("{}: soft limit {} above hard limit {}", r.resource, r.soft, r.hard)));
+        }
+        if r.hard > sys::hard_limit(resource) && sys::effective_ids().0 != 0 {
+            let current = sys::hard_limit(resource);
+            return Err(fail(format!("{}: cannot raise the hard limit from {current} to {}", r.resource, r.hard)));
+        }
+        limits.push((resource, r.soft, r.hard));
+    }
+    sys::set_rlimits_in_child(&mut command, limits);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    Ok(command)
+}
+
+/// A user by name or number, from `/etc/passwd`.
+fn lookup_user(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        let (uid, gid) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+        (f[0] == user || user.parse::<u32>() == Ok(uid)).then_some((uid, gid))
+    })
+}
+
+/// The spec's kind for an error from creating the process.
+fn spawn_failure(req: &ExecRequest, e: &std::io::Error) -> ExecFailed {
+    let errno = e.raw_os_error();
+    let kind = match errno {
+        Some(libc::ENOENT) => ExecFailureKind::NotFound,
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            // A directory or a file without x bits is there but cannot be run.
+            if Path::new(&req.cmd).is_dir() {
+                ExecFailureKind::NotExecutable
+            } else {
+                ExecFailureKind::PermissionDenied
+            }
+        }
+        Some(libc::ENOEXEC) | Some(libc::ETXTBSY) | Some(libc::EISDIR) => ExecFailureKind::NotExecutable,
+        Some(libc::E2BIG) | Some(libc::EINVAL) => ExecFailureKind::BadArgs,
+        Some(libc::EAGAIN) | Some(libc::EMFILE) | Some(libc::ENFILE) => ExecFailureKind::ResourceLimit,
+        Some(libc::ENOMEM) => ExecFailureKind::OutOfMemory,
+        _ => ExecFailureKind::Other,
+    };
+    failure(kind, errno, format!("{}: {e}", req.cmd), "spawn")
+}
+
+/// Streams one output pipe as frames of at most [`OUTPUT_CHUNK`] bytes, each as soon as it is read.
+async fn pump(mut r: impl AsyncRead + Unpin, id: u32, out: Outbox, frame: fn(Bytes) -> agentwire::Payload) {
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(OUTPUT_CHUNK);
+        match (&mut r).take(OUTPUT_CHUNK as u64).read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if out.send(Message::new(id, frame(buf.split().freeze()))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes stdin data to the child; closing the channel closes its stdin.
+async fn feed_stdin(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>, id: u32, out: Outbox) {
+    while let Some(data) = rx.recv().await {
+        if let Err(e) = w.write_all(&data).await {
+            let errno = e.raw_os_error();
+            let report = ExecStdinError {
+                errno,
+                errno_name: errno.and_then(sys::errno_name).map(String::from),
+                message: format!("writing to the command's stdin: {e}"),
+            };
+            let _ = out.send(Message::new(id, report)).await;
+            return;
+        }
+    }
+}

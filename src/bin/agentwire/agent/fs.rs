@@ -1,0 +1,362 @@
+//! `core.fs.*`: the `FsOp` operations inside a root directory, with streamed
+//! reads and writes in `FS_CHUNK_SIZE` chunks.
+//!
+//! Guest paths are read as if the root were `/`. A path is refused when `..`
+//! climbs above the root, or when a symlink leads out of it: the parent
+//! directory (and the path itself, for operations that follow links) is
+//! resolved by the kernel and must still lie under the root.
+
+use std::collections::HashMap;
+use std::fs::{self as stdfs, File, Metadata};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use agentwire::Message;
+use agentwire::payload::fs::{FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsResponse, FsResponseData, FsSetAttrs};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::Input;
+use crate::wire::Outbox;
+
+/// An open handle.
+enum Handle {
+    File(Arc<File>),
+    Dir { path: PathBuf, entries: Vec<FsEntryInfo>, next: usize },
+}
+
+/// The root and the handles of one connection.
+pub struct Fs {
+    root: PathBuf,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+}
+
+type Outcome = Result<Option<FsResponseData>, String>;
+
+impl Fs {
+    /// Operations confined to `root`, which must be canonical.
+    pub fn new(root: PathBuf) -> Fs {
+        Fs { root, handles: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1) }
+    }
+
+    /// The real path of guest path `path`; see the module docs for what is refused.
+    fn resolve(&self, path: &str, follow: bool) -> Result<PathBuf, String> {
+        let escape = || format!("{path}: refused: the path leads outside the root");
+        let mut rel = PathBuf::new();
+        for c in Path::new(path).components() {
+            match c {
+                Component::Normal(n) => rel.push(n),
+                Component::ParentDir => {
+                    if !rel.pop() {
+                        return Err(escape());
+                    }
+                }
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+        let Some(name) = rel.file_name().map(ToOwned::to_owned) else { return Ok(self.root.clone()) };
+        let parent = self.root.join(&rel).parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        let parent = parent.canonicalize().map_err(|e| format!("{path}: {e}"))?;
+        if !parent.starts_with(&self.root) {
+            return Err(escape());
+        }
+        let full = parent.join(name);
+        if follow && let Ok(real) = full.canonicalize() {
+            return if real.starts_with(&self.root) { Ok(real) } else { Err(escape()) };
+        }
+        Ok(full)
+    }
+
+    /// The guest path of a real path under the root.
+    fn guest_path(&self, real: &Path) -> String {
+        let rel = real.strip_prefix(&self.root).unwrap_or(real);
+        format!("/{}", rel.display())
+    }
+
+    fn insert(&self, handle: Handle) -> u64 {
+        let n = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(n, handle);
+        n
+    }
+
+    fn file(&self, handle: u64) -> Result<Arc<File>, String> {
+        match self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&handle) {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            Some(Handle::Dir { .. }) => Err(format!("handle {handle} is a directory")),
+            None => Err(format!("no open handle {handle}")),
+        }
+    }
+
+    /// Every operation that is one request and one response.
+    fn operate(&self, op: FsOp) -> Outcome {
+        let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+        match op {
+            FsOp::RealPath { path } => {
+                let real = self.resolve(&path, true)?.canonicalize().map_err(|e| io(&path, e))?;
+                Ok(Some(FsResponseData::Path(self.guest_path(&real))))
+            }
+            FsOp::Stat { path, follow_symlink } => {
+                let real = self.resolve(&path, follow_symlink)?;
+                let md = if follow_symlink { stdfs::metadata(&real) } else { stdfs::symlink_metadata(&real) };
+                Ok(Some(FsResponseData::Stat(entry(self.guest_path(&real), &md.map_err(|e| io(&path, e))?))))
+            }
+            FsOp::SetStat { path, attrs, .. } => {
+                let real = self.resolve(&path, true)?;
+                let file = File::options().read(true).open(&real).map_err(|e| io(&path, e))?;
+                set_attrs(&file, &attrs).map_err(|e| io(&path, e))?;
+                Ok(None)
+            }
+            FsOp::List { path } => {
+                let real = self.resolve(&path, true)?;
+                Ok(Some(FsResponseData::List(self.list(&real).map_err(|e| io(&path, e))?)))
+            }
+            FsOp::ReadLink { path } => {
+                let target = stdfs::read_link(self.resolve(&path, false)?).map_err(|e| io(&path, e))?;
+                Ok(Some(FsResponseData::Path(target.display().to_string())))
+            }
+            FsOp::Symlink { target, link_path } => {
+                let link = self.resolve(&link_path, false)?;
+                std::os::unix::fs::symlink(&target, link).map_err(|e| io(&link_path, e))?;
+                Ok(None)
+            }
+            FsOp::Mkdir { path, mode } => {
+                let real = self.resolve(&path, false)?;
+                stdfs::DirBuilder::new().mode(mode.unwrap_or(0o755)).create(real).map_err(|e| io(&path, e))?;
+                Ok(None)
+            }
+            FsOp::Remove { path } => {
+                stdfs::remove_file(self.resolve(&path, false)?).map_err(|e| io(&path, e))?;
+                Ok(None)
+            }
+            FsOp::RemoveDir { path, recursive } => {
+                let real = self.resolve(&path, false)?;
+                if real == self.root {
+                    return Err(format!("{path}: refused: the root itself cannot be removed"));
+                }
+                let done = if recursive { stdfs::remove_dir_all(real) } else { stdfs::remove_dir(real) };
+                done.map_err(|e| io(&path, e))?;
+                Ok(None)
+            }
+            FsOp::Copy { src, dst } => {
+                stdfs::copy(self.resolve(&src, true)?, self.resolve(&dst, true)?).map_err(|e| io(&src, e))?;
+                Ok(None)
+            }
+            FsOp::Rename { src, dst } => {
+                stdfs::rename(self.resolve(&src, false)?, self.resolve(&dst, false)?).map_err(|e| io(&src, e))?;
+                Ok(None)
+            }
+            FsOp::OpenFile { path, options: o } => {
+                let real = self.resolve(&path, true)?;
+                let mut open = File::options();
+                open.read(o.read).write(o.write).append(o.append).create(o.create).truncate(o.truncate);
+                open.create_new(o.create_new).mode(o.mode.unwrap_or(0o644));
+                let file = open.open(real).map_err(|e| io(&path, e))?;
+                Ok(Some(FsResponseData::Handle(self.insert(Handle::File(Arc::new(file))))))
+            }
+            FsOp::OpenDir { path } => {
+                let real = self.resolve(&path, true)?;
+                let entries = self.list(&real).map_err(|e| io(&path, e))?;
+                Ok(Some(FsResponseData::Handle(self.insert(Handle::Dir { path: real, entries, next: 0 }))))
+            }
+            FsOp::CloseHandle { handle } => {
+                let removed = self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
+                removed.map(|_| None).ok_or_else(|| format!("no open handle {handle}"))
+            }
+            FsOp::ReadDir { handle, limit } => {
+                let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(Handle::Dir { entries, next, .. }) = handles.get_mut(&handle) else {
+                    return Err(format!("no open directory handle {handle}"));
+                };
+                let n = limit.map_or(usize::MAX, |l| l as usize).min(entries.len() - *next);
+                let batch = entries[*next..*next + n].to_vec();
+                *next += n;
+                Ok(Some(FsResponseData::List(batch)))
+            }
+            FsOp::FStat { handle } => {
+                let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+                let (path, md) = match handles.get(&handle) {
+                    Some(Handle::File(f)) => (String::new(), f.metadata()),
+                    Some(Handle::Dir { path, .. }) => (self.guest_path(path), stdfs::metadata(path)),
+                    None => return Err(format!("no open handle {handle}")),
+                };
+                Ok(Some(FsResponseData::Stat(entry(path, &md.map_err(|e| io("fstat", e))?))))
+            }
+            FsOp::FSetStat { handle, attrs } => {
+                set_attrs(&*self.file(handle)?, &attrs).map_err(|e| io("fsetstat", e))?;
+                Ok(None)
+            }
+            FsOp::Read { .. } | FsOp::Write { .. } => Err("a streamed operation reached the wrong path".into()),
+        }
+    }
+
+    /// A directory's entries, sorted by name.
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<FsEntryInfo>> {
+        let mut entries = Vec::new();
+        for e in stdfs::read_dir(dir)? {
+            let e = e?;
+            let md = e.metadata()?;
+            entries.push(entry(self.guest_path(&e.path()), &md));
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(entries)
+    }
+}
+
+fn entry(path: String, md: &Metadata) -> FsEntryInfo {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "other"
+    };
+    FsEntryInfo {
+        path,
+        kind: kind.into(),
+        size: md.len(),
+        mode: md.mode(),
+        modified: Some(md.mtime()),
+        uid: md.uid(),
+        gid: md.gid(),
+        atime: Some(md.atime()),
+        mtime: Some(md.mtime()),
+    }
+}
+
+/// Applies what is set in `attrs`; times are seconds since the epoch.
+fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
+    if let Some(mode) = attrs.mode {
+        file.set_permissions(stdfs::Permissions::from_mode(mode))?;
+    }
+    if attrs.uid.is_some() || attrs.gid.is_some() {
+        std::os::unix::fs::fchown(file, attrs.uid, attrs.gid)?;
+    }
+    if let Some(size) = attrs.size {
+        file.set_len(size)?;
+    }
+    let at = |secs: i64| {
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+        }
+    };
+    let mut times = stdfs::FileTimes::new();
+    if let Some(a) = attrs.atime {
+        times = times.set_accessed(at(a));
+    }
+    if let Some(m) = attrs.mtime {
+        times = times.set_modified(at(m));
+    }
+    if attrs.atime.is_some() || attrs.mtime.is_some() {
+        file.set_times(times)?;
+    }
+    Ok(())
+}
+
+/// Runs one `core.fs.request` to its `core.fs.response`.
+pub async fn run(fs: Arc<Fs>, id: u32, op: FsOp, out: Outbox, input: mpsc::Receiver<Input>) {
+    let outcome = match op {
+        FsOp::Read { handle, offset, len } => read(&fs, id, handle, offset, len, &out).await,
+        FsOp::Write { handle, offset, len } => match write(&fs, handle, offset, len, input).await {
+            Some(outcome) => outcome,
+            // The connection went away in the middle of the transfer.
+            None => return,
+        },
+        op => {
+            let fs = fs.clone();
+            tokio::task::spawn_blocking(move || fs.operate(op)).await.unwrap_or_else(|e| Err(e.to_string()))
+        }
+    };
+    let response = match outcome {
+        Ok(data) => FsResponse::success(data),
+        Err(message) => FsResponse::failure(message),
+    };
+    let _ = out.send(Message::new(id, response)).await;
+}
+
+/// A streamed read: `core.fs.data` chunks of at most `FS_CHUNK_SIZE`, then the response.
+async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out: &Outbox) -> Outcome {
+    let file = fs.file(handle)?;
+    let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
+    let mut at = offset;
+    while at < end {
+        // Sized by what is left and the chunk limit, never by a length the request only claims.
+        let want = (end - at).min(FS_CHUNK_SIZE as u64) as usize;
+        let f = file.clone();
+        let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("read at {at}: {e}"))?;
+        if chunk.is_empty() {
+            break;
+        }
+        at += chunk.len() as u64;
+        let short = chunk.len() < want;
+        out.send(Message::new(id, FsData { data: chunk })).await.map_err(|_| "connection closed")?;
+        if short {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        match file.read_at(&mut buf[filled..], at + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
+}
+
+/// A streamed write: chunks until the empty one. On an error the rest of the
+/// chunks are still taken, so that the session ends with one response and no
+/// stray frames. `None` when the connection closed first.
+async fn write(
+    fs: &Fs,
+    handle: u64,
+    offset: u64,
+    len: Option<u64>,
+    mut input: mpsc::Receiver<Input>,
+) -> Option<Outcome> {
+    let mut outcome = fs.file(handle).map(Some);
+    let mut at = offset;
+    loop {
+        let data = match input.recv().await? {
+            Input::FsData(d) => d,
+            _ => continue,
+        };
+        if data.is_empty() {
+            break;
+        }
+        if let Ok(Some(file)) = &outcome {
+            let (f, n) = (file.clone(), data.len() as u64);
+            let written = tokio::task::spawn_blocking(move || f.write_all_at(&data, at)).await;
+            match written {
+                Ok(Ok(())) => at += n,
+                Ok(Err(e)) => outcome = Err(format!("write at {at}: {e}")),
+                Err(e) => outcome = Err(e.to_string()),
+            }
+        }
+    }
+    let written = at - offset;
+    Some(match (outcome, len) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(len)) if len != written => Err(format!("the request announced {len} bytes but {written} came")),
+        (Ok(_), _) => Ok(None),
+    })
+}

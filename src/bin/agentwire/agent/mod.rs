@@ -1,0 +1,290 @@
+//! `agentwire agent`: a guest agent that serves the protocol on every
+//! connection it accepts. Each connection is independent; each session on it
+//! (exec, fs, tcp) is a task that owns its id, and the connection's reader
+//! routes the host's frames to it.
+
+mod exec;
+mod fs;
+mod tcp;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agentwire::payload::bootstrap::GuestBootstrap;
+use agentwire::payload::core::{CoreError, CoreErrorKind, InitResolved, Pong, Ready, ResolvedUser, Touched};
+use agentwire::payload::fs::FsOp;
+use agentwire::{Direction, Message, MessageType, Payload};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::addr::{Listener, Stream};
+use crate::sys;
+use crate::wire::{self, Counters, Outbox};
+
+/// What every connection of one agent shares.
+pub struct Config {
+    /// The directory `core.fs.*` paths are confined to (canonical).
+    pub root: PathBuf,
+    /// Whether `core.tcp.connect` may reach beyond loopback.
+    pub allow_net: bool,
+    /// `CLOCK_BOOTTIME` when the agent started.
+    pub boot_time_ns: u64,
+    /// Time from start to serving, in ns.
+    pub init_time_ns: u64,
+}
+
+/// Accepts connections for ever, each served by its own task. A connection
+/// that fails (its framing broke, say) is closed alone.
+pub async fn serve(listener: Listener, config: Arc<Config>, verbose: bool) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let config = config.clone();
+        tokio::spawn(async move {
+            if verbose {
+                eprintln!("agentwire agent: {peer}: connected");
+            }
+            match connection(stream, config).await {
+                Ok(()) if verbose => eprintln!("agentwire agent: {peer}: closed"),
+                Ok(()) => {}
+                Err(e) => eprintln!("agentwire agent: {peer}: {e}; connection closed"),
+            }
+        });
+    }
+}
+
+/// What the host sends into a running session.
+pub enum Input {
+    /// `core.exec.stdin` (empty: end of input).
+    Stdin(Bytes),
+    /// `core.exec.signal`.
+    Signal(i32),
+    /// `core.exec.resize`.
+    Resize,
+    /// `core.fs.data` (empty: end of a streamed write).
+    FsData(Bytes),
+    /// `core.tcp.data`.
+    TcpData(Bytes),
+    /// `core.tcp.eof`.
+    TcpEof,
+    /// `core.tcp.close`.
+    TcpClose,
+}
+
+impl Input {
+    /// The session kind this input belongs to.
+    fn family(&self) -> &'static str {
+        match self {
+            Input::Stdin(_) | Input::Signal(_) | Input::Resize => "core.exec",
+            Input::FsData(_) => "core.fs",
+            Input::TcpData(_) | Input::TcpEof | Input::TcpClose => "core.tcp",
+        }
+    }
+}
+
+/// An open session: its family and where its input goes.
+struct Session {
+    family: &'static str,
+    input: mpsc::Sender<Input>,
+}
+
+/// Settings a `core.bootstrap` gives the sessions that follow.
+#[derive(Default)]
+pub struct Defaults {
+    /// Working directory of commands that name none.
+    pub cwd: Option<String>,
+    /// Environment added to every command.
+    pub env: Vec<(String, String)>,
+    /// User of commands that name none.
+    pub user: Option<String>,
+    /// Resource limits of every command (a request's own come after).
+    pub rlimits: Vec<agentwire::payload::exec::ExecRlimit>,
+}
+
+impl Defaults {
+    fn from_bootstrap(b: &GuestBootstrap) -> Defaults {
+        Defaults {
+            cwd: b.default_cwd.clone(),
+            env: b.default_env.iter().map(|e| (e.key.clone(), e.value.clone())).collect(),
+            user: b.user.clone(),
+            rlimits: b.rlimits.clone(),
+        }
+    }
+}
+
+/// One connection's state, owned by its reader.
+struct Connection {
+    config: Arc<Config>,
+    outbox: Outbox,
+    sessions: HashMap<u32, Session>,
+    tasks: JoinSet<()>,
+    fs: Arc<fs::Fs>,
+    defaults: Arc<Defaults>,
+    frames_received: u64,
+}
+
+/// Serves one connection until the host shuts it down or goes away.
+pub async fn connection(stream: Stream, config: Arc<Config>) -> Result<(), String> {
+    let (mut inbox, outbox, writer) = wire::split(stream, Arc::new(Counters::default()), None);
+    let ready = Ready {
+        boot_time_ns: config.boot_time_ns,
+        init_time_ns: config.init_time_ns,
+        ready_time_ns: sys::boottime_ns(),
+        agent_version: concat!("agentwire ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let (uid, gid) = sys::effective_ids();
+    let greeting = [Message::new(0, ready), Message::new(0, InitResolved { default_user: ResolvedUser { uid, gid } })];
+    for m in greeting {
+        outbox.send(m).await.map_err(|_| "the connection closed before core.ready was sent")?;
+    }
+    let mut conn = Connection {
+        fs: Arc::new(fs::Fs::new(config.root.clone())),
+        config,
+        outbox,
+        sessions: HashMap::new(),
+        tasks: JoinSet::new(),
+        defaults: Arc::new(Defaults::default()),
+        frames_received: 0,
+    };
+    let result = loop {
+        match inbox.next().await {
+            None => break Ok(()),
+            // Framing is lost: nothing after this point can be read as a frame.
+            Some(Err(e)) => break Err(e.to_string()),
+            Some(Ok(Err(rejected))) => {
+                conn.frames_received += 1;
+                let _ = conn.outbox.send(rejected.error_reply()).await;
+            }
+            Some(Ok(Ok(m))) => {
+                conn.frames_received += 1;
+                if conn.handle(m).await == Flow::Stop {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    // Sessions end with the connection: their children are killed on drop.
+    conn.tasks.shutdown().await;
+    drop(conn);
+    match writer.await {
+        Ok(Ok(())) | Ok(Err(_)) | Err(_) => {}
+    }
+    result
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+impl Connection {
+    async fn reply_error(&self, id: u32, kind: CoreErrorKind, t: MessageType, message: String) {
+        let e = CoreError { kind, message, offending_type: Some(t.wire_name().to_string()) };
+        let _ = self.outbox.send(Message::new(id, e)).await;
+    }
+
+    async fn handle(&mut self, m: Message) -> Flow {
+        let (id, t) = (m.id, m.message_type());
+        if t.direction() == Direction::GuestToHost {
+            let reason = format!("{t} is sent by the guest, not to it");
+            self.reply_error(id, CoreErrorKind::UnsupportedMessageType, t, reason).await;
+            return Flow::Go;
+        }
+        match m.payload {
+            Payload::Bootstrap(b) => {
+                if self.frames_received == 1 {
+                    self.defaults = Arc::new(Defaults::from_bootstrap(&b));
+                } else {
+                    let reason = "core.bootstrap is accepted only as the first frame of a connection".to_string();
+                    self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+                }
+            }
+            // Outside a VM there is no wall clock of our own to step, nor init to finish.
+            Payload::InitAck(_) | Payload::ClockSync(_) => {}
+            Payload::Shutdown(_) => return Flow::Stop,
+            Payload::RelayClientDisconnected(r) => {
+                // That client's sessions end: their input closes and they stop.
+                self.sessions.retain(|&id, _| !(r.id_start..r.id_end_exclusive).contains(&id));
+            }
+            Payload::Ping(_) => {
+                let _ = self.outbox.send(Message::new(id, Pong {})).await;
+            }
+            Payload::Touch(_) => {
+                let touched = Touched { activity_seq: self.frames_received };
+                let _ = self.outbox.send(Message::new(id, touched)).await;
+            }
+            Payload::Error(e) => eprintln!("agentwire agent: the host reports on id {id}: {:?}: {}", e.kind, e.message),
+            Payload::ExecRequest(req) => {
+                let (out, defaults) = (self.outbox.clone(), self.defaults.clone());
+                self.start(id, t, "core.exec", |input| exec::run(id, *req, defaults, out, input)).await;
+            }
+            Payload::FsRequest(req) => {
+                let (out, fs) = (self.outbox.clone(), self.fs.clone());
+                let family = if matches!(req.op, FsOp::Write { .. }) { "core.fs" } else { "core.fs (no input)" };
+                self.start(id, t, family, |input| fs::run(fs, id, req.op, out, input)).await;
+            }
+            Payload::TcpConnect(req) => {
+                let (out, allow_net) = (self.outbox.clone(), self.config.allow_net);
+                self.start(id, t, "core.tcp", |input| tcp::run(id, req, allow_net, out, input)).await;
+            }
+            Payload::ExecStdin(s) => self.route(id, t, Input::Stdin(s.data)).await,
+            Payload::ExecSignal(s) => self.route(id, t, Input::Signal(s.signal)).await,
+            Payload::ExecResize(_) => self.route(id, t, Input::Resize).await,
+            Payload::FsData(d) => self.route(id, t, Input::FsData(d.data)).await,
+            Payload::TcpData(d) => self.route(id, t, Input::TcpData(d.data)).await,
+            Payload::TcpEof(_) => self.route(id, t, Input::TcpEof).await,
+            Payload::TcpClose(_) => self.route(id, t, Input::TcpClose).await,
+            other => {
+                let reason = format!("{} is not served by this agent", other.message_type());
+                self.reply_error(id, CoreErrorKind::UnsupportedMessageType, t, reason).await;
+            }
+        }
+        Flow::Go
+    }
+
+    /// Opens a session on `id` and runs it as a task.
+    async fn start<F>(
+        &mut self,
+        id: u32,
+        t: MessageType,
+        family: &'static str,
+        session: impl FnOnce(mpsc::Receiver<Input>) -> F,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Reap what has ended, so that ids can be reused and the set stays small.
+        while self.tasks.try_join_next().is_some() {}
+        self.sessions.retain(|_, s| !s.input.is_closed());
+        if id == 0 {
+            let reason = format!("{t} opens a session and needs a non-zero id");
+            return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+        }
+        if let Some(open) = self.sessions.get(&id) {
+            let reason = format!("id {id} already has an open {} session", open.family);
+            return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+        }
+        let (tx, rx) = mpsc::channel(32);
+        self.sessions.insert(id, Session { family, input: tx });
+        self.tasks.spawn(session(rx));
+    }
+
+    /// Hands a frame of a running session to it.
+    async fn route(&mut self, id: u32, t: MessageType, input: Input) {
+        let reason = match self.sessions.get(&id) {
+            None => format!("id {id} has no open session"),
+            Some(s) if s.family != input.family() => {
+                format!("{t} on id {id}, which is a {} session", s.family)
+            }
+            Some(s) => match s.input.send(input).await {
+                Ok(()) => return,
+                Err(_) => {
+                    self.sessions.remove(&id);
+                    format!("the session on id {id} has ended")
+                }
+            },
+        };
+        self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+    }
+}

@@ -1,0 +1,417 @@
+//! `agentwire demo`: the agent and a host in one process over a real Unix
+//! socket, a scripted session with a check at every step, and a summary.
+
+use std::hash::{DefaultHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentwire::payload::bootstrap::{BootstrapEnvVar, GuestBootstrap};
+use agentwire::payload::exec::{ExecFailureKind, ExecRequest};
+use agentwire::payload::fs::{FsOp, FsResponseData};
+use agentwire::payload::tcp::{TcpConnect, TcpData, TcpEof};
+use agentwire::{FrameCodec, Payload};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::addr::{self, Addr, Listener};
+use crate::agent;
+use crate::client::{Client, unexpected};
+
+/// Settings of one run.
+pub struct Options {
+    /// Exec sessions run at once on the connection.
+    pub sessions: usize,
+    /// Where to write both directions' frames.
+    pub capture: Option<PathBuf>,
+    /// Size of the file written and read back, in MiB.
+    pub file_mib: usize,
+    /// Pings whose round trip is measured.
+    pub pings: usize,
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let path = std::env::temp_dir().join(format!("agentwire-demo-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The transcript: one line a step, and whether every check held.
+#[derive(Default)]
+struct Transcript {
+    failed: usize,
+}
+
+impl Transcript {
+    fn check(&mut self, ok: bool, what: impl std::fmt::Display) {
+        if !ok {
+            self.failed += 1;
+        }
+        println!("  [{}] {what}", if ok { " ok " } else { "FAIL" });
+    }
+
+    fn step(&mut self, result: Result<String, String>) {
+        match result {
+            Ok(line) => self.check(true, line),
+            Err(line) => self.check(false, line),
+        }
+    }
+}
+
+/// Deterministic bytes (xorshift64), so that a run is repeatable.
+fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(data);
+    h.finish()
+}
+
+fn mb_per_s(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Runs the demo; exit status 0 only if every check held.
+pub async fn run(opts: Options) -> ExitCode {
+    match script(&opts).await {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            println!("\n{n} check(s) failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("\nthe demo stopped: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn script(opts: &Options) -> Result<usize, String> {
+    let started = Instant::now();
+    let tmp = TempDir::new().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let root = tmp.0.join("root");
+    std::fs::create_dir(&root).map_err(|e| e.to_string())?;
+    let root = root.canonicalize().map_err(|e| e.to_string())?;
+    let socket = Addr::Unix(tmp.0.join("agent.sock"));
+    let listener = Listener::bind(&socket).await.map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+    let config = Arc::new(agent::Config {
+        root: root.clone(),
+        allow_net: false,
+        boot_time_ns: crate::sys::boottime_ns(),
+        init_time_ns: 0,
+    });
+    let agent_task = tokio::spawn(agent::serve(listener, config, false));
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let echo_port = echo.local_addr().map_err(|e| e.to_string())?.port();
+    let echo_task = tokio::spawn(echo_server(echo));
+    let capture = match &opts.capture {
+        None => None,
+        Some(path) => {
+            let file = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Some(Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(file))))
+        }
+    };
+
+    let mut t = Transcript::default();
+    println!("agentwire demo: agent on {socket}, files under {}", root.display());
+    let bootstrap = GuestBootstrap {
+        hostname: Some("agentwire-demo".into()),
+        default_cwd: Some(root.display().to_string()),
+        default_env: vec![BootstrapEnvVar { key: "AGENTWIRE_DEMO".into(), value: "hello".into() }],
+        ..GuestBootstrap::default()
+    };
+    let stream = addr::connect(&socket).await.map_err(|e| format!("cannot connect to {socket}: {e}"))?;
+    let client = Client::connect(stream, Some(bootstrap), capture.clone()).await?;
+    t.check(true, "core.bootstrap sent (hostname, default cwd, AGENTWIRE_DEMO=hello)");
+    let r = &client.ready;
+    t.check(
+        !r.agent_version.is_empty() && r.ready_time_ns >= r.boot_time_ns,
+        format!(
+            "core.ready: {:?}, generation {}, boot {} ns, ready {} ns; negotiated generation {}",
+            r.agent_version, client.agent_generation, r.boot_time_ns, r.ready_time_ns, client.negotiated
+        ),
+    );
+    t.check(true, format!("core.init.resolved: uid {} gid {}; core.init.ack sent", client.user.uid, client.user.gid));
+
+    // A real command: output, error output and exit status.
+    let mut req = ExecRequest::new("sh");
+    req.args = vec!["-c".into(), r#"echo "$AGENTWIRE_DEMO from $(pwd)"; echo to-stderr >&2; exit 3"#.into()];
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = client.exec(req, tokio::io::empty(), &mut out, &mut err).await?;
+    let want = format!("hello from {}\n", root.display());
+    t.check(
+        code == Ok(3) && out == want.as_bytes() && err == b"to-stderr\n",
+        format!(
+            "exec sh -c '...': stdout {:?}, stderr {:?}, {}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err),
+            match &code {
+                Ok(c) => format!("exit {c}"),
+                Err(f) => format!("core.exec.failed {}", f.kind.as_str()),
+            }
+        ),
+    );
+
+    // Standard input streamed in and out through cat.
+    let input = pattern(1 << 20, 7);
+    let mut out = Vec::new();
+    let code =
+        client.exec(ExecRequest::new("cat"), std::io::Cursor::new(input.clone()), &mut out, &mut Vec::new()).await?;
+    t.check(
+        code == Ok(0) && out == input,
+        format!("exec cat: 1 MiB of stdin came back identical ({} bytes)", out.len()),
+    );
+
+    let code = client
+        .exec(ExecRequest::new("/nonexistent/agentwire-demo"), tokio::io::empty(), &mut Vec::new(), &mut Vec::new())
+        .await?;
+    let failed_kind = code.as_ref().err().map(|f| f.kind.clone());
+    t.check(
+        failed_kind == Some(ExecFailureKind::NotFound),
+        format!(
+            "exec of a missing program: core.exec.failed {}",
+            failed_kind.as_ref().map_or("(none)", |k| k.as_str())
+        ),
+    );
+
+    // A large file written and read back.
+    let size = opts.file_mib << 20;
+    let data = pattern(size, 42);
+    let sum = checksum(&data);
+    let put_start = Instant::now();
+    let written = client.fs_put("/demo.bin", &data[..], Some(size as u64)).await?;
+    let put = put_start.elapsed();
+    let on_disk = std::fs::read(root.join("demo.bin")).map(|d| checksum(&d)).unwrap_or(0);
+    t.check(
+        written == size as u64 && on_disk == sum,
+        format!(
+            "fs write /demo.bin: {} MiB in {:.0} ms, {:.0} MB/s, checksum on disk {on_disk:016x}",
+            opts.file_mib,
+            put.as_secs_f64() * 1e3,
+            mb_per_s(size, put)
+        ),
+    );
+    let stat = client.fs(FsOp::Stat { path: "/demo.bin".into(), follow_symlink: true }).await?;
+    let stat_size = match &stat {
+        Some(FsResponseData::Stat(e)) => e.size,
+        _ => 0,
+    };
+    t.check(stat_size == size as u64, format!("fs stat /demo.bin: size {stat_size}"));
+    let mut back = Vec::with_capacity(size);
+    let get_start = Instant::now();
+    client.fs_get("/demo.bin", &mut back).await?;
+    let get = get_start.elapsed();
+    let back_sum = checksum(&back);
+    t.check(
+        back_sum == sum && back.len() == size,
+        format!(
+            "fs read /demo.bin: {} MiB in {:.0} ms, {:.0} MB/s, checksum {back_sum:016x} (sent {sum:016x})",
+            opts.file_mib,
+            get.as_secs_f64() * 1e3,
+            mb_per_s(size, get)
+        ),
+    );
+    drop(back);
+    let escape = client.fs(FsOp::Stat { path: "/../../etc/passwd".into(), follow_symlink: true }).await;
+    t.check(
+        escape.as_ref().is_err_and(|e| e.contains("outside the root")),
+        format!("fs stat /../../etc/passwd: refused ({})", escape.err().unwrap_or_default()),
+    );
+
+    // TCP through the agent to a loopback echo server.
+    t.step(tcp_echo(&client, echo_port).await);
+    let outside = tcp_outcome(&client, "192.0.2.1", 80).await;
+    t.check(outside.contains("not loopback"), format!("core.tcp.connect to 192.0.2.1:80: {outside}"));
+
+    // Round trips.
+    let mut rtts = Vec::with_capacity(opts.pings);
+    for _ in 0..opts.pings {
+        rtts.push(client.ping().await?);
+    }
+    rtts.sort();
+    let pct =
+        |p: usize| rtts.get((rtts.len() * p / 100).min(rtts.len().saturating_sub(1))).copied().unwrap_or_default();
+    let (p50, p99) = (pct(50), pct(99));
+    t.check(rtts.len() == opts.pings, format!("{} pings: p50 {:.1} µs, p99 {:.1} µs", rtts.len(), us(p50), us(p99)));
+
+    // A type the agent does not know, then the session goes on.
+    let mut s = client.request_raw("demo.unknown", Bytes::from_static(b"\xa0")).await?;
+    match s.recv().await.map(|m| m.payload) {
+        Some(Payload::Error(e)) => t.check(
+            e.kind.as_str() == "unsupported_message_type" && e.offending_type.as_deref() == Some("demo.unknown"),
+            format!("demo.unknown answered by core.error {}: {:?}", e.kind.as_str(), e.message),
+        ),
+        other => t.check(false, format!("demo.unknown: {}", unexpected("core.error", other))),
+    }
+    let after = client.ping().await;
+    t.check(after.is_ok(), "the connection goes on: ping after the error answered");
+
+    // Concurrent sessions on the one connection.
+    t.step(concurrent(&client, opts.sessions).await);
+
+    let counters = client.counters.clone();
+    let shutdown = client.shutdown().await;
+    let (sent, received) = (counters.sent.get(), counters.received.get());
+    match shutdown {
+        Ok(()) => t.check(true, "core.shutdown: the agent closed the connection"),
+        Err(e) => t.check(false, format!("core.shutdown: {e}")),
+    }
+    agent_task.abort();
+    echo_task.abort();
+
+    if let (Some(c), Some(path)) = (capture, &opts.capture) {
+        let flushed = std::io::Write::flush(&mut *c.lock().map_err(|e| e.to_string())?);
+        t.step(check_capture(path, flushed, sent.0 + received.0));
+    }
+    println!("\nsummary");
+    println!("  host -> agent: {} frames, {} bytes", sent.0, sent.1);
+    println!("  agent -> host: {} frames, {} bytes", received.0, received.1);
+    println!(
+        "  file transfer ({} MiB): write {:.0} MB/s, read {:.0} MB/s",
+        opts.file_mib,
+        mb_per_s(size, put),
+        mb_per_s(size, get)
+    );
+    println!("  ping round trip over {} pings: p50 {:.1} µs, p99 {:.1} µs", rtts.len(), us(p50), us(p99));
+    println!("  concurrent exec sessions: {}", opts.sessions);
+    println!("  checks failed: {}; wall time {:.2} s", t.failed, started.elapsed().as_secs_f64());
+    Ok(t.failed)
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn echo_server(listener: tokio::net::TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+async fn tcp_echo(client: &Client, port: u16) -> Result<String, String> {
+    let mut s = client.request(TcpConnect { host: "127.0.0.1".into(), port }).await?;
+    match s.recv().await.map(|m| m.payload) {
+        Some(Payload::TcpConnected(_)) => {}
+        other => return Err(format!("core.tcp.connect: {}", unexpected("core.tcp.connected", other))),
+    }
+    let sent = pattern(256 * 1024, 9);
+    for piece in sent.chunks(64 * 1024) {
+        client.send(s.id, TcpData { data: Bytes::copy_from_slice(piece) }).await?;
+    }
+    client.send(s.id, TcpEof {}).await?;
+    let mut echoed = Vec::new();
+    loop {
+        match s.recv().await.map(|m| m.payload) {
+            Some(Payload::TcpData(d)) => echoed.extend_from_slice(&d.data),
+            Some(Payload::TcpEof(_)) => {}
+            Some(Payload::TcpClosed(_)) => break,
+            other => return Err(format!("tcp echo: {}", unexpected("core.tcp.closed", other))),
+        }
+    }
+    let line = format!(
+        "tcp echo via 127.0.0.1:{port}: {} bytes sent, {} came back, then eof and closed",
+        sent.len(),
+        echoed.len()
+    );
+    if echoed == sent { Ok(line) } else { Err(line) }
+}
+
+/// What the agent answers to a connect: "connected" or the failure's text.
+async fn tcp_outcome(client: &Client, host: &str, port: u16) -> String {
+    let mut s = match client.request(TcpConnect { host: host.into(), port }).await {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    match s.recv().await.map(|m| m.payload) {
+        Some(Payload::TcpFailed(f)) => format!("core.tcp.failed: {}", f.error),
+        other => unexpected("core.tcp.failed", other),
+    }
+}
+
+/// `n` exec sessions at once; each must get exactly its own output, complete and in order.
+async fn concurrent(client: &Client, n: usize) -> Result<String, String> {
+    const LINES: usize = 200;
+    let script = format!(r#"i=1; while [ $i -le {LINES} ]; do echo "session $S line $i"; i=$((i+1)); done"#);
+    let start = Instant::now();
+    let runs = (0..n).map(|k| {
+        let mut req = ExecRequest::new("sh");
+        req.args = vec!["-c".into(), script.clone()];
+        req.env = vec![format!("S={k}")];
+        async move {
+            let mut out = Vec::new();
+            let code = client.exec(req, tokio::io::empty(), &mut out, &mut Vec::new()).await;
+            (k, code, out)
+        }
+    });
+    let results: Vec<_> = futures_util::stream::iter(runs).buffer_unordered(n.max(1)).collect().await;
+    let mut wrong = Vec::new();
+    for (k, code, out) in results {
+        let want: String = (1..=LINES).map(|i| format!("session {k} line {i}\n")).collect();
+        if !matches!(code, Ok(Ok(0))) || out != want.as_bytes() {
+            wrong.push(k);
+        }
+    }
+    let line = format!(
+        "{n} exec sessions at once: each got exactly its own {LINES} lines in order, in {:.0} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    if wrong.is_empty() {
+        Ok(line)
+    } else {
+        Err(format!("{n} exec sessions at once: sessions {wrong:?} got wrong output"))
+    }
+}
+
+/// Reads the capture back with the frame codec: every frame seen must be in it, whole.
+fn check_capture(path: &Path, flushed: std::io::Result<()>, frames_seen: u64) -> Result<String, String> {
+    flushed.map_err(|e| format!("capture {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("capture {}: {e}", path.display()))?;
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let mut codec = FrameCodec::new();
+    let mut frames = 0u64;
+    loop {
+        use tokio_util::codec::Decoder;
+        match codec.decode_eof(&mut buf) {
+            Ok(Some(Ok(_))) => frames += 1,
+            Ok(Some(Err(o))) => return Err(format!("capture {}: {o}", path.display())),
+            Ok(None) => break,
+            Err(e) => return Err(format!("capture {}: {e}", path.display())),
+        }
+    }
+    let line = format!(
+        "capture {}: {} bytes, {frames} frames (seen: {frames_seen}); read it with `agentwire inspect {}`",
+        path.display(),
+        bytes.len(),
+        path.display()
+    );
+    if frames == frames_seen { Ok(line) } else { Err(line) }
+}
