@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::agentwire;
+use common::{TempDir as Tmp, agentwire};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -22,24 +22,6 @@ use tokio_util::codec::Framed;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
-/// A temporary directory, removed on drop.
-struct Tmp(PathBuf);
-
-impl Tmp {
-    fn new(tag: &str) -> Tmp {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let p = std::env::temp_dir().join(format!("agentwire-test-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(p.join("root")).unwrap();
-        Tmp(p)
-    }
-}
-
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A running agent, killed on drop.
 struct Agent {
     child: Child,
@@ -50,6 +32,7 @@ struct Agent {
 impl Agent {
     fn start(tag: &str) -> Agent {
         let tmp = Tmp::new(tag);
+        std::fs::create_dir(tmp.0.join("root")).unwrap();
         let socket = tmp.0.join("agent.sock");
         let child = Command::new(BIN)
             .args(["agent", "--listen"])
@@ -130,6 +113,7 @@ fn the_agent_refuses_addresses_beyond_loopback_and_malformed_vsock_ones() {
 #[test]
 fn the_agent_serves_tcp_on_loopback() {
     let tmp = Tmp::new("tcp");
+    std::fs::create_dir(tmp.0.join("root")).unwrap();
     let mut child = Command::new(BIN)
         .args(["agent", "--listen", "127.0.0.1:0", "--root"])
         .arg(tmp.0.join("root"))

@@ -7,6 +7,25 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory whose name carries `tag`.
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let p = std::env::temp_dir().join(format!("agentwire-test-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the built `agentwire` command with `args`, feeding it `stdin` (from a
 /// thread, so that a command that writes a lot before reading cannot block).
 pub fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {

@@ -16,13 +16,18 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
 pub type Stream = Box<dyn Transport>;
 
 /// Where a peer is: `unix:PATH` (or any PATH with a `/`), `HOST:PORT` or
-/// `tcp:HOST:PORT` with a literal IP, `vsock:PORT` (listen) or `vsock:CID:PORT`.
+/// `tcp:HOST:PORT` with a literal IP, `vsock:PORT` (listen) or `vsock:CID:PORT`,
+/// and for an agent in a VM `port:NAME` or `serial:PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Addr {
     /// A Unix socket path.
     Unix(PathBuf),
     /// A TCP address; the agent accepts only loopback ones.
     Tcp(SocketAddr),
+    /// The virtio-serial port of this name (`port:NAME`), found under `/sys/class/virtio-ports`.
+    Port(String),
+    /// A serial device (`serial:PATH`), in raw mode if it is a terminal.
+    Serial(PathBuf),
     /// A vsock port; `cid` is the peer's context id when connecting (any, when listening).
     Vsock {
         /// Context id: `None` when listening.
@@ -37,6 +42,8 @@ impl fmt::Display for Addr {
         match self {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
             Addr::Tcp(a) => write!(f, "tcp:{a}"),
+            Addr::Port(name) => write!(f, "port:{name}"),
+            Addr::Serial(p) => write!(f, "serial:{}", p.display()),
             Addr::Vsock { cid: None, port } => write!(f, "vsock:{port}"),
             Addr::Vsock { cid: Some(cid), port } => write!(f, "vsock:{cid}:{port}"),
         }
@@ -55,6 +62,12 @@ impl Addr {
                 None => Ok(Addr::Vsock { cid: None, port: number("port", rest)? }),
                 Some((cid, port)) => Ok(Addr::Vsock { cid: Some(number("cid", cid)?), port: number("port", port)? }),
             };
+        }
+        if let Some(name) = s.strip_prefix("port:") {
+            return if name.is_empty() { Err(format!("{s}: no port name")) } else { Ok(Addr::Port(name.into())) };
+        }
+        if let Some(path) = s.strip_prefix("serial:") {
+            return if path.is_empty() { Err(format!("{s}: no device path")) } else { Ok(Addr::Serial(path.into())) };
         }
         if let Some(path) = s.strip_prefix("unix:") {
             return if path.is_empty() { Err(format!("{s}: no socket path")) } else { Ok(Addr::Unix(path.into())) };
@@ -92,6 +105,8 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// vsock.
     Vsock(tokio_vsock::VsockListener),
+    /// A serial device: one connection at a time, for as long as the host holds it open.
+    Serial(Addr),
 }
 
 impl Listener {
@@ -107,7 +122,13 @@ impl Listener {
                 let a = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
                 Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(a)?))
             }
+            Addr::Port(_) | Addr::Serial(_) => Ok(Listener::Serial(addr.clone())),
         }
+    }
+
+    /// Whether connections come one after another on one device (so are served in turn).
+    pub fn is_serial(&self) -> bool {
+        matches!(self, Listener::Serial(_))
     }
 
     /// What it is bound to (a TCP port chosen by the system included).
@@ -116,6 +137,7 @@ impl Listener {
             Listener::Unix(_, p) => Ok(Addr::Unix(p.clone())),
             Listener::Tcp(l) => Ok(Addr::Tcp(l.local_addr()?)),
             Listener::Vsock(l) => Ok(Addr::Vsock { cid: None, port: l.local_addr()?.port() }),
+            Listener::Serial(a) => Ok(a.clone()),
         }
     }
 
@@ -131,6 +153,15 @@ impl Listener {
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
                 Ok((Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
+            }
+            Listener::Serial(addr) => {
+                let path = match addr {
+                    Addr::Port(name) => crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?,
+                    Addr::Serial(path) => path.clone(),
+                    _ => unreachable!("a serial listener holds a serial address"),
+                };
+                let stream = crate::serial::SerialStream::open_when_connected(&path).await?;
+                Ok((Box::new(stream), format!("host on {}", path.display())))
             }
         }
     }
@@ -175,6 +206,10 @@ pub async fn connect(addr: &Addr) -> io::Result<Stream> {
             })?;
             Ok(Box::new(tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, *port)).await?))
         }
+        Addr::Port(_) | Addr::Serial(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} is the guest's side of a serial link; the host connects to the VM's socket"),
+        )),
     }
 }
 
@@ -199,6 +234,9 @@ mod tests {
             assert!(e.contains("loopback only"), "{e}");
         }
         assert!(Addr::parse("vsock:2:5000").unwrap().check_listenable().is_err());
+        assert_eq!(Addr::parse("port:agent").unwrap(), Addr::Port("agent".into()));
+        assert_eq!(Addr::parse("serial:/dev/hvc0").unwrap(), Addr::Serial("/dev/hvc0".into()));
+        assert!(Addr::parse("port:").is_err() && Addr::parse("serial:").is_err());
         Addr::parse("vsock:5000").unwrap().check_listenable().unwrap();
     }
 }

@@ -21,8 +21,8 @@ use crate::wire::{self, Capture, Counters, Outbox};
 
 type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Message>>>>;
 
-/// How long the handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the handshake may take (a VM under software emulation boots first).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection to an agent, after the handshake.
 pub struct Client {

@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::addr::{self, Addr, Listener};
 use crate::agent;
 use crate::client::{Client, unexpected};
+use crate::tmp::TempDir;
 
 /// Settings of one run.
 pub struct Options {
@@ -30,25 +31,6 @@ pub struct Options {
     pub file_mib: usize,
     /// Pings whose round trip is measured.
     pub pings: usize,
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let path = std::env::temp_dir().join(format!("agentwire-demo-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The transcript: one line a step, and whether every check held.
@@ -74,7 +56,7 @@ impl Transcript {
 }
 
 /// Deterministic bytes (xorshift64), so that a run is repeatable.
-fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
+pub fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
         seed ^= seed << 13;
@@ -86,13 +68,13 @@ fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
     v
 }
 
-fn checksum(data: &[u8]) -> u64 {
+pub fn checksum(data: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     h.write(data);
     h.finish()
 }
 
-fn mb_per_s(bytes: usize, d: Duration) -> f64 {
+pub fn mb_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
 
@@ -113,7 +95,7 @@ pub async fn run(opts: Options) -> ExitCode {
 
 async fn script(opts: &Options) -> Result<usize, String> {
     let started = Instant::now();
-    let tmp = TempDir::new().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let tmp = TempDir::new("demo").map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let root = tmp.0.join("root");
     std::fs::create_dir(&root).map_err(|e| e.to_string())?;
     let root = root.canonicalize().map_err(|e| e.to_string())?;
@@ -124,6 +106,7 @@ async fn script(opts: &Options) -> Result<usize, String> {
         allow_net: false,
         boot_time_ns: crate::sys::boottime_ns(),
         init_time_ns: 0,
+        init_mode: false,
     });
     let agent_task = tokio::spawn(agent::serve(listener, config, false));
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
@@ -303,7 +286,7 @@ async fn script(opts: &Options) -> Result<usize, String> {
     Ok(t.failed)
 }
 
-fn us(d: Duration) -> f64 {
+pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 

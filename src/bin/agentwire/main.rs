@@ -14,8 +14,12 @@ mod client;
 mod demo;
 mod encode;
 mod host;
+mod init;
 mod inspect;
+mod serial;
 mod sys;
+mod tmp;
+mod vm;
 mod wire;
 
 use std::path::PathBuf;
@@ -63,7 +67,8 @@ enum Command {
     ///
     /// ADDR is a Unix socket path (`unix:PATH`, or any path with a `/`; created
     /// with mode 0600), a loopback TCP address (`127.0.0.1:PORT`, `[::1]:PORT`;
-    /// any other is refused), or `vsock:PORT`.
+    /// any other is refused), `vsock:PORT`, or inside a VM a virtio-serial port
+    /// by name (`port:NAME`) or a serial device (`serial:PATH`, e.g. /dev/hvc0).
     Agent {
         /// Where to listen.
         #[arg(long)]
@@ -86,6 +91,30 @@ enum Command {
         #[command(subcommand)]
         action: host::Action,
     },
+    /// Boot the VM image from vm/build.sh in QEMU with the agent as init, show
+    /// its boot figures, run a command inside it (default `uname -a`), power it off.
+    ///
+    /// Exit status: the command's; 2 when QEMU or the image is missing.
+    Vm {
+        /// QEMU machine type.
+        #[arg(long, value_enum, default_value = "q35")]
+        machine: vm::Machine,
+        /// Directory with vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/vm")]
+        image: PathBuf,
+        /// Serve the agent's port on this Unix socket (default: a temporary one).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Only boot, and wait for QEMU to end: a host connects to --socket.
+        #[arg(long, requires = "socket")]
+        boot_only: bool,
+        /// Also measure a 16 MiB file transfer and ping round trips over virtio-serial.
+        #[arg(long)]
+        measure: bool,
+        /// The command to run in the guest.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// The main job: an agent and a host over a real Unix socket, a scripted
     /// session checked at every step, and a summary. Exit status 0 only if
     /// every check held.
@@ -107,6 +136,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let start_ns = sys::boottime_ns();
+    if std::process::id() == 1 {
+        for (key, value) in init::BASE_ENV {
+            // SAFETY: no other thread exists yet: the runtime is built below.
+            unsafe { std::env::set_var(key, value) };
+        }
+        // The VM's init: no command line to parse; settings come from the kernel's.
+        return runtime(init::run(start_ns));
+    }
     match Cli::parse().command {
         Command::Inspect { file, json } => inspect::run(file.as_deref(), json),
         Command::Encode { file, out } => encode::run(file.as_deref(), out.as_deref()),
@@ -114,6 +151,9 @@ fn main() -> ExitCode {
             runtime(async move { serve(&listen, root, allow_net, verbose, start_ns).await })
         }
         Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
+        Command::Vm { machine, image, socket, boot_only, measure, command } => {
+            runtime(vm::run(vm::Options { machine, image, socket, boot_only, measure, command }))
+        }
         Command::Demo { sessions, capture, file_mib, pings } => {
             runtime(demo::run(demo::Options { sessions, capture, file_mib, pings }))
         }
@@ -161,6 +201,7 @@ async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, star
         allow_net,
         boot_time_ns: start_ns,
         init_time_ns: sys::boottime_ns().saturating_sub(start_ns),
+        init_mode: false,
     });
     match agent::serve(listener, config, verbose).await {
         Ok(()) => ExitCode::SUCCESS,

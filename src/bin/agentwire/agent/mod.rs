@@ -33,25 +33,53 @@ pub struct Config {
     pub boot_time_ns: u64,
     /// Time from start to serving, in ns.
     pub init_time_ns: u64,
+    /// Whether the agent is the VM's init: it then applies `core.clock.sync`
+    /// and the bootstrap's hostname, waits for `core.init.ack` before
+    /// sessions, and powers the VM off on `core.shutdown`.
+    pub init_mode: bool,
 }
 
 /// Accepts connections for ever, each served by its own task. A connection
 /// that fails (its framing broke, say) is closed alone.
+/// A serial device carries one connection at a time, so its connections are
+/// served in turn; in init mode, `core.shutdown` powers the VM off.
 pub async fn serve(listener: Listener, config: Arc<Config>, verbose: bool) -> std::io::Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
-        let config = config.clone();
-        tokio::spawn(async move {
-            if verbose {
-                eprintln!("agentwire agent: {peer}: connected");
-            }
-            match connection(stream, config).await {
-                Ok(()) if verbose => eprintln!("agentwire agent: {peer}: closed"),
-                Ok(()) => {}
-                Err(e) => eprintln!("agentwire agent: {peer}: {e}; connection closed"),
-            }
-        });
+        let served = serve_one(stream, peer, config.clone(), verbose);
+        if !listener.is_serial() {
+            tokio::spawn(served);
+        } else if served.await == Ended::Shutdown && config.init_mode {
+            return Err(sys::power_off());
+        }
     }
+}
+
+async fn serve_one(stream: Stream, peer: String, config: Arc<Config>, verbose: bool) -> Ended {
+    if verbose {
+        eprintln!("agentwire agent: {peer}: connected");
+    }
+    match connection(stream, config).await {
+        Ok(ended) => {
+            if verbose {
+                eprintln!("agentwire agent: {peer}: closed");
+            }
+            ended
+        }
+        Err(e) => {
+            eprintln!("agentwire agent: {peer}: {e}; connection closed");
+            Ended::Closed
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The host sent `core.shutdown`.
+    Shutdown,
+    /// The host went away.
+    Closed,
 }
 
 /// What the host sends into a running session.
@@ -122,10 +150,11 @@ struct Connection {
     fs: Arc<fs::Fs>,
     defaults: Arc<Defaults>,
     frames_received: u64,
+    acked: bool,
 }
 
 /// Serves one connection until the host shuts it down or goes away.
-pub async fn connection(stream: Stream, config: Arc<Config>) -> Result<(), String> {
+pub async fn connection(stream: Stream, config: Arc<Config>) -> Result<Ended, String> {
     let (mut inbox, outbox, writer) = wire::split(stream, Arc::new(Counters::default()), None);
     let ready = Ready {
         boot_time_ns: config.boot_time_ns,
@@ -146,10 +175,11 @@ pub async fn connection(stream: Stream, config: Arc<Config>) -> Result<(), Strin
         tasks: JoinSet::new(),
         defaults: Arc::new(Defaults::default()),
         frames_received: 0,
+        acked: false,
     };
     let result = loop {
         match inbox.next().await {
-            None => break Ok(()),
+            None => break Ok(Ended::Closed),
             // Framing is lost: nothing after this point can be read as a frame.
             Some(Err(e)) => break Err(e.to_string()),
             Some(Ok(Err(rejected))) => {
@@ -159,7 +189,7 @@ pub async fn connection(stream: Stream, config: Arc<Config>) -> Result<(), Strin
             Some(Ok(Ok(m))) => {
                 conn.frames_received += 1;
                 if conn.handle(m).await == Flow::Stop {
-                    break Ok(());
+                    break Ok(Ended::Shutdown);
                 }
             }
         }
@@ -195,14 +225,26 @@ impl Connection {
         match m.payload {
             Payload::Bootstrap(b) => {
                 if self.frames_received == 1 {
+                    if self.config.init_mode
+                        && let Some(name) = &b.hostname
+                        && let Err(e) = sys::set_hostname(name)
+                    {
+                        eprintln!("agentwire agent: hostname {name:?}: {e}");
+                    }
                     self.defaults = Arc::new(Defaults::from_bootstrap(&b));
                 } else {
                     let reason = "core.bootstrap is accepted only as the first frame of a connection".to_string();
                     self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
                 }
             }
-            // Outside a VM there is no wall clock of our own to step, nor init to finish.
-            Payload::InitAck(_) | Payload::ClockSync(_) => {}
+            Payload::InitAck(_) => self.acked = true,
+            // Outside a VM the wall clock is the host's own: only init steps it.
+            Payload::ClockSync(c) if self.config.init_mode => {
+                if let Err(e) = sys::set_realtime(c.unix_time_nanos) {
+                    eprintln!("agentwire agent: core.clock.sync: {e}");
+                }
+            }
+            Payload::ClockSync(_) => {}
             Payload::Shutdown(_) => return Flow::Stop,
             Payload::RelayClientDisconnected(r) => {
                 // That client's sessions end: their input closes and they stop.
@@ -257,6 +299,10 @@ impl Connection {
         // Reap what has ended, so that ids can be reused and the set stays small.
         while self.tasks.try_join_next().is_some() {}
         self.sessions.retain(|_, s| !s.input.is_closed());
+        if self.config.init_mode && !self.acked {
+            let reason = format!("{t} before core.init.ack: the guest is not initialized yet");
+            return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+        }
         if id == 0 {
             let reason = format!("{t} opens a session and needs a non-zero id");
             return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
