@@ -189,6 +189,12 @@ fn files_go_in_and_out_and_nothing_outside_the_root_is_reachable() {
     let out = agent.host(&["fs-put", local.to_str().unwrap(), "/dirlink/planted"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert!(!agent.tmp.0.join("planted").exists());
+    // A link to a file that does not exist yet: creating through it is refused.
+    std::os::unix::fs::symlink(agent.tmp.0.join("created-outside"), agent.root().join("dangling")).unwrap();
+    let out = agent.host(&["fs-put", local.to_str().unwrap(), "/dangling"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("leads nowhere"), "{}", text(&out.stderr));
+    assert!(!agent.tmp.0.join("created-outside").exists());
 }
 
 #[tokio::test]
@@ -275,4 +281,30 @@ fn demo_runs_every_check_and_its_capture_reads_back() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0]["t"], "demo.unknown");
     assert!(Path::new(&capture).metadata().unwrap().len() > 16 << 20);
+}
+
+/// vsock end to end, where the kernel has vsock loopback (CID 1). These
+/// machines' kernels do not, and the test then says it was skipped without
+/// opening a vsock socket.
+#[test]
+fn vsock_loopback_when_the_kernel_has_it() {
+    if !Path::new("/sys/module/vsock_loopback").exists() {
+        eprintln!("vsock_loopback_when_the_kernel_has_it: skipped: no vsock loopback in this kernel");
+        return;
+    }
+    let port = 40_000 + std::process::id() % 20_000;
+    let listen = format!("vsock:{port}");
+    let mut child = Command::new(BIN).args(["agent", "--listen", &listen]).stderr(Stdio::null()).spawn().unwrap();
+    let connect = format!("vsock:1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = agentwire(&["host", "--connect", &connect, "ping", "--count", "2"], b"");
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }

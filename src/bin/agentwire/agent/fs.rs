@@ -65,8 +65,15 @@ impl Fs {
             return Err(escape());
         }
         let full = parent.join(name);
-        if follow && let Ok(real) = full.canonicalize() {
-            return if real.starts_with(&self.root) { Ok(real) } else { Err(escape()) };
+        if follow {
+            match full.canonicalize() {
+                Ok(real) => return if real.starts_with(&self.root) { Ok(real) } else { Err(escape()) },
+                // Creating through a link that leads nowhere would create its target, wherever that is.
+                Err(_) if full.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) => {
+                    return Err(format!("{path}: refused: a symlink that leads nowhere"));
+                }
+                Err(_) => {}
+            }
         }
         Ok(full)
     }

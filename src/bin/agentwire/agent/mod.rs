@@ -311,7 +311,9 @@ impl Connection {
             let reason = format!("id {id} already has an open {} session", open.family);
             return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
         }
-        let (tx, rx) = mpsc::channel(32);
+        // A few chunks in flight: up to 8 × FS_CHUNK_SIZE for a write; a slow
+        // session holds up its connection's reader rather than memory growing.
+        let (tx, rx) = mpsc::channel(8);
         self.sessions.insert(id, Session { family, input: tx });
         self.tasks.spawn(session(rx));
     }
