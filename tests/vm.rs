@@ -191,6 +191,13 @@ async fn full_session(machine: &str) {
     let (out, _) = vm.exec(&["sh", "-c", "echo $(hostname) $FROM_BOOTSTRAP $(pwd)"], b"").await;
     assert_eq!(String::from_utf8_lossy(&out), format!("vmtest-{machine} yes /tmp\n"));
 
+    // Orphans are reaped by init: a background child outlives its shell, then ends.
+    let (_, code) = vm.exec(&["sh", "-c", "sleep 0.2 & exit 0"], b"").await;
+    assert_eq!(code, 0);
+    let zombies = "sleep 1; grep -l '^State:.Z' /proc/[0-9]*/status | wc -l";
+    let (out, _) = vm.exec(&["sh", "-c", zombies], b"").await;
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "0", "zombies left in the guest");
+
     // stdin through cat.
     let input = b"through virtio-serial and back\n".repeat(1000);
     let (out, code) = vm.exec(&["cat"], &input).await;

@@ -53,6 +53,13 @@ pub async fn run(start_ns: u64) -> ExitCode {
                     init_time_ns,
                     init_mode: true,
                 });
+                // Orphans are re-parented to init: collect them, or they stay zombies.
+                tokio::spawn(async {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        tokio::task::spawn_blocking(agent::reap_orphans);
+                    }
+                });
                 agent::serve(listener, config, true).await.map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("{addr}: {e}")),

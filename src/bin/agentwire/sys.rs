@@ -206,3 +206,11 @@ pub fn kill_with_parent(cmd: &mut tokio::process::Command) {
         });
     }
 }
+
+/// Collects the exit status of zombie child `pid`; whether there was one.
+pub fn reap(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    let mut status = 0;
+    // SAFETY: waitpid writes one int through a valid pointer.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+}

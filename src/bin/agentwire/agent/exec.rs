@@ -28,7 +28,7 @@ pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox
             return;
         }
     };
-    let mut child = match command.spawn() {
+    let mut child = match spawn_tracked(&mut command) {
         Ok(c) => c,
         Err(e) => {
             let _ = out.send(Message::new(id, spawn_failure(&req, &e))).await;
@@ -90,7 +90,47 @@ pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox
             -1
         }
     };
+    untrack(pid);
     let _ = out.send(Message::new(id, ExecExited { code })).await;
+}
+
+/// The pids of the commands sessions run, which the runtime waits for itself.
+/// As PID 1 the agent also inherits every orphan, and must reap those alone:
+/// a blanket `waitpid(-1)` would take a session's exit status from it.
+static SESSION_PIDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Spawns under the lock the orphan reaper takes, so that a command that ends
+/// at once is never mistaken for an orphan.
+fn spawn_tracked(command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let mut pids = SESSION_PIDS.lock().unwrap_or_else(|e| e.into_inner());
+    let child = command.spawn()?;
+    pids.extend(child.id());
+    Ok(child)
+}
+
+fn untrack(pid: u32) {
+    SESSION_PIDS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pid);
+}
+
+/// Reaps the zombies among this process's children that no session waits for.
+pub fn reap_orphans() -> usize {
+    let pids = SESSION_PIDS.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id().to_string();
+    let Ok(proc) = std::fs::read_dir("/proc") else { return 0 };
+    let mut reaped = 0;
+    for entry in proc.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pids.contains(&pid) {
+            continue;
+        }
+        // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so read after the last ')'.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let mut fields = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace();
+        if fields.next() == Some("Z") && fields.next() == Some(me.as_str()) && sys::reap(pid) {
+            reaped += 1;
+        }
+    }
+    reaped
 }
 
 fn failure(kind: ExecFailureKind, errno: Option<i32>, message: String, stage: &str) -> ExecFailed {

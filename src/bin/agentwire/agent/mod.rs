@@ -4,6 +4,8 @@
 //! routes the host's frames to it.
 
 mod exec;
+
+pub use exec::reap_orphans;
 mod fs;
 mod tcp;
 
