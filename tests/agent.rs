@@ -308,3 +308,26 @@ fn vsock_loopback_when_the_kernel_has_it() {
     let _ = child.wait();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[tokio::test]
+async fn a_connection_holds_at_most_1024_sessions_at_once() {
+    use agentwire::payload::fs::{FsData, FsOp, FsRequest};
+    let agent = Agent::start("limit");
+    let mut framed = agent.connect().await;
+    // A streamed write stays open until its last chunk: 1024 of them, no process each.
+    let write = |id| Message::new(id, FsRequest { op: FsOp::Write { handle: 999, offset: 0, len: None } });
+    for id in 1..=1024 {
+        framed.feed(write(id)).await.unwrap();
+    }
+    framed.send(write(1025)).await.unwrap();
+    let refused = next(&mut framed).await;
+    assert_eq!(error_kind(&refused), Some((1025, "invalid_session".into())), "{refused:?}");
+    // One ends; then a new session is taken.
+    framed.send(Message::new(7, FsData { data: bytes::Bytes::new() })).await.unwrap();
+    let ended = next(&mut framed).await;
+    assert!(matches!(&ended.payload, Payload::FsResponse(r) if !r.ok) && ended.id == 7, "{ended:?}");
+    framed.send(write(2000)).await.unwrap();
+    framed.send(Message::new(2000, FsData { data: bytes::Bytes::new() })).await.unwrap();
+    let answered = next(&mut framed).await;
+    assert!(matches!(&answered.payload, Payload::FsResponse(_)) && answered.id == 2000, "{answered:?}");
+}

@@ -248,19 +248,18 @@ fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
     if let Some(size) = attrs.size {
         file.set_len(size)?;
     }
+    // Any i64 may arrive; a time the system cannot represent is an error, not a panic.
     let at = |secs: i64| {
-        if secs >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-        } else {
-            SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-        }
+        let d = Duration::from_secs(secs.unsigned_abs());
+        let t = if secs >= 0 { SystemTime::UNIX_EPOCH.checked_add(d) } else { SystemTime::UNIX_EPOCH.checked_sub(d) };
+        t.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("time {secs} is out of range")))
     };
     let mut times = stdfs::FileTimes::new();
     if let Some(a) = attrs.atime {
-        times = times.set_accessed(at(a));
+        times = times.set_accessed(at(a)?);
     }
     if let Some(m) = attrs.mtime {
-        times = times.set_modified(at(m));
+        times = times.set_modified(at(m)?);
     }
     if attrs.atime.is_some() || attrs.mtime.is_some() {
         file.set_times(times)?;
@@ -366,4 +365,24 @@ async fn write(
         (Ok(_), Some(len)) if len != written => Err(format!("the request announced {len} bytes but {written} came")),
         (Ok(_), _) => Ok(None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_time_a_peer_sends_is_applied_or_refused_without_a_panic() {
+        let path = std::env::temp_dir().join(format!("agentwire-setattrs-{}", std::process::id()));
+        let file = File::options().create(true).truncate(true).write(true).open(&path).unwrap();
+        for secs in [i64::MIN, -3_921_912_991_414_465_781, i64::MAX] {
+            let attrs = FsSetAttrs { atime: Some(secs), mtime: Some(secs), ..FsSetAttrs::default() };
+            // Filesystems clamp what they cannot store; the point is that nothing panics.
+            let _ = set_attrs(&file, &attrs);
+        }
+        let fine = FsSetAttrs { atime: Some(1_700_000_000), mtime: Some(-86_400), ..FsSetAttrs::default() };
+        set_attrs(&file, &fine).unwrap();
+        assert_eq!(file.metadata().unwrap().mtime(), -86_400);
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -84,6 +84,10 @@ pub enum Ended {
     Closed,
 }
 
+/// Sessions one connection may have open at once: a peer cannot make the
+/// agent hold unbounded tasks, processes and buffers.
+pub const MAX_SESSIONS: usize = 1024;
+
 /// What the host sends into a running session.
 pub enum Input {
     /// `core.exec.stdin` (empty: end of input).
@@ -307,6 +311,10 @@ impl Connection {
         }
         if id == 0 {
             let reason = format!("{t} opens a session and needs a non-zero id");
+            return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            let reason = format!("{MAX_SESSIONS} sessions are open on this connection; {t} waits until one ends");
             return self.reply_error(id, CoreErrorKind::InvalidSession, t, reason).await;
         }
         if let Some(open) = self.sessions.get(&id) {
