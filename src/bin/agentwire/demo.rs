@@ -80,7 +80,12 @@ pub fn mb_per_s(bytes: usize, d: Duration) -> f64 {
 
 /// Runs the demo; exit status 0 only if every check held.
 pub async fn run(opts: Options) -> ExitCode {
-    match script(&opts).await {
+    // A step that hangs fails the demo with a message instead of holding it for ever.
+    let limit = Duration::from_secs(300);
+    let outcome = tokio::time::timeout(limit, script(&opts))
+        .await
+        .unwrap_or_else(|_| Err(format!("not finished after {limit:?}: a step hangs")));
+    match outcome {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {
             println!("\n{n} check(s) failed");
