@@ -105,8 +105,10 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// vsock.
     Vsock(tokio_vsock::VsockListener),
+    /// A virtio-serial port found by name, then served like [`Listener::Device`].
+    Port(String),
     /// A serial device: one connection at a time, for as long as the host holds it open.
-    Serial(Addr),
+    Device(PathBuf),
 }
 
 impl Listener {
@@ -122,13 +124,14 @@ impl Listener {
                 let a = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
                 Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(a)?))
             }
-            Addr::Port(_) | Addr::Serial(_) => Ok(Listener::Serial(addr.clone())),
+            Addr::Port(name) => Ok(Listener::Port(name.clone())),
+            Addr::Serial(path) => Ok(Listener::Device(path.clone())),
         }
     }
 
     /// Whether connections come one after another on one device (so are served in turn).
     pub fn is_serial(&self) -> bool {
-        matches!(self, Listener::Serial(_))
+        matches!(self, Listener::Port(_) | Listener::Device(_))
     }
 
     /// What it is bound to (a TCP port chosen by the system included).
@@ -137,7 +140,8 @@ impl Listener {
             Listener::Unix(_, p) => Ok(Addr::Unix(p.clone())),
             Listener::Tcp(l) => Ok(Addr::Tcp(l.local_addr()?)),
             Listener::Vsock(l) => Ok(Addr::Vsock { cid: None, port: l.local_addr()?.port() }),
-            Listener::Serial(a) => Ok(a.clone()),
+            Listener::Port(name) => Ok(Addr::Port(name.clone())),
+            Listener::Device(path) => Ok(Addr::Serial(path.clone())),
         }
     }
 
@@ -154,17 +158,19 @@ impl Listener {
                 let (s, peer) = l.accept().await?;
                 Ok((Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
             }
-            Listener::Serial(addr) => {
-                let path = match addr {
-                    Addr::Port(name) => crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?,
-                    Addr::Serial(path) => path.clone(),
-                    _ => unreachable!("a serial listener holds a serial address"),
-                };
-                let stream = crate::serial::SerialStream::open_when_connected(&path).await?;
-                Ok((Box::new(stream), format!("host on {}", path.display())))
+            Listener::Port(name) => {
+                let path = crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?;
+                accept_serial(&path).await
             }
+            Listener::Device(path) => accept_serial(path).await,
         }
     }
+}
+
+/// The host's side of a serial device, once it is open.
+async fn accept_serial(path: &std::path::Path) -> io::Result<(Stream, String)> {
+    let stream = crate::serial::SerialStream::open_when_connected(path).await?;
+    Ok((Box::new(stream), format!("host on {}", path.display())))
 }
 
 impl Drop for Listener {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
 use agentwire::payload::core::{InitAck, Ping, Ready, ResolvedUser, Shutdown};
-use agentwire::payload::exec::{ExecFailed, ExecRequest, ExecStdin};
+use agentwire::payload::exec::{ExecFailed, ExecFailureKind, ExecRequest, ExecStdin};
 use agentwire::payload::fs::{FS_CHUNK_SIZE, FsData, FsOp, FsOpenOptions, FsRequest, FsResponseData};
 use agentwire::{Flags, Message, Payload, RawMessage, version};
 use bytes::BytesMut;
@@ -234,6 +234,22 @@ impl Client {
         stdout.flush().await.map_err(|e| e.to_string())?;
         stderr.flush().await.map_err(|e| e.to_string())?;
         result
+    }
+
+    /// Runs a command with this process's stdin, stdout and stderr, and gives
+    /// the status a shell would: the command's own (clamped to 0..=255), or 127
+    /// when it was not found and 126 when it could not be run, said on stderr
+    /// after `who`.
+    pub async fn exec_with_stdio(&self, req: ExecRequest, who: &str) -> Result<u8, String> {
+        let cmd = req.cmd.clone();
+        let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+        match self.exec(req, tokio::io::stdin(), &mut stdout, &mut stderr).await? {
+            Ok(code) => Ok(code.clamp(0, 255) as u8),
+            Err(failed) => {
+                eprintln!("{who}: {cmd} ({}): {}", failed.kind.as_str(), failed.message);
+                Ok(if failed.kind == ExecFailureKind::NotFound { 127 } else { 126 })
+            }
+        }
     }
 
     /// One request and its response.

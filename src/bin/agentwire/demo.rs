@@ -242,9 +242,7 @@ async fn script(opts: &Options) -> Result<usize, String> {
         rtts.push(client.ping().await?);
     }
     rtts.sort();
-    let pct =
-        |p: usize| rtts.get((rtts.len() * p / 100).min(rtts.len().saturating_sub(1))).copied().unwrap_or_default();
-    let (p50, p99) = (pct(50), pct(99));
+    let (p50, p99) = (percentile(&rtts, 50), percentile(&rtts, 99));
     t.check(rtts.len() == opts.pings, format!("{} pings: p50 {:.1} µs, p99 {:.1} µs", rtts.len(), us(p50), us(p99)));
 
     // A type the agent does not know, then the session goes on.
@@ -291,6 +289,12 @@ async fn script(opts: &Options) -> Result<usize, String> {
     Ok(t.failed)
 }
 
+/// The `p`th percentile of sorted durations (zero for none).
+pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted.get((sorted.len() * p / 100).min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
+}
+
+/// Microseconds, for printing.
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentwire::payload::exec::{ExecFailureKind, ExecRequest};
+use agentwire::payload::exec::ExecRequest;
 
 use crate::addr::{self, Addr};
 use crate::client::Client;
@@ -76,15 +76,7 @@ async fn act(client: &Client, action: Action) -> Result<u8, String> {
             req.args = command[1..].to_vec();
             req.env = env;
             req.cwd = cwd;
-            let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
-            match client.exec(req, tokio::io::stdin(), &mut stdout, &mut stderr).await? {
-                Ok(code) => Ok(code.clamp(0, 255) as u8),
-                Err(failed) => {
-                    eprintln!("agentwire host: {} ({}): {}", command[0], failed.kind.as_str(), failed.message);
-                    // The shell's conventions: 127 not found, 126 found but not runnable.
-                    Ok(if failed.kind == ExecFailureKind::NotFound { 127 } else { 126 })
-                }
-            }
+            client.exec_with_stdio(req, "agentwire host").await
         }
         Action::Ping { count } => {
             for i in 1..=count {

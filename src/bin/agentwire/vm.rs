@@ -12,7 +12,7 @@ use agentwire::payload::core::ClockSync;
 use agentwire::payload::exec::ExecRequest;
 
 use crate::client::Client;
-use crate::demo::{checksum, mb_per_s, pattern, us};
+use crate::demo::{checksum, mb_per_s, pattern, percentile, us};
 use crate::tmp::TempDir;
 
 /// The QEMU machine type.
@@ -184,14 +184,7 @@ async fn session(
         if opts.command.is_empty() { vec!["uname".to_string(), "-a".to_string()] } else { opts.command.clone() };
     let mut req = ExecRequest::new(&command[0]);
     req.args = command[1..].to_vec();
-    let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
-    let code = match client.exec(req, tokio::io::stdin(), &mut stdout, &mut stderr).await? {
-        Ok(code) => code.clamp(0, 255) as u8,
-        Err(failed) => {
-            eprintln!("agentwire vm: {} ({}): {}", command[0], failed.kind.as_str(), failed.message);
-            127
-        }
-    };
+    let code = client.exec_with_stdio(req, "agentwire vm").await?;
     if opts.measure {
         measure(&client).await?;
     }
@@ -234,8 +227,8 @@ async fn measure(client: &Client) -> Result<(), String> {
         "agentwire vm: over virtio-serial: 16 MiB written at {:.0} MB/s and read back at {:.0} MB/s (checksums equal); ping p50 {:.0} µs, p99 {:.0} µs over 200",
         mb_per_s(SIZE, put),
         mb_per_s(SIZE, get),
-        us(rtts[100]),
-        us(rtts[197])
+        us(percentile(&rtts, 50)),
+        us(percentile(&rtts, 99))
     );
     Ok(())
 }

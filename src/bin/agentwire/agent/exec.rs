@@ -180,10 +180,10 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
             }
         }
     }
+    let (euid, _) = sys::effective_ids();
     if let Some(user) = req.user.as_ref().or(defaults.user.as_ref()) {
         let (uid, gid) = lookup_user(user)
             .ok_or_else(|| failure(ExecFailureKind::UserSetupFailed, None, format!("no user {user:?}"), "user"))?;
-        let (euid, _) = sys::effective_ids();
         if uid != euid {
             if euid != 0 {
                 let message = format!("the agent runs as uid {euid} and cannot switch to {user} (uid {uid})");
@@ -200,8 +200,8 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
         if r.soft > r.hard {
             return Err(fail(format!("{}: soft limit {} above hard limit {}", r.resource, r.soft, r.hard)));
         }
-        if r.hard > sys::hard_limit(resource) && sys::effective_ids().0 != 0 {
-            let current = sys::hard_limit(resource);
+        let current = sys::hard_limit(resource);
+        if r.hard > current && euid != 0 {
             return Err(fail(format!("{}: cannot raise the hard limit from {current} to {}", r.resource, r.hard)));
         }
         limits.push((resource, r.soft, r.hard));
