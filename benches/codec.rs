@@ -15,53 +15,18 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+mod support;
+
 use agentwire::payload::core::Ready;
 use agentwire::payload::exec::{ExecExited, ExecRequest, ExecRlimit, ExecStdout};
 use agentwire::payload::fs::FsData;
 use agentwire::{Frame, FrameCodec, Message, MessageCodec, Payload, TypedPayload};
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
-
-/// The envelope as a user would declare it for serde.
-#[derive(Serialize, Deserialize)]
-struct BaselineEnvelope {
-    v: u8,
-    t: String,
-    p: serde_bytes::ByteBuf,
-}
-
-fn baseline_codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(agentwire::MAX_FRAME_SIZE).new_codec()
-}
-
-fn baseline_encode<T: Serialize>(
-    codec: &mut LengthDelimitedCodec,
-    id: u32,
-    flags: u8,
-    t: &str,
-    payload: &T,
-    dst: &mut BytesMut,
-) {
-    let mut p = Vec::new();
-    ciborium::into_writer(payload, &mut p).unwrap();
-    let envelope = BaselineEnvelope { v: 7, t: t.to_string(), p: serde_bytes::ByteBuf::from(p) };
-    let mut frame = Vec::with_capacity(5);
-    frame.extend_from_slice(&id.to_be_bytes());
-    frame.push(flags);
-    ciborium::into_writer(&envelope, &mut frame).unwrap();
-    codec.encode(Bytes::from(frame), dst).unwrap();
-}
-
-fn baseline_decode<T: DeserializeOwned>(codec: &mut LengthDelimitedCodec, src: &mut BytesMut) -> Option<(u32, u8, T)> {
-    let frame = codec.decode(src).unwrap()?;
-    let id = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
-    let envelope: BaselineEnvelope = ciborium::from_reader(&frame[5..]).unwrap();
-    let payload: T = ciborium::from_reader(&envelope.p[..]).unwrap();
-    Some((id, frame[4], payload))
-}
+use support::baseline::{baseline_codec, baseline_decode, baseline_encode};
+use tokio_util::codec::{Decoder, Encoder};
 
 fn wire(m: &Message) -> Bytes {
     let mut b = BytesMut::new();
@@ -82,6 +47,10 @@ where
     let t = T::MESSAGE_TYPE;
     let message = Message::new(7, value.clone());
     let frame = wire(&message);
+    let mut base = baseline_codec();
+    let mut dst = BytesMut::new();
+    baseline_encode(&mut base, 7, t.flags().bits(), t.wire_name(), &value, &mut dst);
+    assert_eq!(&dst[..], &frame[..], "the baseline writes the same bytes");
     let mut dst = BytesMut::with_capacity(frame.len() * 2);
 
     let mut codec = MessageCodec::new();
@@ -91,14 +60,12 @@ where
             codec.encode_message(black_box(&message), &mut dst).unwrap();
         })
     });
-    let mut base = baseline_codec();
     group.bench_function("encode/baseline", |b| {
         b.iter(|| {
             dst.clear();
             baseline_encode(&mut base, 7, t.flags().bits(), t.wire_name(), black_box(&value), &mut dst);
         })
     });
-    assert_eq!(&dst[..], &frame[..], "the baseline writes the same bytes");
 
     group.bench_function("decode/agentwire", |b| {
         b.iter_batched(

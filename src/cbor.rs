@@ -428,9 +428,28 @@ pub(crate) fn head_bytes(major: u8, arg: u64) -> ([u8; 9], usize) {
 }
 
 /// Writes the shortest head of major type `major` carrying `arg`.
+///
+/// Each arm writes an array of a fixed size, which compiles to a few stores
+/// instead of a call to `memcpy` with a variable length.
+#[inline]
 pub(crate) fn put_head(dst: &mut BytesMut, major: u8, arg: u64) {
-    let (head, len) = head_bytes(major, arg);
-    dst.put_slice(&head[..len]);
+    let m = major << 5;
+    match arg {
+        0..=23 => dst.put_u8(m | arg as u8),
+        24..=0xff => dst.put_slice(&[m | 24, arg as u8]),
+        0x100..=0xffff => {
+            let [a, b] = (arg as u16).to_be_bytes();
+            dst.put_slice(&[m | 25, a, b]);
+        }
+        0x1_0000..=0xffff_ffff => {
+            let [a, b, c, d] = (arg as u32).to_be_bytes();
+            dst.put_slice(&[m | 26, a, b, c, d]);
+        }
+        _ => {
+            let [a, b, c, d, e, f, g, h] = arg.to_be_bytes();
+            dst.put_slice(&[m | 27, a, b, c, d, e, f, g, h]);
+        }
+    }
 }
 
 /// Size of a text string item.
@@ -439,6 +458,7 @@ pub(crate) const fn text_len(s: &str) -> usize {
 }
 
 /// Writes a text string item.
+#[inline]
 pub(crate) fn put_text(dst: &mut BytesMut, s: &str) {
     put_head(dst, MAJOR_TEXT, s.len() as u64);
     dst.put_slice(s.as_bytes());
@@ -467,6 +487,16 @@ mod tests {
             put_head(&mut b, MAJOR_UNSIGNED, arg);
             assert_eq!(b[..], hex(want)[..], "{arg}");
             assert_eq!(head_len(arg), b.len());
+        }
+        // Both writers, at every boundary of every head size.
+        for arg in [0u64, 23, 24, 0xff, 0x100, 0xffff, 0x1_0000, 0xffff_ffff, 0x1_0000_0000, u64::MAX] {
+            for major in [MAJOR_UNSIGNED, MAJOR_NEGATIVE, MAJOR_BYTES, MAJOR_TEXT] {
+                let mut b = BytesMut::new();
+                put_head(&mut b, major, arg);
+                let (head, len) = head_bytes(major, arg);
+                assert_eq!(b[..], head[..len], "{major} {arg}");
+                assert_eq!(shortest_head(&b, major), Some((arg, len)));
+            }
         }
     }
 

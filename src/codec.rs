@@ -14,7 +14,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::cbor;
 use crate::envelope;
-use crate::frame::{self, EncodeError, Flags, Frame, FrameCodec, OversizedFrame, StreamError};
+use crate::frame::{
+    self, BufferedFrame, EncodeError, Flags, Frame, FrameCodec, OversizedFrame, ReadFrame, StreamError,
+};
 use crate::message::{Message, MessageType, RawMessage, TypeName};
 use crate::payload::PayloadError;
 use crate::payload::core::{CoreError, CoreErrorKind};
@@ -110,21 +112,29 @@ impl Rejected {
     }
 
     #[cold]
-    fn malformed(offset: u64, frame: &Frame, e: cbor::CborError) -> Rejected {
-        Rejected::new(offset, frame.id, frame.flags, RejectKind::MalformedMessage, format!("{e} of the body"))
+    fn malformed(offset: u64, frame: &impl ReadFrame, e: cbor::CborError) -> Rejected {
+        Rejected::new(offset, frame.id(), frame.flags(), RejectKind::MalformedMessage, format!("{e} of the body"))
     }
 
+    /// A frame whose envelope was read: the payload is kept, cut out of the frame.
     #[cold]
-    fn of_envelope(offset: u64, frame: &Frame, env: envelope::Envelope, kind: RejectKind, reason: String) -> Rejected {
+    fn of_envelope(
+        offset: u64,
+        frame: impl ReadFrame,
+        env: envelope::Envelope,
+        kind: RejectKind,
+        reason: String,
+    ) -> Rejected {
+        let (id, flags) = (frame.id(), frame.flags());
         Rejected {
             offset,
-            id: frame.id,
-            flags: frame.flags,
+            id,
+            flags,
             version: Some(env.version),
             type_name: Some(env.type_name),
             kind,
             reason,
-            payload: env.payload,
+            payload: env.payload.to_bytes(&frame.into_body()),
         }
     }
 
@@ -173,9 +183,9 @@ const PAYLOAD_LEN_GUESS: usize = 255;
 const FRAME_HEAD: usize = frame::LENGTH_FIELD_SIZE + frame::FRAME_HEADER_SIZE;
 
 /// Writes one frame in a single pass: header, envelope, then the payload
-/// straight into `dst`, its length head and the frame length filled in after.
-/// `exact_len` is the payload's size when known in advance. On failure `dst` is
-/// left as it was.
+/// straight into `dst`. `exact_len` is the payload's size when known in
+/// advance; otherwise its length head and the frame length are filled in after.
+/// On failure `dst` is left as it was.
 fn encode_frame(
     dst: &mut BytesMut,
     limit: usize,
@@ -185,31 +195,20 @@ fn encode_frame(
     write_payload: impl FnOnce(&mut BytesMut) -> Result<(), PayloadError>,
 ) -> Result<(), EncodeError> {
     if let Some(len) = exact_len {
-        // Refuse before writing a byte when the size is known.
-        frame::check_body_len(envelope::body_len(version, type_name, len), limit)?;
+        return encode_frame_of_size(dst, limit, (id, flags, version), type_name, len, write_payload);
     }
-    let guess = exact_len.unwrap_or(PAYLOAD_LEN_GUESS);
-    let guessed_head = cbor::head_len(guess as u64);
+    let guessed_head = cbor::head_len(PAYLOAD_LEN_GUESS as u64);
     let start = dst.len();
-    dst.reserve(FRAME_HEAD + envelope::prefix_len(version, type_name) + guessed_head + guess);
+    dst.reserve(FRAME_HEAD + envelope::prefix_len(version, type_name) + guessed_head + PAYLOAD_LEN_GUESS);
     dst.put_bytes(0, FRAME_HEAD);
     envelope::put_prefix(dst, version, type_name);
     let head_at = dst.len();
     dst.put_bytes(0, guessed_head);
     let payload_at = dst.len();
-    let fail = |dst: &mut BytesMut, reason: String| {
-        dst.truncate(start);
-        let message_type = MessageType::from_wire_name(type_name).map_or("an unknown type", |t| t.wire_name());
-        EncodeError::Payload { message_type, reason }
-    };
     if let Err(e) = write_payload(dst) {
-        return Err(fail(dst, e.reason));
+        return Err(refuse(dst, start, type_name, e.reason));
     }
     let len = dst.len() - payload_at;
-    if exact_len.is_some_and(|exact| exact != len) {
-        // The frame would not say what it holds: refuse rather than send it.
-        return Err(fail(dst, format!("payload wrote {len} bytes but was sized at {guess}")));
-    }
     let (head, head_len) = cbor::head_bytes(cbor::MAJOR_BYTES, len as u64);
     if head_len != guessed_head {
         let moved_to = head_at + head_len;
@@ -227,6 +226,44 @@ fn encode_frame(
     }
     dst[start..start + FRAME_HEAD].copy_from_slice(&frame::header_bytes(body_len, id, flags));
     Ok(())
+}
+
+/// [`encode_frame`] for a payload whose size is known in advance: refused
+/// before a byte is written when too large, then every head written once, in
+/// order, with nothing to fill in or move afterwards.
+fn encode_frame_of_size(
+    dst: &mut BytesMut,
+    limit: usize,
+    (id, flags, version): (u32, Flags, u8),
+    type_name: &str,
+    payload_len: usize,
+    write_payload: impl FnOnce(&mut BytesMut) -> Result<(), PayloadError>,
+) -> Result<(), EncodeError> {
+    let body_len = envelope::body_len(version, type_name, payload_len);
+    frame::check_body_len(body_len, limit)?;
+    let start = dst.len();
+    dst.reserve(FRAME_HEAD + body_len);
+    frame::put_header(dst, body_len, id, flags);
+    envelope::put_prefix(dst, version, type_name);
+    cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
+    let payload_at = dst.len();
+    let written = write_payload(dst).map(|()| dst.len() - payload_at);
+    match written {
+        Ok(len) if len == payload_len => Ok(()),
+        // The frame would not say what it holds: refuse rather than send it.
+        Ok(len) => {
+            Err(refuse(dst, start, type_name, format!("payload wrote {len} bytes but was sized at {payload_len}")))
+        }
+        Err(e) => Err(refuse(dst, start, type_name, e.reason)),
+    }
+}
+
+/// Takes back what a failed encode wrote, and names the type in the error.
+#[cold]
+fn refuse(dst: &mut BytesMut, start: usize, type_name: &str, reason: String) -> EncodeError {
+    dst.truncate(start);
+    let message_type = MessageType::from_wire_name(type_name).map_or("an unknown type", |t| t.wire_name());
+    EncodeError::Payload { message_type, reason }
 }
 
 /// A codec of [`RawMessage`]s: envelopes read, payloads left as bytes.
@@ -274,7 +311,7 @@ fn read_envelope(item: Result<Frame, OversizedFrame>, offset: u64) -> Result<Raw
         flags: frame.flags,
         version: env.version,
         type_name: env.type_name,
-        payload: env.payload,
+        payload: env.payload.to_bytes(&frame.body),
     })
 }
 
@@ -394,35 +431,48 @@ impl MessageCodec {
 
     /// Decodes a frame obtained elsewhere (a [`Rejected`] then has offset 0).
     pub fn decode_frame(&self, frame: Frame) -> Result<Message, Rejected> {
-        self.read_message(Ok(frame), 0)
+        read_message(self.negotiated, frame, 0)
     }
+}
 
-    /// Frame to message in one go: envelope, type, flags, generation, payload.
-    /// Every way out but the last is a rejection, built out of line.
-    fn read_message(&self, item: Result<Frame, OversizedFrame>, offset: u64) -> Result<Message, Rejected> {
-        let frame = item.map_err(Rejected::oversized)?;
-        let env = envelope::decode(&frame.body).map_err(|e| Rejected::malformed(offset, &frame, e))?;
-        let message_type = match env.type_name {
-            TypeName::Known(t) => t,
-            TypeName::Unknown(ref name) => {
-                let reason = format!("{name} is not a message type of generation {PROTOCOL_VERSION}");
-                return Err(Rejected::of_envelope(offset, &frame, env, RejectKind::UnsupportedMessageType, reason));
-            }
-        };
-        if frame.flags.known() != message_type.flags() {
-            let reason = format!("flags {} on {message_type}, which carries {}", frame.flags, message_type.flags());
-            return Err(Rejected::of_envelope(offset, &frame, env, RejectKind::InvalidFlags, reason));
+/// Frame to message in one go: envelope, type, flags, generation, payload.
+/// Every way out but the last is a rejection, built out of line. The frame is
+/// cut out of the read buffer only when the payload keeps views of it.
+fn read_message(negotiated: u8, frame: impl ReadFrame, offset: u64) -> Result<Message, Rejected> {
+    let env = envelope::decode(frame.body()).map_err(|e| Rejected::malformed(offset, &frame, e))?;
+    let message_type = match env.type_name {
+        TypeName::Known(t) => t,
+        TypeName::Unknown(ref name) => {
+            let reason = format!("{name} is not a message type of generation {PROTOCOL_VERSION}");
+            return Err(Rejected::of_envelope(offset, frame, env, RejectKind::UnsupportedMessageType, reason));
         }
-        if let Err(e) = version::check_available(message_type, self.negotiated) {
-            let kind = RejectKind::UnsupportedProtocolGeneration;
-            return Err(Rejected::of_envelope(offset, &frame, env, kind, e.to_string()));
+    };
+    let flags = frame.flags();
+    if flags.known() != message_type.flags() {
+        let reason = format!("flags {flags} on {message_type}, which carries {}", message_type.flags());
+        return Err(Rejected::of_envelope(offset, frame, env, RejectKind::InvalidFlags, reason));
+    }
+    if let Err(e) = version::check_available(message_type, negotiated) {
+        let kind = RejectKind::UnsupportedProtocolGeneration;
+        return Err(Rejected::of_envelope(offset, frame, env, kind, e.to_string()));
+    }
+    let (id, version) = (frame.id(), env.version);
+    let decoded = if message_type.holds_views() {
+        let body = frame.into_body();
+        let payload = env.payload.to_bytes(&body);
+        message_type.decode_payload(&payload).map_err(|e| (e, Frame { id, flags, body }))
+    } else {
+        // Read in place; the frame is cut out only to keep a rejected payload.
+        match message_type.decode_payload_slice(env.payload.slice(frame.body())) {
+            Ok(payload) => Ok(payload),
+            Err(e) => Err((e, Frame { id, flags, body: frame.into_body() })),
         }
-        match message_type.decode_payload(&env.payload) {
-            Ok(payload) => Ok(Message { id: frame.id, flags: frame.flags, version: env.version, payload }),
-            Err(e) => {
-                let reason = format!("payload of {message_type}: {e}");
-                Err(Rejected::of_envelope(offset, &frame, env, RejectKind::InvalidPayload, reason))
-            }
+    };
+    match decoded {
+        Ok(payload) => Ok(Message { id, flags, version, payload }),
+        Err((e, frame)) => {
+            let reason = format!("payload of {message_type}: {e}");
+            Err(Rejected::of_envelope(offset, frame, env, RejectKind::InvalidPayload, reason))
         }
     }
 }
@@ -432,13 +482,21 @@ impl Decoder for MessageCodec {
     type Error = StreamError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        let item = self.frames.decode(src)?;
-        Ok(item.map(|item| self.read_message(item, self.frames.last_frame_offset())))
+        let negotiated = self.negotiated;
+        let read = |frame: BufferedFrame<'_>| {
+            let offset = frame.offset();
+            read_message(negotiated, frame, offset)
+        };
+        self.frames.decode_with(src, read, |skipped| Err(Rejected::oversized(skipped)))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        let item = self.frames.decode_eof(src)?;
-        Ok(item.map(|item| self.read_message(item, self.frames.last_frame_offset())))
+        let negotiated = self.negotiated;
+        let read = |frame: BufferedFrame<'_>| {
+            let offset = frame.offset();
+            read_message(negotiated, frame, offset)
+        };
+        self.frames.decode_eof_with(src, read, |skipped| Err(Rejected::oversized(skipped)))
     }
 }
 
@@ -493,6 +551,30 @@ mod tests {
             assert_eq!(r.error_reply().payload.message_type(), crate::MessageType::Error);
         }
         assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap().id, 6);
+    }
+
+    #[test]
+    fn a_rejected_payload_is_kept_whether_its_type_is_read_in_place_or_as_views() {
+        // A core.ready (read in place) and a core.exec.stdout (views of the
+        // frame) whose payloads do not decode, each followed by a good frame.
+        let bad_payload = b"\xa1\x64data\x05";
+        let mut buf = BytesMut::new();
+        for t in [MessageType::Ready, MessageType::ExecStdout] {
+            let body_len = envelope::body_len(7, t.wire_name(), bad_payload.len());
+            frame::put_header(&mut buf, body_len, 3, t.flags());
+            envelope::put_prefix(&mut buf, 7, t.wire_name());
+            cbor::put_head(&mut buf, cbor::MAJOR_BYTES, bad_payload.len() as u64);
+            buf.extend_from_slice(bad_payload);
+            buf.extend_from_slice(&wire(Message::new(4, Ping {})));
+        }
+        let mut codec = MessageCodec::new();
+        for t in [MessageType::Ready, MessageType::ExecStdout] {
+            let r = codec.decode(&mut buf).unwrap().unwrap().unwrap_err();
+            assert_eq!((r.id, r.kind, r.type_name), (3, RejectKind::InvalidPayload, Some(TypeName::Known(t))));
+            assert_eq!(&r.payload[..], bad_payload);
+            assert_eq!(codec.decode(&mut buf).unwrap().unwrap().unwrap(), Message::new(4, Ping {}));
+        }
+        assert!(buf.is_empty());
     }
 
     #[test]

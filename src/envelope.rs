@@ -2,8 +2,11 @@
 //!
 //! Reading accepts the entries in any order, skips keys it does not know, and
 //! takes indefinite-length strings and non-shortest heads; the payload comes
-//! out as a [`Bytes`] view of the body when it was a definite byte string.
+//! out as where it lies in the body when it was a definite byte string, so a
+//! caller can read it in place or take a [`Bytes`] view of it.
 //! Writing produces the canonical form byte for byte: `a3 61 76 <v> 61 74 <t> 61 70 <p>`.
+
+use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -16,12 +19,40 @@ const KEY_P: &[u8] = b"\x61p";
 /// A map of three entries.
 const MAP3: u8 = 0xa3;
 
-/// An envelope as read from a body.
+/// An envelope as read from a body; it borrows nothing, the payload is where
+/// it lies in the body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Envelope {
     pub(crate) version: u8,
     pub(crate) type_name: TypeName,
-    pub(crate) payload: Bytes,
+    pub(crate) payload: Payload,
+}
+
+/// Where the payload is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Payload {
+    /// A definite byte string: this range of the body.
+    InBody(Range<usize>),
+    /// An indefinite one: its chunks joined.
+    Joined(Bytes),
+}
+
+impl Payload {
+    /// The payload, from the body it was read from.
+    pub(crate) fn slice<'a>(&'a self, body: &'a [u8]) -> &'a [u8] {
+        match self {
+            Payload::InBody(range) => &body[range.clone()],
+            Payload::Joined(joined) => joined,
+        }
+    }
+
+    /// The payload as a view of the body it was read from.
+    pub(crate) fn to_bytes(&self, body: &Bytes) -> Bytes {
+        match self {
+            Payload::InBody(range) => body.slice(range.clone()),
+            Payload::Joined(joined) => joined.clone(),
+        }
+    }
 }
 
 /// Size of the envelope up to the payload's byte-string head.
@@ -54,7 +85,8 @@ enum Key {
 }
 
 /// Reads the envelope of `body`.
-pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
+#[inline]
+pub(crate) fn decode(body: &[u8]) -> Result<Envelope, CborError> {
     match decode_canonical(body) {
         Some(envelope) => Ok(envelope),
         None => decode_liberal(body),
@@ -65,7 +97,8 @@ pub(crate) fn decode(body: &Bytes) -> Result<Envelope, CborError> {
 /// `a3 61 76 <v> 61 74 <t> 61 70 <p>`, shortest heads, nothing after `p`.
 /// `None` for any other form; the liberal reader then gives the answer, which
 /// for canonical input is the same.
-fn decode_canonical(body: &Bytes) -> Option<Envelope> {
+#[inline]
+fn decode_canonical(body: &[u8]) -> Option<Envelope> {
     let rest = body.strip_prefix(&[MAP3])?.strip_prefix(KEY_V)?;
     let (version, used) = cbor::shortest_head(rest, cbor::MAJOR_UNSIGNED)?;
     let rest = rest[used..].strip_prefix(KEY_T)?;
@@ -74,14 +107,15 @@ fn decode_canonical(body: &Bytes) -> Option<Envelope> {
     let payload = cbor::shortest_string_to_end(rest.strip_prefix(KEY_P)?, cbor::MAJOR_BYTES)?;
     Some(Envelope {
         version: u8::try_from(version).ok()?,
-        type_name: TypeName::from_wire_name(std::str::from_utf8(name).ok()?),
-        payload: body.slice_ref(payload),
+        type_name: TypeName::from_wire_bytes(name)?,
+        payload: Payload::InBody(body.len() - payload.len()..body.len()),
     })
 }
 
 /// Reads any form the spec allows: entries in any order, unknown keys,
 /// non-shortest heads, indefinite lengths, tags.
-fn decode_liberal(body: &Bytes) -> Result<Envelope, CborError> {
+#[inline(never)]
+fn decode_liberal(body: &[u8]) -> Result<Envelope, CborError> {
     let mut r = Reader::new(body);
     let at = r.position();
     let entries = match r.head_skipping_tags()? {
@@ -137,8 +171,8 @@ fn decode_liberal(body: &Bytes) -> Result<Envelope, CborError> {
             }
             Key::P => {
                 let p = match r.bytes("p is not a byte string")? {
-                    StrBytes::Slice(range) => body.slice(range),
-                    StrBytes::Owned(joined) => Bytes::from(joined),
+                    StrBytes::Slice(range) => Payload::InBody(range),
+                    StrBytes::Owned(joined) => Payload::Joined(Bytes::from(joined)),
                 };
                 if payload.replace(p).is_some() {
                     return Err(duplicate(&r));
@@ -184,7 +218,8 @@ mod tests {
         let body = hex("a3617607617470636f72652e657865632e657869746564617048a164636f6465182a");
         let env = decode(&body).unwrap();
         assert_eq!(env.type_name, TypeName::Known(MessageType::ExecExited));
-        assert_eq!(env.payload.as_ptr(), body[body.len() - 8..].as_ptr());
+        assert_eq!(env.payload, Payload::InBody(body.len() - 8..body.len()));
+        assert_eq!(env.payload.to_bytes(&body).as_ptr(), body[body.len() - 8..].as_ptr());
     }
 
     #[test]

@@ -157,6 +157,79 @@ impl Frame {
     }
 }
 
+/// What a reader above this layer needs of a frame: its header fields, its
+/// body to read, and the body as [`Bytes`] when it keeps part of it.
+pub(crate) trait ReadFrame {
+    /// Correlation id.
+    fn id(&self) -> u32;
+    /// Flags as received.
+    fn flags(&self) -> Flags;
+    /// The body, to read.
+    fn body(&self) -> &[u8];
+    /// The body as [`Bytes`], for a reader that keeps views of it.
+    fn into_body(self) -> Bytes;
+}
+
+impl ReadFrame for Frame {
+    fn id(&self) -> u32 {
+        self.id
+    }
+    fn flags(&self) -> Flags {
+        self.flags
+    }
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+    fn into_body(self) -> Bytes {
+        self.body
+    }
+}
+
+/// A whole frame still at the front of the read buffer, its body after
+/// `body_at` bytes (the header, when it has not been consumed yet).
+///
+/// Reading it in place costs nothing; only [`ReadFrame::into_body`] cuts the
+/// body out (`split_to`, no copy, but the buffer becomes shared, which costs
+/// an allocation the first time). Dropped, it moves the buffer past the frame
+/// in one step, so the buffer always moves past exactly one frame.
+pub(crate) struct BufferedFrame<'a> {
+    offset: u64,
+    id: u32,
+    flags: Flags,
+    src: &'a mut BytesMut,
+    body_at: usize,
+    body_len: usize,
+}
+
+impl BufferedFrame<'_> {
+    /// Stream offset of the frame's length prefix.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl ReadFrame for BufferedFrame<'_> {
+    fn id(&self) -> u32 {
+        self.id
+    }
+    fn flags(&self) -> Flags {
+        self.flags
+    }
+    fn body(&self) -> &[u8] {
+        &self.src[self.body_at..self.body_at + self.body_len]
+    }
+    fn into_body(mut self) -> Bytes {
+        self.src.advance(std::mem::take(&mut self.body_at));
+        self.src.split_to(std::mem::take(&mut self.body_len)).freeze()
+    }
+}
+
+impl Drop for BufferedFrame<'_> {
+    fn drop(&mut self) {
+        self.src.advance(self.body_at + self.body_len);
+    }
+}
+
 /// Writes the 9-byte frame header (`len`, `id`, `flags`) for a body of `body_len` bytes.
 ///
 /// Shared by every encoder in the crate, which then writes the body straight after it.
@@ -408,6 +481,32 @@ impl Decoder for FrameCodec {
     type Error = StreamError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        let read = |frame: BufferedFrame<'_>| {
+            let (id, flags) = (frame.id, frame.flags);
+            Ok(Frame { id, flags, body: frame.into_body() })
+        };
+        self.decode_with(src, read, Err)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None => self.end_of_stream(src).map(|()| None),
+        }
+    }
+}
+
+impl FrameCodec {
+    /// Decodes the next frame and hands it to `read` while its body is still in
+    /// `src`, so that a reader that keeps nothing of the body reads it in place
+    /// and the buffer is never shared; a frame skipped for its size goes to
+    /// `skipped`. Whatever `read` does, `src` ends up past exactly that frame.
+    pub(crate) fn decode_with<T>(
+        &mut self,
+        src: &mut BytesMut,
+        read: impl FnOnce(BufferedFrame<'_>) -> T,
+        skipped: impl FnOnce(OversizedFrame) -> T,
+    ) -> Result<Option<T>, StreamError> {
         // The common case, at a frame boundary with the whole frame buffered and
         // its length in range, in one step; everything else in the state machine.
         // (Measured with callgrind: about 40 fewer instructions a frame than the
@@ -417,27 +516,36 @@ impl Decoder for FrameCodec {
             if (FRAME_HEADER_SIZE..=self.max_frame_len).contains(&len) && src.len() >= LENGTH_FIELD_SIZE + len {
                 let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
                 let flags = Flags::from_bits(header[8]);
-                src.advance(LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE);
-                let body = src.split_to(len - FRAME_HEADER_SIZE).freeze();
-                self.last_frame_offset = self.offset;
+                let offset = self.offset;
+                self.last_frame_offset = offset;
                 self.offset += (LENGTH_FIELD_SIZE + len) as u64;
-                return Ok(Some(Ok(Frame { id, flags, body })));
+                let (body_at, body_len) = (LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE, len - FRAME_HEADER_SIZE);
+                return Ok(Some(read(BufferedFrame { offset, id, flags, src, body_at, body_len })));
             }
         }
-        self.decode_in_steps(src)
+        self.decode_in_steps(src, read, skipped)
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, StreamError> {
-        if let Some(item) = self.decode(src)? {
-            return Ok(Some(item));
+    /// [`Decoder::decode_eof`] for [`FrameCodec::decode_with`].
+    pub(crate) fn decode_eof_with<T>(
+        &mut self,
+        src: &mut BytesMut,
+        read: impl FnOnce(BufferedFrame<'_>) -> T,
+        skipped: impl FnOnce(OversizedFrame) -> T,
+    ) -> Result<Option<T>, StreamError> {
+        match self.decode_with(src, read, skipped)? {
+            Some(item) => Ok(Some(item)),
+            None => self.end_of_stream(src).map(|()| None),
         }
-        self.end_of_stream(src)
     }
-}
 
-impl FrameCodec {
     /// The state machine: header, then body or discard, one step at a time.
-    fn decode_in_steps(&mut self, src: &mut BytesMut) -> Result<Option<Result<Frame, OversizedFrame>>, StreamError> {
+    fn decode_in_steps<T>(
+        &mut self,
+        src: &mut BytesMut,
+        read: impl FnOnce(BufferedFrame<'_>) -> T,
+        skipped: impl FnOnce(OversizedFrame) -> T,
+    ) -> Result<Option<T>, StreamError> {
         loop {
             match self.state {
                 DecodeState::Lost { offset } => return Err(StreamError::Lost { offset }),
@@ -475,11 +583,10 @@ impl FrameCodec {
                     if src.len() < body_len {
                         return Ok(None);
                     }
-                    let body = src.split_to(body_len).freeze();
                     self.offset += body_len as u64;
                     self.last_frame_offset = offset;
                     self.state = DecodeState::Head;
-                    return Ok(Some(Ok(Frame { id, flags, body })));
+                    return Ok(Some(read(BufferedFrame { offset, id, flags, src, body_at: 0, body_len })));
                 }
                 DecodeState::Discard { oversized, remaining } => {
                     let n = remaining.min(src.len() as u64) as usize;
@@ -491,16 +598,17 @@ impl FrameCodec {
                     }
                     self.last_frame_offset = oversized.offset;
                     self.state = DecodeState::Head;
-                    return Ok(Some(Err(oversized)));
+                    return Ok(Some(skipped(oversized)));
                 }
             }
         }
     }
 
-    /// What the end of the stream means where the decoder stands.
-    fn end_of_stream(&mut self, src: &BytesMut) -> Result<Option<Result<Frame, OversizedFrame>>, StreamError> {
+    /// What the end of the stream means where the decoder stands, once no
+    /// frame is left to decode: a clean end, or a frame cut short.
+    fn end_of_stream(&mut self, src: &BytesMut) -> Result<(), StreamError> {
         let (offset, received, expected) = match self.state {
-            DecodeState::Head if src.is_empty() => return Ok(None),
+            DecodeState::Head if src.is_empty() => return Ok(()),
             DecodeState::Head => {
                 let expected = (src.len() >= LENGTH_FIELD_SIZE).then(|| {
                     u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]])) + LENGTH_FIELD_SIZE as u64

@@ -112,10 +112,7 @@ macro_rules! message_types {
 
             /// The type with this wire name, if generation 7 has one.
             pub fn from_wire_name(name: &str) -> Option<MessageType> {
-                match name {
-                    $( $wire => Some(MessageType::$variant), )*
-                    _ => None,
-                }
+                MessageType::from_wire_bytes(name.as_bytes())
             }
 
             /// Reads a payload of this type from JSON or any other serde format,
@@ -124,9 +121,22 @@ macro_rules! message_types {
                 Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, <$payload>::deserialize(d)?)), )* })
             }
 
-            /// Decodes a payload of this type from the envelope's `p` bytes.
+            /// Decodes a payload of this type from the envelope's `p` bytes;
+            /// the data of the data messages is a view of `p`.
             pub fn decode_payload(self, p: &Bytes) -> Result<Payload, PayloadError> {
                 Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, <$payload>::decode(p)?)), )* })
+            }
+
+            /// Decodes a payload of this type from a borrowed slice of `p`
+            /// bytes (see [`CborPayload::decode_slice`]).
+            pub fn decode_payload_slice(self, p: &[u8]) -> Result<Payload, PayloadError> {
+                Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, <$payload>::decode_slice(p)?)), )* })
+            }
+
+            /// Whether a decoded payload of this type holds views of the
+            /// payload bytes ([`CborPayload::HOLDS_VIEWS`]).
+            pub const fn holds_views(self) -> bool {
+                match self { $( MessageType::$variant => <$payload as CborPayload>::HOLDS_VIEWS, )* }
             }
         }
 
@@ -253,7 +263,63 @@ impl MessageType {
     pub const fn is_available_at(self, generation: u8) -> bool {
         self.generation() <= generation
     }
+
+    /// The type with this wire name, compared as bytes: a known name needs no
+    /// UTF-8 check, and finding it costs a hash of three bytes and one compare.
+    ///
+    /// ```
+    /// use agentwire::MessageType;
+    /// assert_eq!(MessageType::from_wire_bytes(b"core.exec.stdout"), Some(MessageType::ExecStdout));
+    /// assert_eq!(MessageType::from_wire_bytes(b"core.exec.stdout2"), None);
+    /// assert_eq!(MessageType::from_wire_bytes(b"\xff"), None);
+    /// ```
+    #[inline]
+    pub fn from_wire_bytes(name: &[u8]) -> Option<MessageType> {
+        let mut slot = name_hash(name);
+        // Open addressing: probe until the name or an empty slot.
+        loop {
+            let t = NAME_SLOTS[slot]?;
+            if t.wire_name().as_bytes() == name {
+                return Some(t);
+            }
+            slot = (slot + 1) % SLOT_COUNT;
+        }
+    }
 }
+
+/// Where a wire name starts looking in [`NAME_SLOTS`]: its length and three of
+/// its bytes, which between them tell the names of generation 7 mostly apart
+/// (collisions only cost a probe).
+const fn name_hash(name: &[u8]) -> usize {
+    let n = name.len();
+    let (last, before, sixth) = match n {
+        0 => (0, 0, 0),
+        1..=5 => (name[n - 1], 0, 0),
+        _ => (name[n - 1], name[n - 2], name[5]),
+    };
+    (n.wrapping_mul(31) ^ (last as usize).wrapping_mul(7) ^ (before as usize).wrapping_mul(13) ^ (sixth as usize))
+        % SLOT_COUNT
+}
+
+/// Twice as many slots as types, so that a probe always ends at an empty slot.
+const SLOT_COUNT: usize = 2 * MessageType::ALL.len();
+
+/// Every type at the slot of its name's hash, or the next free one: built by
+/// the compiler from the table.
+const NAME_SLOTS: [Option<MessageType>; SLOT_COUNT] = {
+    let mut slots = [None; SLOT_COUNT];
+    let mut i = 0;
+    while i < MessageType::ALL.len() {
+        let t = MessageType::ALL[i];
+        let mut slot = name_hash(t.wire_name().as_bytes());
+        while slots[slot].is_some() {
+            slot = (slot + 1) % SLOT_COUNT;
+        }
+        slots[slot] = Some(t);
+        i += 1;
+    }
+    slots
+};
 
 impl fmt::Display for MessageType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -278,6 +344,16 @@ impl TypeName {
         match MessageType::from_wire_name(name) {
             Some(t) => TypeName::Known(t),
             None => TypeName::Unknown(name.to_string()),
+        }
+    }
+
+    /// Looks a name as received up in the table: UTF-8 is checked only for a
+    /// name the table does not have (`None` when it is not UTF-8).
+    #[inline]
+    pub(crate) fn from_wire_bytes(name: &[u8]) -> Option<TypeName> {
+        match MessageType::from_wire_bytes(name) {
+            Some(t) => Some(TypeName::Known(t)),
+            None => std::str::from_utf8(name).ok().map(|name| TypeName::Unknown(name.to_string())),
         }
     }
 
@@ -384,6 +460,21 @@ mod tests {
         }
         assert_eq!(MessageType::ALL.iter().filter(|t| t.is_available_at(3)).count(), 19);
         assert_eq!(MessageType::from_wire_name("core.future"), None);
+        // The hashed lookup against a plain search of the table, on every name
+        // and every near miss (cut short, one byte changed, one byte longer).
+        let search = |name: &[u8]| MessageType::ALL.into_iter().find(|t| t.wire_name().as_bytes() == name);
+        for t in MessageType::ALL {
+            let name = t.wire_name().as_bytes();
+            assert_eq!(MessageType::from_wire_bytes(name), Some(t));
+            for cut in 0..name.len() {
+                assert_eq!(MessageType::from_wire_bytes(&name[..cut]), search(&name[..cut]), "{t} cut at {cut}");
+                let mut changed = name.to_vec();
+                changed[cut] ^= 0x20;
+                assert_eq!(MessageType::from_wire_bytes(&changed), None, "{t} changed at {cut}");
+            }
+            assert_eq!(MessageType::from_wire_bytes(&[name, b"x"].concat()), None);
+        }
+        assert_eq!(NAME_SLOTS.iter().flatten().count(), MessageType::ALL.len());
         assert_eq!(TypeName::from_wire_name("core.future").as_str(), "core.future");
     }
 }

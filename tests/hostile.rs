@@ -130,8 +130,11 @@ fn random_bytes_as_the_payload_of_every_type() {
         for _ in 0..2_000 {
             let len = rng.below(40);
             let p: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            // Either a value that re-encodes to a value equal to itself, or an error.
-            if let Ok(value) = t.decode_payload(&Bytes::from(p)) {
+            // Either a value that re-encodes to a value equal to itself, or an
+            // error; the same from a borrowed slice as from Bytes.
+            let from_slice = t.decode_payload_slice(&p);
+            assert_eq!(t.decode_payload(&Bytes::from(p)), from_slice, "{t}");
+            if let Ok(value) = from_slice {
                 let mut again = BytesMut::new();
                 value.encode(&mut again).unwrap();
                 assert_eq!(t.decode_payload(&again.freeze()).unwrap(), value, "{t}");

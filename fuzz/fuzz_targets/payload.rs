@@ -1,6 +1,7 @@
 //! For every message type, arbitrary bytes to that type's payload decoder: an
 //! error or a value, never a panic; a value re-encodes to the serde path's
-//! bytes and decodes to itself; the fast and serde decoders give the same answer.
+//! bytes and decodes to itself; the fast and serde decoders give the same
+//! answer, and so do the decoders from `Bytes` and from a borrowed slice.
 
 #![no_main]
 
@@ -12,7 +13,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let p = Bytes::copy_from_slice(data);
     for t in MessageType::ALL {
-        let Ok(value) = t.decode_payload(&p) else { continue };
+        let from_slice = t.decode_payload_slice(data);
+        assert_eq!(t.decode_payload(&p), from_slice, "{t}: from Bytes and from a slice differ");
+        let Ok(value) = from_slice else { continue };
         let mut ours = BytesMut::new();
         value.encode(&mut ours).expect("a decoded payload encodes");
         let mut reference = BytesMut::new();

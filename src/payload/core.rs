@@ -129,7 +129,7 @@ open_enum! {
 serde_payload!(ClockSync, InitResolved, InitAck, RelayClientDisconnected, Ping, Pong, Touch, Touched, CoreError);
 
 impl super::CborPayload for Shutdown {
-    fn decode(p: &bytes::Bytes) -> Result<Self, super::PayloadError> {
+    fn decode_slice(p: &[u8]) -> Result<Self, super::PayloadError> {
         // Older senders wrote nothing at all.
         if p.is_empty() { Ok(Shutdown) } else { super::serde_decode(p) }
     }

@@ -94,10 +94,13 @@ fn put_int(dst: &mut BytesMut, v: i64) {
 }
 
 /// The fast answer when there is one, else the serde path's.
-fn fast_or_serde<T: CborPayload>(p: &Bytes, fast: impl FnOnce(&Bytes) -> Option<T>) -> Result<T, PayloadError> {
+fn fast_or_serde<P: AsRef<[u8]> + ?Sized, T: CborPayload>(
+    p: &P,
+    fast: impl FnOnce(&P) -> Option<T>,
+) -> Result<T, PayloadError> {
     match fast(p) {
         Some(value) => Ok(value),
-        None => serde_decode(p),
+        None => serde_decode(p.as_ref()),
     }
 }
 
@@ -138,6 +141,8 @@ macro_rules! data_payload {
                 dst.put_slice(&self.data);
                 Ok(())
             }
+            const HOLDS_VIEWS: bool = true;
+
             fn decode(p: &Bytes) -> Result<Self, PayloadError> {
                 fast_or_serde(p, |p| data_decode(p).map(|data| Self { data }))
             }
@@ -178,7 +183,7 @@ impl CborPayload for Ready {
         Ok(())
     }
 
-    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+    fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
         fast_or_serde(p, |p| {
             if let Some(ready) = ready_canonical(p) {
                 return Some(ready);
@@ -275,7 +280,7 @@ impl CborPayload for ExecExited {
         Ok(())
     }
 
-    fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+    fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
         fast_or_serde(p, |p| {
             if let Some(exited) = exited_canonical(p) {
                 return Some(exited);

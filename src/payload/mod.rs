@@ -88,8 +88,29 @@ pub trait CborPayload: Serialize + DeserializeOwned {
         serde_encode(self, dst)
     }
 
-    /// Decodes `p`, which must be exactly one CBOR item.
+    /// `true` when a decoded value holds [`Bytes`] views of the payload (the
+    /// data messages' `data`). The message decoder then cuts the frame out of
+    /// its read buffer and calls [`CborPayload::decode`]; for every other type
+    /// it reads the payload where it lies, with [`CborPayload::decode_slice`],
+    /// and nothing is cut out or reference-counted.
+    const HOLDS_VIEWS: bool = false;
+
+    /// Decodes `p`, which must be exactly one CBOR item; a type that
+    /// [holds views](CborPayload::HOLDS_VIEWS) hands out slices of `p`.
     fn decode(p: &Bytes) -> Result<Self, PayloadError> {
+        Self::decode_slice(p)
+    }
+
+    /// Decodes `p`, which must be exactly one CBOR item, into an owned value
+    /// (a type that [holds views](CborPayload::HOLDS_VIEWS) copies what it keeps).
+    ///
+    /// ```
+    /// use agentwire::payload::{CborPayload, core::Ready};
+    /// let ready = Ready::decode_slice(b"\xa3\x6cboot_time_ns\x01\x6cinit_time_ns\x02\x6dready_time_ns\x03")?;
+    /// assert_eq!((ready.boot_time_ns, ready.init_time_ns, ready.ready_time_ns), (1, 2, 3));
+    /// # Ok::<(), agentwire::payload::PayloadError>(())
+    /// ```
+    fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
         serde_decode(p)
     }
 }
@@ -109,8 +130,14 @@ impl<T: CborPayload> CborPayload for Box<T> {
         (**self).encode(dst)
     }
 
+    const HOLDS_VIEWS: bool = T::HOLDS_VIEWS;
+
     fn decode(p: &Bytes) -> Result<Self, PayloadError> {
         T::decode(p).map(Box::new)
+    }
+
+    fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
+        T::decode_slice(p).map(Box::new)
     }
 }
 

@@ -1,0 +1,3 @@
+//! Code shared by the benchmarks and the profiling example.
+
+pub mod baseline;
