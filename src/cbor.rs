@@ -373,27 +373,39 @@ pub(crate) fn check_item(buf: &[u8], max_depth: usize) -> Result<Checked, CborEr
 /// Reads a shortest-form head of major type `major` at the start of `buf`:
 /// its argument and size. `None` for another major type, a non-shortest or
 /// indefinite head, or too few bytes (the caller then takes the general path).
-#[inline]
+#[inline(always)]
 pub(crate) fn shortest_head(buf: &[u8], major: u8) -> Option<(u64, usize)> {
     let (&initial, rest) = buf.split_first()?;
     if initial >> 5 != major {
         return None;
     }
-    let (arg, len) = match initial & 0x1f {
-        info @ 0..=23 => (u64::from(info), 1),
-        24 => (u64::from(*rest.first()?), 2),
-        25 => (u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)), 3),
-        26 => (u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)), 5),
-        27 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 9),
-        _ => return None,
-    };
-    (head_len(arg) == len).then_some((arg, len))
+    // Each size is shortest only above the largest value of the size below.
+    match initial & 0x1f {
+        info @ 0..=23 => Some((u64::from(info), 1)),
+        24 => {
+            let v = *rest.first()?;
+            (v > 23).then_some((u64::from(v), 2))
+        }
+        25 => {
+            let v = u16::from_be_bytes(*rest.first_chunk()?);
+            (v > 0xff).then_some((u64::from(v), 3))
+        }
+        26 => {
+            let v = u32::from_be_bytes(*rest.first_chunk()?);
+            (v > 0xffff).then_some((u64::from(v), 5))
+        }
+        27 => {
+            let v = u64::from_be_bytes(*rest.first_chunk()?);
+            (v > 0xffff_ffff).then_some((v, 9))
+        }
+        _ => None,
+    }
 }
 
 /// The content of a string of major type `major` (bytes or text) that is all of
 /// `buf`, head in shortest form: `None` for anything else (the caller then takes
 /// the general path). Text is returned unchecked; the caller checks UTF-8.
-#[inline]
+#[inline(always)]
 pub(crate) fn shortest_string_to_end(buf: &[u8], major: u8) -> Option<&[u8]> {
     let (len, used) = shortest_head(buf, major)?;
     let content = &buf[used..];
@@ -497,6 +509,23 @@ mod tests {
                 assert_eq!(b[..], head[..len], "{major} {arg}");
                 assert_eq!(shortest_head(&b, major), Some((arg, len)));
             }
+        }
+        // Not shortest, cut short, another major type, indefinite or reserved: declined.
+        for h in [
+            "1817",
+            "1900ff",
+            "1a0000ffff",
+            "1b00000000ffffffff",
+            "18",
+            "1901",
+            "1a000100",
+            "1b01",
+            "1c",
+            "1f",
+            "",
+            "38ff",
+        ] {
+            assert_eq!(shortest_head(&hex(h), MAJOR_UNSIGNED), None, "{h}");
         }
     }
 

@@ -11,7 +11,7 @@ use std::ops::Range;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::cbor::{self, CborError, Head, MAX_NESTING_DEPTH, Reader, StrBytes};
-use crate::message::TypeName;
+use crate::message::{MessageType, TypeName};
 
 const KEY_V: &[u8] = b"\x61v";
 const KEY_T: &[u8] = b"\x61t";
@@ -97,19 +97,31 @@ pub(crate) fn decode(body: &[u8]) -> Result<Envelope, CborError> {
 /// `a3 61 76 <v> 61 74 <t> 61 70 <p>`, shortest heads, nothing after `p`.
 /// `None` for any other form; the liberal reader then gives the answer, which
 /// for canonical input is the same.
-#[inline]
 fn decode_canonical(body: &[u8]) -> Option<Envelope> {
+    let (version, name, payload) = canonical_parts(body)?;
+    Some(Envelope { version, type_name: TypeName::from_wire_bytes(name)?, payload: Payload::InBody(payload) })
+}
+
+/// The canonical form of a type of this generation: its version, type and
+/// where the payload lies, without building an [`Envelope`]. `None` for
+/// anything else, which [`decode`] then reads.
+#[inline]
+pub(crate) fn decode_known(body: &[u8]) -> Option<(u8, MessageType, Range<usize>)> {
+    let (version, name, payload) = canonical_parts(body)?;
+    Some((version, MessageType::from_wire_bytes(name)?, payload))
+}
+
+/// The version, the type name's bytes (unchecked) and the payload's range of a
+/// canonical envelope.
+#[inline(always)]
+fn canonical_parts(body: &[u8]) -> Option<(u8, &[u8], Range<usize>)> {
     let rest = body.strip_prefix(&[MAP3])?.strip_prefix(KEY_V)?;
     let (version, used) = cbor::shortest_head(rest, cbor::MAJOR_UNSIGNED)?;
     let rest = rest[used..].strip_prefix(KEY_T)?;
     let (name_len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
     let (name, rest) = rest[used..].split_at_checked(usize::try_from(name_len).ok()?)?;
     let payload = cbor::shortest_string_to_end(rest.strip_prefix(KEY_P)?, cbor::MAJOR_BYTES)?;
-    Some(Envelope {
-        version: u8::try_from(version).ok()?,
-        type_name: TypeName::from_wire_bytes(name)?,
-        payload: Payload::InBody(body.len() - payload.len()..body.len()),
-    })
+    Some((u8::try_from(version).ok()?, name, body.len() - payload.len()..body.len()))
 }
 
 /// Reads any form the spec allows: entries in any order, unknown keys,

@@ -501,6 +501,7 @@ impl FrameCodec {
     /// `src`, so that a reader that keeps nothing of the body reads it in place
     /// and the buffer is never shared; a frame skipped for its size goes to
     /// `skipped`. Whatever `read` does, `src` ends up past exactly that frame.
+    #[inline(always)]
     pub(crate) fn decode_with<T>(
         &mut self,
         src: &mut BytesMut,
