@@ -226,7 +226,15 @@ impl ReadFrame for BufferedFrame<'_> {
 
 impl Drop for BufferedFrame<'_> {
     fn drop(&mut self) {
-        self.src.advance(self.body_at + self.body_len);
+        let frame_len = self.body_at + self.body_len;
+        if frame_len == self.src.len() {
+            // The frame was all the buffer held (a read of one frame, or the
+            // last of a read): emptying it costs a store, and the next read
+            // starts at the same place instead of further on.
+            self.src.clear();
+        } else {
+            self.src.advance(frame_len);
+        }
     }
 }
 
