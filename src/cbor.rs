@@ -443,7 +443,7 @@ pub(crate) fn head_bytes(major: u8, arg: u64) -> ([u8; 9], usize) {
 ///
 /// Each arm writes an array of a fixed size, which compiles to a few stores
 /// instead of a call to `memcpy` with a variable length.
-#[inline]
+#[inline(always)]
 pub(crate) fn put_head(dst: &mut BytesMut, major: u8, arg: u64) {
     let m = major << 5;
     match arg {
