@@ -115,13 +115,15 @@ pub(crate) fn decode_known(body: &[u8]) -> Option<(u8, MessageType, Range<usize>
 /// canonical envelope.
 #[inline(always)]
 fn canonical_parts(body: &[u8]) -> Option<(u8, &[u8], Range<usize>)> {
-    let rest = body.strip_prefix(&[MAP3])?.strip_prefix(KEY_V)?;
-    let (version, used) = cbor::shortest_head(rest, cbor::MAJOR_UNSIGNED)?;
-    let rest = rest[used..].strip_prefix(KEY_T)?;
+    // `a3 61 76 <v> 61 74` in one compare: every generation so far is below
+    // 24, a one-byte head. (A larger `v` is read by the liberal reader.)
+    let (&[MAP3, 0x61, b'v', version @ 0..=23, 0x61, b't'], rest) = body.split_first_chunk::<6>()? else {
+        return None;
+    };
     let (name_len, used) = cbor::shortest_head(rest, cbor::MAJOR_TEXT)?;
     let (name, rest) = rest[used..].split_at_checked(usize::try_from(name_len).ok()?)?;
     let payload = cbor::shortest_string_to_end(rest.strip_prefix(KEY_P)?, cbor::MAJOR_BYTES)?;
-    Some((u8::try_from(version).ok()?, name, body.len() - payload.len()..body.len()))
+    Some((version, name, body.len() - payload.len()..body.len()))
 }
 
 /// Reads any form the spec allows: entries in any order, unknown keys,
