@@ -3,8 +3,10 @@
 //! the id and flags as the first five bytes of its frame, and the envelope and
 //! the payload each serialized through ciborium's serde path into a `Vec`.
 //!
-//! Shared by `benches/codec.rs` and `examples/profile_ready.rs`, so that the
-//! criterion medians and the callgrind counts measure the same code.
+//! Shared by `benches/codec.rs` and the examples `profile_ready` and
+//! `batch_effect`, so that the criterion medians, the callgrind counts and the
+//! batch measurements all measure the same code.
+#![allow(dead_code)] // each user takes what it needs
 
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
