@@ -1,10 +1,13 @@
 //! The frame layer: length prefix, correlation id and flags around an opaque body.
 //!
-//! This layer never looks inside the body, so a relay can route on [`Frame::id`]
-//! and [`Frame::flags`] without paying for CBOR. The decoder is a small state
-//! machine (`Head` → `Data`, or `Head` → `Discard` for a frame above the limit)
-//! that cuts each body out of the read buffer with `split_to`, so the body is a
-//! [`Bytes`] view of the bytes that were read, never a copy.
+//! This layer never looks inside the body, so a relay can route on a
+//! [`Frame`]'s `id` and `flags` without paying for CBOR. The decoder is a small
+//! state machine (`Head` → `Data`, or `Head` → `Discard` for a frame above the
+//! limit) that cuts each body out of the read buffer with `split_to`, so the
+//! body is a [`Bytes`] view of the bytes that were read, never a copy. For the
+//! layer above, it can also hand over a body while it still lies in the read
+//! buffer, to be read in place (the message codec does that for every message
+//! whose payload keeps no view of the frame).
 
 use std::fmt;
 use std::io;
