@@ -129,12 +129,26 @@ macro_rules! message_types {
 
             /// Decodes a payload of this type from a borrowed slice of `p`
             /// bytes (see [`CborPayload::decode_slice`]).
+            ///
+            /// ```
+            /// use agentwire::{MessageType, Payload, payload::exec::ExecExited};
+            /// let p = MessageType::ExecExited.decode_payload_slice(b"\xa1\x64code\x18\x2a")?;
+            /// assert_eq!(p, Payload::ExecExited(ExecExited { code: 42 }));
+            /// # Ok::<(), agentwire::payload::PayloadError>(())
+            /// ```
             pub fn decode_payload_slice(self, p: &[u8]) -> Result<Payload, PayloadError> {
                 Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, <$payload>::decode_slice(p)?)), )* })
             }
 
             /// Whether a decoded payload of this type holds views of the
             /// payload bytes ([`CborPayload::HOLDS_VIEWS`]).
+            ///
+            /// ```
+            /// use agentwire::MessageType;
+            /// assert!(MessageType::FsData.holds_views());
+            /// assert!(!MessageType::Ready.holds_views());
+            /// assert_eq!(MessageType::ALL.iter().filter(|t| t.holds_views()).count(), 5);
+            /// ```
             pub const fn holds_views(self) -> bool {
                 match self { $( MessageType::$variant => <$payload as CborPayload>::HOLDS_VIEWS, )* }
             }
