@@ -441,26 +441,17 @@ pub(crate) fn head_bytes(major: u8, arg: u64) -> ([u8; 9], usize) {
 
 /// Writes the shortest head of major type `major` carrying `arg`.
 ///
-/// Each arm writes an array of a fixed size, which compiles to a few stores
-/// instead of a call to `memcpy` with a variable length.
+/// Each arm copies a fixed number of bytes of [`head_bytes`], which compiles
+/// to a few stores instead of a call to `memcpy` with a variable length.
 #[inline(always)]
 pub(crate) fn put_head(dst: &mut BytesMut, major: u8, arg: u64) {
-    let m = major << 5;
-    match arg {
-        0..=23 => dst.put_u8(m | arg as u8),
-        24..=0xff => dst.put_slice(&[m | 24, arg as u8]),
-        0x100..=0xffff => {
-            let [a, b] = (arg as u16).to_be_bytes();
-            dst.put_slice(&[m | 25, a, b]);
-        }
-        0x1_0000..=0xffff_ffff => {
-            let [a, b, c, d] = (arg as u32).to_be_bytes();
-            dst.put_slice(&[m | 26, a, b, c, d]);
-        }
-        _ => {
-            let [a, b, c, d, e, f, g, h] = arg.to_be_bytes();
-            dst.put_slice(&[m | 27, a, b, c, d, e, f, g, h]);
-        }
+    let (head, len) = head_bytes(major, arg);
+    match len {
+        1 => dst.put_u8(head[0]),
+        2 => dst.put_slice(&head[..2]),
+        3 => dst.put_slice(&head[..3]),
+        5 => dst.put_slice(&head[..5]),
+        _ => dst.put_slice(&head),
     }
 }
 
