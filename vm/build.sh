@@ -42,7 +42,7 @@ cp "$work/kernel/boot/vmlinuz-$release" "$out/vmlinuz"
 echo "$release" > "$out/kernel-release"
 
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
-cargo build --release --locked --target "$target" --features cli --bin agentwire
+cargo build --release --locked --target "$target" -p agentwire-cli --bin agentwire
 agent="target/$target/release/agentwire"
 
 root="$work/initramfs"

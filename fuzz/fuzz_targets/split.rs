@@ -6,7 +6,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../tests/common/pieces.rs"]
+#[path = "../../crates/agentwire/tests/common/pieces.rs"]
 mod pieces;
 
 #[derive(Arbitrary, Debug)]

@@ -80,7 +80,7 @@ fn encoding_each_payload_gives_its_exact_bytes() {
 
 #[test]
 fn copies_match_the_shared_vectors() {
-    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors");
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors");
     if !shared.is_dir() {
         eprintln!("skipped: {} is not present", shared.display());
         return;

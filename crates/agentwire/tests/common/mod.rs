@@ -26,28 +26,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs the built `agentwire` command with `args`, feeding it `stdin` (from a
-/// thread, so that a command that writes a lot before reading cannot block).
-pub fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let output = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    output
-}
-
 /// Reads one of the copied vector files as JSON lines.
 pub fn vectors(name: &str) -> Vec<Value> {
     let path = vector_path(name);
@@ -56,7 +34,8 @@ pub fn vectors(name: &str) -> Vec<Value> {
 }
 
 pub fn vector_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(name)
+    // From either crate of the workspace that includes this file.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../agentwire/tests/vectors").join(name)
 }
 
 pub fn hex(s: &str) -> Vec<u8> {

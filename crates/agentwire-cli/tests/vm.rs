@@ -28,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(90);
 fn image_dir() -> PathBuf {
     std::env::var_os("AGENTWIRE_VM_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/vm"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/vm"))
 }
 
 /// Whether a VM can be booted here; says why not, or fails when CI requires it.

@@ -1,11 +1,11 @@
 //! The `agentwire` command: inspect and craft captured byte streams of the
-//! protocol, and a real guest agent and host client that speak it. Built with
-//! the `cli` feature, so that users of the library never build its dependencies:
+//! protocol, and a real guest agent and host client that speak it. It is its
+//! own crate, so that users of the libraries never build its dependencies:
 //!
 //! ```text
-//! cargo run --release --features cli -- demo
-//! cargo run --features cli -- inspect capture.bin
-//! cargo run --features cli -- encode frames.jsonl -o capture.bin
+//! cargo run --release -- demo
+//! cargo run -- inspect capture.bin
+//! cargo run -- encode frames.jsonl -o capture.bin
 //! ```
 
 mod addr;
