@@ -186,12 +186,11 @@ impl Drop for Listener {
 /// which it is open to others), and chmod-ed again to be sure.
 fn bind_private_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
-    // The command binds its sockets from one place, before serving connections.
-    let old = unsafe { libc::umask(0o077) };
+    // The mask is the process's: the command binds its sockets from one place,
+    // before serving connections, so nothing else creates files meanwhile.
+    let old = crate::sys::umask(0o077);
     let bound = tokio::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
+    crate::sys::umask(old);
     let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

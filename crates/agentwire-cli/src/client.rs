@@ -28,7 +28,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Client {
     outbox: Outbox,
     routes: Routes,
-    next_id: AtomicU32,
+    /// The next id to give a session; every id below it was given (and is open while it has a route).
+    next_id: Arc<AtomicU32>,
+    /// Whether a `core.bootstrap` was given to [`Client::connect`] and was
+    /// encoded and written to the stream before anything else.
+    pub bootstrap_written: bool,
     /// The generation both sides use.
     pub negotiated: u8,
     /// The agent's `core.ready`.
@@ -68,14 +72,19 @@ impl Client {
         let counters = Arc::new(Counters::default());
         let (mut inbox, outbox, writer) = wire::split(stream, counters.clone(), capture);
         let routes: Routes = Arc::default();
+        let next_id = Arc::new(AtomicU32::new(1));
         let (control_tx, mut control) = mpsc::unbounded_channel();
         // The bootstrap goes out before anything is read, as it would sit in
         // front of the agent's input before a VM boots.
+        let mut bootstrap_written = false;
         if let Some(b) = bootstrap {
             outbox.send(Message::new(0, b)).await.map_err(|_| "the connection closed")?;
             outbox.flushed().await.map_err(|_| "the connection closed")?;
+            // The writer counts a frame once encoded; one it could not encode is not sent.
+            bootstrap_written = counters.sent.get().0 == 1;
         }
         let reader_routes = routes.clone();
+        let issued = next_id.clone();
         let reader = tokio::spawn(async move {
             let result = loop {
                 let m = match inbox.next().await {
@@ -97,7 +106,16 @@ impl Client {
                     None => {
                         if let Err(lost) = control_tx.send(m) {
                             let m = lost.0;
-                            eprintln!("agentwire host: {} on id {}, which has no open session", m.message_type(), m.id);
+                            // A core.error on an id whose session this side has closed (stdin that
+                            // raced the command's exit, say) concerns nothing that is still open.
+                            let closed = m.id != 0 && m.id < issued.load(Ordering::Relaxed);
+                            if !(closed && matches!(m.payload, Payload::Error(_))) {
+                                eprintln!(
+                                    "agentwire host: {} on id {}, which has no open session",
+                                    m.message_type(),
+                                    m.id
+                                );
+                            }
                         }
                     }
                 }
@@ -126,7 +144,8 @@ impl Client {
         Ok(Client {
             outbox,
             routes,
-            next_id: AtomicU32::new(1),
+            next_id,
+            bootstrap_written,
             negotiated,
             ready,
             agent_generation,
@@ -237,14 +256,22 @@ impl Client {
     }
 
     /// Runs a command with this process's stdin, stdout and stderr, and gives
-    /// the status a shell would: the command's own (clamped to 0..=255), or 127
-    /// when it was not found and 126 when it could not be run, said on stderr
-    /// after `who`.
+    /// the status a shell would: the command's own, or 127 when it was not
+    /// found and 126 when it could not be run, said on stderr after `who`.
+    /// A command killed by a signal (code -1), or a code that is no exit
+    /// status, gives 255, never success, and is said on stderr too.
     pub async fn exec_with_stdio(&self, req: ExecRequest, who: &str) -> Result<u8, String> {
         let cmd = req.cmd.clone();
         let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
         match self.exec(req, tokio::io::stdin(), &mut stdout, &mut stderr).await? {
-            Ok(code) => Ok(code.clamp(0, 255) as u8),
+            Ok(code) => Ok(exit_status(code).unwrap_or_else(|| {
+                if code == -1 {
+                    eprintln!("{who}: {cmd} was killed by a signal");
+                } else {
+                    eprintln!("{who}: {cmd} ended with code {code}, which is no exit status");
+                }
+                255
+            })),
             Err(failed) => {
                 eprintln!("{who}: {cmd} ({}): {}", failed.kind.as_str(), failed.message);
                 Ok(if failed.kind == ExecFailureKind::NotFound { 127 } else { 126 })
@@ -322,11 +349,33 @@ fn response_of(p: Option<Payload>) -> Result<Option<FsResponseData>, String> {
     }
 }
 
+/// The exit status of a `core.exec.exited` code, when it is one (0..=255):
+/// not for -1 (killed by a signal) or any other code out of that range.
+pub fn exit_status(code: i32) -> Option<u8> {
+    u8::try_from(code).ok()
+}
+
 /// Describes what came instead of what was expected.
 pub fn unexpected(expected: &str, got: Option<Payload>) -> String {
     match got {
         None => format!("the connection ended before {expected}"),
         Some(Payload::Error(e)) => format!("core.error ({}): {}", e.kind.as_str(), e.message),
         Some(p) => format!("expected {expected}, got {}", p.message_type()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_status;
+
+    #[test]
+    fn only_a_code_in_0_to_255_is_an_exit_status() {
+        for code in [0, 1, 7, 126, 137, 255] {
+            assert_eq!(exit_status(code), Some(code as u8), "{code}");
+        }
+        // -1 is a command killed by a signal: never success, never clamped to 0.
+        for code in [-1, -2, -255, i32::MIN, 256, 300, i32::MAX] {
+            assert_eq!(exit_status(code), None, "{code}");
+        }
     }
 }

@@ -19,7 +19,6 @@ use tokio::io::AsyncWriteExt;
 use crate::addr::{self, Addr, Listener};
 use crate::agent;
 use crate::client::{Client, unexpected};
-use crate::tmp::TempDir;
 
 /// Settings of one run.
 pub struct Options {
@@ -53,6 +52,12 @@ impl Transcript {
             Err(line) => self.check(false, line),
         }
     }
+}
+
+/// A fresh private directory (mode 0700) named after `tag`, removed with
+/// everything in it when the guard is dropped.
+pub fn temp_dir(tag: &str) -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(&format!("agentwire-{tag}-")).tempdir()
 }
 
 /// Deterministic bytes (xorshift64), so that a run is repeatable.
@@ -100,11 +105,12 @@ pub async fn run(opts: Options) -> ExitCode {
 
 async fn script(opts: &Options) -> Result<usize, String> {
     let started = Instant::now();
-    let tmp = TempDir::new("demo").map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let root = tmp.0.join("root");
+    // Removed, with everything in it, when the demo ends (the guard is dropped).
+    let tmp = temp_dir("demo").map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let root = tmp.path().join("root");
     std::fs::create_dir(&root).map_err(|e| e.to_string())?;
     let root = root.canonicalize().map_err(|e| e.to_string())?;
-    let socket = Addr::Unix(tmp.0.join("agent.sock"));
+    let socket = Addr::Unix(tmp.path().join("agent.sock"));
     let listener = Listener::bind(&socket).await.map_err(|e| format!("cannot listen on {socket}: {e}"))?;
     let config = Arc::new(agent::Config {
         root: root.clone(),
@@ -135,7 +141,10 @@ async fn script(opts: &Options) -> Result<usize, String> {
     };
     let stream = addr::connect(&socket).await.map_err(|e| format!("cannot connect to {socket}: {e}"))?;
     let client = Client::connect(stream, Some(bootstrap), capture.clone()).await?;
-    t.check(true, "core.bootstrap sent (hostname, default cwd, AGENTWIRE_DEMO=hello)");
+    t.check(
+        client.bootstrap_written,
+        "core.bootstrap encoded and written before the handshake (hostname, default cwd, AGENTWIRE_DEMO=hello)",
+    );
     let r = &client.ready;
     t.check(
         !r.agent_version.is_empty() && r.ready_time_ns >= r.boot_time_ns,
@@ -144,7 +153,15 @@ async fn script(opts: &Options) -> Result<usize, String> {
             r.agent_version, client.agent_generation, r.boot_time_ns, r.ready_time_ns, client.negotiated
         ),
     );
-    t.check(true, format!("core.init.resolved: uid {} gid {}; core.init.ack sent", client.user.uid, client.user.gid));
+    // The agent runs in this process: its default user is this process's.
+    let (uid, gid) = crate::sys::effective_ids();
+    t.check(
+        (client.user.uid, client.user.gid) == (uid, gid),
+        format!(
+            "core.init.resolved: uid {} gid {} (ours: {uid} {gid}); core.init.ack sent",
+            client.user.uid, client.user.gid
+        ),
+    );
 
     // A real command: output, error output and exit status.
     let mut req = ExecRequest::new("sh");
@@ -260,13 +277,25 @@ async fn script(opts: &Options) -> Result<usize, String> {
     // Concurrent sessions on the one connection.
     t.step(concurrent(&client, opts.sessions).await);
 
+    // Shutdown: the agent must close the connection (the client's reader sees
+    // the end of the stream) within a few seconds.
     let counters = client.counters.clone();
-    let shutdown = client.shutdown().await;
+    let shutdown_limit = Duration::from_secs(10);
+    let asked = Instant::now();
+    let shutdown = tokio::time::timeout(shutdown_limit, client.shutdown())
+        .await
+        .unwrap_or_else(|_| Err(format!("the connection was still open {shutdown_limit:?} later")));
     let (sent, received) = (counters.sent.get(), counters.received.get());
-    match shutdown {
-        Ok(()) => t.check(true, "core.shutdown: the agent closed the connection"),
-        Err(e) => t.check(false, format!("core.shutdown: {e}")),
-    }
+    t.check(
+        shutdown.is_ok(),
+        match &shutdown {
+            Ok(()) => format!(
+                "core.shutdown: the agent closed the connection {:.1} ms later",
+                asked.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => format!("core.shutdown: {e}"),
+        },
+    );
     agent_task.abort();
     echo_task.abort();
 

@@ -18,7 +18,6 @@ mod init;
 mod inspect;
 mod serial;
 mod sys;
-mod tmp;
 mod vm;
 mod wire;
 

@@ -12,8 +12,7 @@ use agentwire::payload::core::ClockSync;
 use agentwire::payload::exec::ExecRequest;
 
 use crate::client::Client;
-use crate::demo::{checksum, mb_per_s, pattern, percentile, us};
-use crate::tmp::TempDir;
+use crate::demo::{checksum, mb_per_s, pattern, percentile, temp_dir, us};
 
 /// The QEMU machine type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -114,15 +113,16 @@ pub async fn run(opts: Options) -> ExitCode {
         eprintln!("agentwire vm: {what}");
         return ExitCode::from(crate::EXIT_USAGE);
     }
-    let tmp = match TempDir::new("vm") {
+    // Removed, with QEMU's socket and console log, when the run ends.
+    let tmp = match temp_dir("vm") {
         Ok(t) => t,
         Err(e) => {
             eprintln!("agentwire vm: cannot create a temporary directory: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let socket = opts.socket.clone().unwrap_or_else(|| tmp.0.join("agent.sock"));
-    let console = tmp.0.join("console.log");
+    let socket = opts.socket.clone().unwrap_or_else(|| tmp.path().join("agent.sock"));
+    let console = tmp.path().join("console.log");
     let started = Instant::now();
     let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console).spawn() {
         Ok(c) => c,

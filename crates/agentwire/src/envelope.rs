@@ -257,12 +257,16 @@ mod tests {
 
     #[test]
     fn liberal_forms_are_read() {
-        for h in [
-            // indefinite map, keys reordered, non-shortest v, indefinite t, unknown key with nested value
-            "bf617041a0617a82a0f661741b0000000000000007", // (t missing: checked below)
-            "bf61701800617a82a0f66174",
+        // Indefinite maps with the keys out of order and an unknown key whose
+        // value is nested, but a value of the wrong kind: read up to it, then refused.
+        for (h, reason) in [
+            // {_ "p": h'a0', "z": [{}, null], "t": 7 (non-shortest head)
+            ("bf617041a0617a82a0f661741b0000000000000007", "t is not a text string"),
+            // {_ "p": 0 (non-shortest head), ...
+            ("bf61701800617a82a0f66174", "p is not a byte string"),
         ] {
-            let _ = decode(&hex(h)); // must not panic
+            let err = decode(&hex(h)).unwrap_err();
+            assert_eq!(err.reason, reason, "{h}");
         }
         let body =
             hex(&format!("bf617041a0617a82a0f66176180761747f64{}6c{}ffff", "636f7265", "2e657865632e657869746564"));

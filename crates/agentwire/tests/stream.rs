@@ -129,23 +129,25 @@ fn oversized_frame_is_skipped_in_bounded_memory_and_reported_with_its_id() {
     assert_eq!(items[2].as_ref().unwrap().id, 2);
 }
 
-#[tokio::test]
-async fn oversized_frame_through_framed_read_in_default_and_strict_mode() {
-    let wire = oversized_between_valid();
-    let mut reader = FramedRead::new(&wire[..], MessageCodec::new());
-    let mut ids = Vec::new();
-    while let Some(item) = reader.next().await {
-        let item = item.unwrap();
-        ids.push(item.as_ref().map(|m| m.id).unwrap_or_else(|r| r.id));
-        assert!(reader.read_buffer().capacity() <= MAX_FRAME_SIZE);
-    }
-    assert_eq!(ids, [1, 0xdead_beef, 2]);
+#[test]
+fn oversized_frame_through_framed_read_in_default_and_strict_mode() {
+    futures::executor::block_on(async {
+        let wire = oversized_between_valid();
+        let mut reader = FramedRead::new(&wire[..], MessageCodec::new());
+        let mut ids = Vec::new();
+        while let Some(item) = reader.next().await {
+            let item = item.unwrap();
+            ids.push(item.as_ref().map(|m| m.id).unwrap_or_else(|r| r.id));
+            assert!(reader.read_buffer().capacity() <= MAX_FRAME_SIZE);
+        }
+        assert_eq!(ids, [1, 0xdead_beef, 2]);
 
-    let strict = MessageCodec::with_frame_codec(FrameCodec::builder().strict(true).build());
-    let items: Vec<_> = FramedRead::new(&wire[..], strict).collect().await;
-    assert_eq!(items.len(), 2, "{items:?}");
-    assert_eq!(items[0].as_ref().unwrap().as_ref().unwrap().id, 1);
-    assert!(matches!(items[1], Err(StreamError::FrameTooLarge { offset: 43, .. })));
+        let strict = MessageCodec::with_frame_codec(FrameCodec::builder().strict(true).build());
+        let items: Vec<_> = FramedRead::new(&wire[..], strict).collect().await;
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(items[0].as_ref().unwrap().as_ref().unwrap().id, 1);
+        assert!(matches!(items[1], Err(StreamError::FrameTooLarge { offset: 43, .. })));
+    })
 }
 
 #[test]
@@ -162,19 +164,21 @@ fn a_header_claiming_u32_max_reserves_nothing() {
     assert!(err.to_string().contains("1009 of 4294967299 bytes"), "{err}");
 }
 
-#[tokio::test]
-async fn ten_thousand_unknown_frames_in_a_row_are_each_kept_and_the_stream_goes_on() {
-    let unknown = hex("000000210000000100a3617607617471636f72652e6675747572652e7468696e67617041a0");
-    let mut wire = Vec::new();
-    for _ in 0..10_000 {
-        wire.extend(&unknown);
-    }
-    wire.extend(exited(9));
-    let items: Vec<_> = FramedRead::new(&wire[..], MessageCodec::new()).collect().await;
-    assert_eq!(items.len(), 10_001);
-    for item in &items[..10_000] {
-        let r = item.as_ref().unwrap().as_ref().unwrap_err();
-        assert_eq!(r.kind, RejectKind::UnsupportedMessageType);
-    }
-    assert_eq!(items[10_000].as_ref().unwrap().as_ref().unwrap().id, 9);
+#[test]
+fn ten_thousand_unknown_frames_in_a_row_are_each_kept_and_the_stream_goes_on() {
+    futures::executor::block_on(async {
+        let unknown = hex("000000210000000100a3617607617471636f72652e6675747572652e7468696e67617041a0");
+        let mut wire = Vec::new();
+        for _ in 0..10_000 {
+            wire.extend(&unknown);
+        }
+        wire.extend(exited(9));
+        let items: Vec<_> = FramedRead::new(&wire[..], MessageCodec::new()).collect().await;
+        assert_eq!(items.len(), 10_001);
+        for item in &items[..10_000] {
+            let r = item.as_ref().unwrap().as_ref().unwrap_err();
+            assert_eq!(r.kind, RejectKind::UnsupportedMessageType);
+        }
+        assert_eq!(items[10_000].as_ref().unwrap().as_ref().unwrap().id, 9);
+    })
 }

@@ -81,10 +81,8 @@ pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox
         f.abort();
     }
     let code = match status {
-        Ok(s) => s.code().unwrap_or_else(|| {
-            use std::os::unix::process::ExitStatusExt;
-            128 + s.signal().unwrap_or(0)
-        }),
+        // Killed by a signal: no exit status, and -1 as the reference agent says (spec 10.6).
+        Ok(s) => s.code().unwrap_or(-1),
         Err(e) => {
             eprintln!("agentwire agent: waiting for pid {pid} (id {id}): {e}");
             -1

@@ -111,10 +111,16 @@ impl Fs {
                 let md = if follow_symlink { stdfs::metadata(&real) } else { stdfs::symlink_metadata(&real) };
                 Ok(Some(FsResponseData::Stat(entry(self.guest_path(&real), &md.map_err(|e| io(&path, e))?))))
             }
-            FsOp::SetStat { path, attrs, .. } => {
-                let real = self.resolve(&path, true)?;
-                let file = File::options().read(true).open(&real).map_err(|e| io(&path, e))?;
-                set_attrs(&file, &attrs).map_err(|e| io(&path, e))?;
+            FsOp::SetStat { path, follow_symlink, attrs } => {
+                let real = self.resolve(&path, follow_symlink)?;
+                let is_link = !follow_symlink && stdfs::symlink_metadata(&real).is_ok_and(|m| m.is_symlink());
+                if is_link {
+                    // The link itself, as lstat sees it: never its target.
+                    set_link_attrs(&real, &attrs).map_err(|e| io(&path, e))?;
+                } else {
+                    let file = File::options().read(true).open(&real).map_err(|e| io(&path, e))?;
+                    set_attrs(&file, &attrs).map_err(|e| io(&path, e))?;
+                }
                 Ok(None)
             }
             FsOp::List { path } => {
@@ -263,6 +269,29 @@ fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
     }
     if attrs.atime.is_some() || attrs.mtime.is_some() {
         file.set_times(times)?;
+    }
+    Ok(())
+}
+
+/// Applies `attrs` to the symlink at `path` itself. Linux can change a link's
+/// owner and times, not its mode (there is no lchmod) or its size: a request
+/// for either is refused whole, before anything is changed.
+fn set_link_attrs(path: &Path, attrs: &FsSetAttrs) -> std::io::Result<()> {
+    let refuse = |what: &str| {
+        let message = format!("a symlink's own {what} cannot be set (follow_symlink: true sets its target's)");
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, message))
+    };
+    if attrs.mode.is_some() {
+        return refuse("mode");
+    }
+    if attrs.size.is_some() {
+        return refuse("size");
+    }
+    if attrs.uid.is_some() || attrs.gid.is_some() {
+        std::os::unix::fs::lchown(path, attrs.uid, attrs.gid)?;
+    }
+    if attrs.atime.is_some() || attrs.mtime.is_some() {
+        crate::sys::set_times_nofollow(path, attrs.atime, attrs.mtime)?;
     }
     Ok(())
 }

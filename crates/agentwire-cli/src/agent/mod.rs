@@ -327,9 +327,14 @@ impl Connection {
         self.tasks.spawn(session(rx));
     }
 
-    /// Hands a frame of a running session to it.
+    /// Hands a frame of a running session to it. Stdin, signal and resize for
+    /// an id with no open session, or one whose session has ended, are dropped
+    /// without a reply, as the reference agent does (spec 10.6, 10.9): the
+    /// host's stdin can race the command's exit.
     async fn route(&mut self, id: u32, t: MessageType, input: Input) {
+        let exec_control = input.family() == "core.exec";
         let reason = match self.sessions.get(&id) {
+            None if exec_control => return,
             None => format!("id {id} has no open session"),
             Some(s) if s.family != input.family() => {
                 format!("{t} on id {id}, which is a {} session", s.family)
@@ -338,6 +343,9 @@ impl Connection {
                 Ok(()) => return,
                 Err(_) => {
                     self.sessions.remove(&id);
+                    if exec_control {
+                        return;
+                    }
                     format!("the session on id {id} has ended")
                 }
             },

@@ -27,4 +27,3 @@ pub fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {
     writer.join().unwrap();
     output
 }
-

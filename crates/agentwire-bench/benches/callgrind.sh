@@ -3,9 +3,9 @@
 # counted by callgrind (exact and unaffected by other load on the machine,
 # unlike the criterion times). Usage: benches/callgrind.sh [N]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
 n=${1:-20000}
-cargo build --release --example profile_ready >&2
+cargo build --release -p agentwire-bench --example profile_ready >&2
 exe=target/release/examples/profile_ready
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -1,0 +1,403 @@
+//! The state machine driven with byte slices, as a transport would.
+
+use std::time::{Duration, Instant};
+
+use agentwire::payload::bootstrap::GuestBootstrap;
+use agentwire::payload::core::{
+    ClockSync, CoreErrorKind, InitAck, Ping, Ready, RelayClientDisconnected, ResolvedUser, Touch,
+};
+use agentwire::payload::exec::{ExecExited, ExecRequest, ExecSignal, ExecStdin, ExecStdout};
+use agentwire::payload::fs::FsData;
+use agentwire::payload::tcp::{TcpConnect, TcpData};
+use agentwire::relay::{AGENT_RELAY_ID_RANGE_STEP, RelayHandshake};
+use agentwire::{Frame, Message, MessageCodec, MessageType, Payload};
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::{Config, Connection, ConnectionError, Event, Phase, SendError};
+
+fn wire(messages: &[Message]) -> Vec<u8> {
+    let mut codec = MessageCodec::new();
+    let mut out = BytesMut::new();
+    for m in messages {
+        codec.encode(m.clone(), &mut out).unwrap();
+    }
+    out.to_vec()
+}
+
+fn frames(bytes: Bytes) -> Vec<Message> {
+    let mut codec = MessageCodec::new();
+    let mut buf = BytesMut::from(&bytes[..]);
+    let mut out = Vec::new();
+    while let Some(item) = codec.decode(&mut buf).unwrap() {
+        out.push(item.unwrap());
+    }
+    assert!(buf.is_empty(), "a partial frame was written");
+    out
+}
+
+fn types(bytes: Bytes) -> Vec<(u32, MessageType)> {
+    frames(bytes).iter().map(|m| (m.id, m.message_type())).collect()
+}
+
+fn events(c: &mut Connection) -> Vec<Event> {
+    std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+fn user() -> ResolvedUser {
+    ResolvedUser { uid: 1000, gid: 1000 }
+}
+
+/// An agent taken through the start-up exchange with a host of generation `v`.
+fn ready_agent(config: Config, v: u8) -> Connection {
+    let now = Instant::now();
+    let mut agent = Connection::agent(config, now);
+    agent.handle_input(&wire(&[Message::new(0, GuestBootstrap::default()).with_version(v)]), now).unwrap();
+    assert!(matches!(events(&mut agent)[..], [Event::Bootstrap(_)]));
+    agent.init_resolved(user()).unwrap();
+    agent.handle_input(&wire(&[Message::new(0, InitAck {})]), now).unwrap();
+    assert_eq!(events(&mut agent), vec![Event::InitAcked]);
+    agent.ready(Ready::default()).unwrap();
+    assert!(agent.is_established());
+    agent.poll_transmit();
+    agent
+}
+
+#[test]
+fn agent_lifecycle_in_the_deployed_order() {
+    let now = Instant::now();
+    let mut agent = Connection::agent(Config::default(), now);
+    assert!(agent.poll_transmit().is_empty(), "the agent speaks only after the bootstrap");
+    let boot = wire(&[Message::new(0, GuestBootstrap { hostname: Some("vm".into()), ..Default::default() })]);
+    // One byte at a time: nothing happens until the frame is whole.
+    for b in &boot[..boot.len() - 1] {
+        agent.handle_input(&[*b], now).unwrap();
+        assert!(agent.poll_event().is_none());
+    }
+    agent.handle_input(&boot[boot.len() - 1..], now).unwrap();
+    match &events(&mut agent)[..] {
+        [Event::Bootstrap(b)] => assert_eq!(b.hostname.as_deref(), Some("vm")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(agent.phase(), Phase::Resolving);
+    agent.init_resolved(user()).unwrap();
+    assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::InitResolved)]);
+    // ready cannot go out before the ack
+    assert!(matches!(agent.ready(Ready::default()), Err(SendError::NotEstablished(MessageType::Ready))));
+    agent.handle_input(&wire(&[Message::new(0, InitAck {})]), now).unwrap();
+    assert_eq!(events(&mut agent), vec![Event::InitAcked]);
+    agent.ready(Ready { agent_version: "t".into(), ..Default::default() }).unwrap();
+    assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::Ready)]);
+    assert!(agent.is_established());
+    assert_eq!(agent.poll_timeout(), None, "no handshake deadline once ready");
+}
+
+#[test]
+fn agent_startup_failure_is_reported_on_id_0() {
+    let now = Instant::now();
+    let mut agent = Connection::agent(Config::default(), now);
+    let err = agent.handle_input(&wire(&[Message::new(1, Ping {})]), now).unwrap_err();
+    assert!(matches!(err, ConnectionError::Startup(ref s) if s.contains("core.ping")), "{err}");
+    let sent = frames(agent.poll_transmit());
+    match &sent[..] {
+        [Message { id: 0, payload: Payload::Error(e), .. }] => {
+            assert_eq!(e.kind.as_str(), "initialization_failed");
+            assert!(e.message.starts_with("bootstrap failed: "), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(agent.phase(), Phase::Closed);
+    // A bootstrap older than generation 7 fails the same way.
+    let mut agent = Connection::agent(Config::default(), now);
+    let old = wire(&[Message::new(0, GuestBootstrap::default()).with_version(6)]);
+    assert!(agent.handle_input(&old, now).is_err());
+    // Anything but the ack after init.resolved, too.
+    let mut agent = Connection::agent(Config::default(), now);
+    agent.handle_input(&wire(&[Message::new(0, GuestBootstrap::default())]), now).unwrap();
+    agent.init_resolved(user()).unwrap();
+    let err = agent.handle_input(&wire(&[Message::new(5, Ping {})]), now).unwrap_err();
+    assert!(err.to_string().contains("core.init.ack"), "{err}");
+}
+
+#[test]
+fn agent_handshake_times_out() {
+    let now = Instant::now();
+    let config = Config { handshake_timeout: Duration::from_secs(60), ..Config::default() };
+    let mut agent = Connection::agent(config, now);
+    assert_eq!(agent.poll_timeout(), Some(now + Duration::from_secs(60)));
+    agent.handle_timeout(now + Duration::from_secs(59)).unwrap();
+    let err = agent.handle_timeout(now + Duration::from_secs(60)).unwrap_err();
+    assert_eq!(err.to_string(), "no core.bootstrap within 60s");
+    assert_eq!(agent.phase(), Phase::Closed);
+}
+
+#[test]
+fn idle_timeout_counts_from_the_last_input() {
+    let now = Instant::now();
+    let config = Config { idle_timeout: Some(Duration::from_secs(5)), ..Config::default() };
+    let mut agent = ready_agent(config, 7);
+    let later = now + Duration::from_secs(4);
+    agent.handle_input(&wire(&[Message::new(3, Ping {})]), later).unwrap();
+    agent.handle_timeout(now + Duration::from_secs(8)).unwrap();
+    assert!(matches!(agent.handle_timeout(later + Duration::from_secs(5)), Err(ConnectionError::Idle(_))));
+}
+
+#[test]
+fn agent_answers_what_it_owes() {
+    let mut agent = ready_agent(Config::default(), 7);
+    let now = Instant::now();
+    let input = wire(&[
+        Message::new(3, Ping {}),
+        Message::new(4, Touch {}),
+        Message::new(9, ExecStdin { data: Bytes::from_static(b"x") }),
+        Message::new(9, ExecSignal { signal: 9 }),
+        Message::new(10, FsData { data: Bytes::from_static(b"x") }),
+        Message::new(11, TcpData { data: Bytes::from_static(b"x") }),
+        Message::new(12, ExecExited { code: 0 }),
+    ]);
+    agent.handle_input(&input, now).unwrap();
+    let sent = frames(agent.poll_transmit());
+    let got: Vec<_> = sent.iter().map(|m| (m.id, m.message_type())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (3, MessageType::Pong),
+            (4, MessageType::Touched),
+            (10, MessageType::FsResponse),
+            (11, MessageType::TcpFailed),
+            (12, MessageType::Error),
+        ],
+        "stdin and signal for an unknown id are ignored, as by the deployed agent"
+    );
+    let ignored = events(&mut agent).into_iter().filter(|e| matches!(e, Event::Ignored(_))).count();
+    assert_eq!(ignored, 2);
+}
+
+#[test]
+fn sessions_open_route_and_close() {
+    let mut agent = ready_agent(Config::default(), 7);
+    let now = Instant::now();
+    let req = ExecRequest::new("cat");
+    agent.handle_input(&wire(&[Message::new(7, req.clone())]), now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Request(m)] if m.id == 7));
+    // A second request on an open id, and input of another family, are refused.
+    let again = wire(&[Message::new(7, req.clone()), Message::new(7, TcpData { data: Bytes::new() })]);
+    agent.handle_input(&again, now).unwrap();
+    let refused = frames(agent.poll_transmit());
+    assert_eq!(refused.len(), 2);
+    for m in &refused {
+        match &m.payload {
+            Payload::Error(e) => assert_eq!(e.kind, CoreErrorKind::InvalidSession),
+            other => panic!("{other:?}"),
+        }
+    }
+    agent.handle_input(&wire(&[Message::new(7, ExecStdin { data: Bytes::from_static(b"abc") })]), now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Input(m)] if m.id == 7));
+    assert_eq!(agent.sessions().get(7).unwrap().buffered, 3 + crate::table::FRAME_CHARGE);
+    agent.consumed(7, 3 + crate::table::FRAME_CHARGE);
+    agent.send(7, ExecStdout { data: Bytes::from_static(b"abc") }).unwrap();
+    agent.send(7, ExecExited { code: 0 }).unwrap();
+    assert!(agent.sessions().is_empty(), "the TERMINAL frame closed the session");
+    assert!(matches!(agent.send(7, ExecStdout { data: Bytes::new() }), Err(SendError::NoSession { id: 7, .. })));
+    // The id may be used again.
+    agent.handle_input(&wire(&[Message::new(7, req)]), now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Request(_)]));
+}
+
+#[test]
+fn session_limit_refuses_one_request() {
+    let config = Config { max_sessions: 2, ..Config::default() };
+    let mut agent = ready_agent(config, 7);
+    let req = || ExecRequest::new("true");
+    let input = wire(&[Message::new(1, req()), Message::new(2, req()), Message::new(3, req())]);
+    agent.handle_input(&input, Instant::now()).unwrap();
+    assert_eq!(events(&mut agent).len(), 2);
+    assert_eq!(types(agent.poll_transmit()), vec![(3, MessageType::Error)]);
+}
+
+#[test]
+fn negotiated_generation_gates_both_directions() {
+    // A generation-3 host: core.ping (gen 6) from it is refused by the decoder,
+    // and core.error (gen 5) cannot be sent back, so nothing is answered.
+    let mut agent = ready_agent(Config::default(), 7);
+    assert_eq!(agent.negotiated(), 7);
+    let now = Instant::now();
+    let mut old = Connection::agent(Config::default(), now);
+    old.handle_input(&wire(&[Message::new(0, GuestBootstrap::default()).with_version(7)]), now).unwrap();
+    assert_eq!(old.negotiated(), 7);
+    // The host side: a generation-3 agent's ready limits what the host sends.
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    host.poll_transmit();
+    host.handle_input(&wire(&[Message::new(0, Ready::default()).with_version(3)]), now).unwrap();
+    assert!(host.is_established());
+    assert_eq!(host.negotiated(), 3);
+    let err = host.open(TcpConnect { host: "db".into(), port: 5432 }).unwrap_err();
+    assert_eq!(err.to_string(), "the peer speaks generation 3; core.tcp.connect needs 4");
+    assert!(host.poll_transmit().is_empty(), "nothing was sent");
+    // And frames above generation 3 from that agent are rejected, not delivered.
+    host.handle_input(&wire(&[Message::new(1, agentwire::payload::core::Pong {})]), now).unwrap();
+    assert!(
+        matches!(&events(&mut host)[..], [Event::Ready { .. }, Event::Rejected(r)] if r.kind == agentwire::RejectKind::UnsupportedProtocolGeneration)
+    );
+    // The agent side of the same rule.
+    agent.handle_input(&wire(&[Message::new(3, Ping {})]), now).unwrap();
+    assert_eq!(types(agent.poll_transmit()), vec![(3, MessageType::Pong)]);
+}
+
+#[test]
+fn host_lifecycle_acknowledges_then_waits_for_ready() {
+    let now = Instant::now();
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    assert_eq!(types(host.poll_transmit()), vec![(0, MessageType::Bootstrap)]);
+    assert!(matches!(host.open(Ping {}), Err(SendError::NotEstablished(_))));
+    let resolved = agentwire::payload::core::InitResolved { default_user: user() };
+    host.handle_input(&wire(&[Message::new(0, resolved)]), now).unwrap();
+    assert_eq!(types(host.poll_transmit()), vec![(0, MessageType::InitAck)]);
+    assert_eq!(events(&mut host), vec![Event::InitResolved(user())]);
+    host.handle_input(&wire(&[Message::new(0, Ready::default())]), now).unwrap();
+    assert!(matches!(&events(&mut host)[..], [Event::Ready { negotiated: 7, peer_generation: 7, .. }]));
+    let id = host.open(Ping {}).unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(host.open(Ping {}).unwrap(), 2, "a fresh id for every operation");
+    host.send(0, ClockSync { unix_time_nanos: 1 }).unwrap();
+    assert!(matches!(host.send(9, ExecStdin { data: Bytes::new() }), Err(SendError::NoSession { id: 9, .. })));
+    assert!(matches!(host.send(0, ExecExited { code: 1 }), Err(SendError::Direction { .. })));
+    // Replies are routed; the TERMINAL one closes; a late one is ignored.
+    host.poll_transmit();
+    let pong = wire(&[Message::new(1, agentwire::payload::core::Pong {})]);
+    host.handle_input(&pong, now).unwrap();
+    assert!(matches!(&events(&mut host)[..], [Event::Reply(m)] if m.id == 1));
+    host.handle_input(&pong, now).unwrap();
+    assert!(matches!(&events(&mut host)[..], [Event::Ignored(m)] if m.id == 1));
+}
+
+#[test]
+fn host_reports_the_agents_init_failure() {
+    let now = Instant::now();
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    let e = agentwire::payload::core::CoreError {
+        kind: CoreErrorKind::Unknown("initialization_failed".into()),
+        message: "init failed: no such user".into(),
+        offending_type: None,
+    };
+    let err = host.handle_input(&wire(&[Message::new(0, e)]), now).unwrap_err();
+    assert!(matches!(err, ConnectionError::InitFailed(ref s) if s.contains("no such user")), "{err}");
+}
+
+#[test]
+fn host_through_a_relay_uses_its_range() {
+    let now = Instant::now();
+    let mut host = Connection::host_via_relay(Config::default(), now);
+    assert!(host.poll_transmit().is_empty(), "a relay client sends no bootstrap");
+    let mut ready = BytesMut::new();
+    MessageCodec::new().encode(Message::new(0, Ready::default()), &mut ready).unwrap();
+    let ready_frame = agentwire::FrameCodec::new().decode(&mut ready).unwrap().unwrap().unwrap();
+    let prologue = RelayHandshake::for_client(2, Frame::clone(&ready_frame)).unwrap();
+    let mut bytes = BytesMut::new();
+    prologue.encode(&mut bytes).unwrap();
+    bytes.extend_from_slice(&wire(&[Message::new(2 * AGENT_RELAY_ID_RANGE_STEP, agentwire::payload::core::Pong {})]));
+    host.handle_input(&bytes[..5], now).unwrap();
+    assert!(!host.is_established());
+    host.handle_input(&bytes[5..], now).unwrap();
+    assert!(host.is_established());
+    assert_eq!(host.id_range(), 2 * AGENT_RELAY_ID_RANGE_STEP..3 * AGENT_RELAY_ID_RANGE_STEP);
+    assert_eq!(host.open(Ping {}).unwrap(), 2 * AGENT_RELAY_ID_RANGE_STEP);
+    assert!(matches!(&events(&mut host)[..], [Event::Ready { .. }, Event::Ignored(_)]));
+}
+
+#[test]
+fn buffered_data_holds_back_input() {
+    let c = crate::table::FRAME_CHARGE + 8;
+    let config = Config { max_buffered_per_session: c + 2, max_buffered: 2 * c - 1, ..Config::default() };
+    let mut agent = ready_agent(config, 7);
+    let now = Instant::now();
+    let req = ExecRequest::new("cat");
+    agent.handle_input(&wire(&[Message::new(1, req.clone()), Message::new(2, req)]), now).unwrap();
+    let chunk = |id| Message::new(id, ExecStdin { data: Bytes::from_static(b"12345678") });
+    agent.handle_input(&wire(&[chunk(1)]), now).unwrap();
+    assert!(agent.wants_input());
+    agent.handle_input(&wire(&[chunk(1)]), now).unwrap();
+    assert!(!agent.wants_input(), "one session holds two frames");
+    agent.consumed(1, 2 * c);
+    assert!(agent.wants_input());
+    agent.handle_input(&wire(&[chunk(1), chunk(2)]), now).unwrap();
+    assert!(!agent.wants_input(), "all sessions together hold two frames");
+    agent.consumed(2, c);
+    assert!(agent.wants_input());
+}
+
+#[test]
+fn client_disconnect_closes_its_sessions_only() {
+    let mut agent = ready_agent(Config::default(), 7);
+    let now = Instant::now();
+    let step = AGENT_RELAY_ID_RANGE_STEP;
+    let req = || ExecRequest::new("sleep");
+    let input = wire(&[Message::new(1, req()), Message::new(step - 1, req()), Message::new(step + 1, req())]);
+    agent.handle_input(&input, now).unwrap();
+    events(&mut agent);
+    let gone = RelayClientDisconnected { id_start: 0, id_end_exclusive: step };
+    agent.handle_input(&wire(&[Message::new(0, gone)]), now).unwrap();
+    assert_eq!(events(&mut agent), vec![Event::ClientDisconnected { ids: 0..step, sessions: vec![1, step - 1] }]);
+    assert_eq!(agent.sessions().ids().collect::<Vec<_>>(), vec![step + 1]);
+    // A range that is not a slot's is refused and closes nothing.
+    let odd = RelayClientDisconnected { id_start: step, id_end_exclusive: step + 5 };
+    agent.handle_input(&wire(&[Message::new(0, odd)]), now).unwrap();
+    assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::Error)]);
+    assert_eq!(agent.sessions().len(), 1);
+}
+
+#[test]
+fn a_broken_stream_closes_the_connection() {
+    let mut agent = ready_agent(Config::default(), 7);
+    let err = agent.handle_input(&[0, 0, 0, 2, 0, 0], Instant::now()).unwrap_err();
+    assert!(matches!(err, ConnectionError::Stream(_)));
+    assert_eq!(agent.phase(), Phase::Closed);
+    assert!(!agent.wants_input());
+    assert!(matches!(agent.send(0, agentwire::payload::core::Pong {}), Err(SendError::Closed)));
+}
+
+#[test]
+fn a_bad_frame_gets_an_error_and_the_stream_goes_on() {
+    let mut agent = ready_agent(Config::default(), 7);
+    let mut input = agentwire_test_frame(5, 0, "demo.unknown");
+    input.extend(wire(&[Message::new(6, Ping {})]));
+    agent.handle_input(&input, Instant::now()).unwrap();
+    let sent = frames(agent.poll_transmit());
+    assert_eq!(sent.len(), 2);
+    match &sent[0].payload {
+        Payload::Error(e) => assert_eq!(e.kind, CoreErrorKind::UnsupportedMessageType),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sent[1].message_type(), MessageType::Pong);
+}
+
+/// A frame of any type name with an empty-map payload, written by hand.
+fn agentwire_test_frame(id: u32, flags: u8, t: &str) -> Vec<u8> {
+    let mut body = vec![0xa3, 0x61, b'v', 0x07, 0x61, b't', 0x60 | t.len() as u8];
+    body.extend_from_slice(t.as_bytes());
+    body.extend_from_slice(&[0x61, b'p', 0x41, 0xa0]);
+    let mut f = ((body.len() + 5) as u32).to_be_bytes().to_vec();
+    f.extend(id.to_be_bytes());
+    f.push(flags);
+    f.extend(body);
+    f
+}
+
+#[test]
+fn raw_requests_and_the_tap() {
+    let now = Instant::now();
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    host.set_tap(true);
+    let ready = wire(&[Message::new(0, Ready::default())]);
+    // Half a frame is not tapped yet; the whole one is, once.
+    host.handle_input(&ready[..3], now).unwrap();
+    assert!(host.take_tapped().is_empty());
+    host.handle_input(&ready[3..], now).unwrap();
+    assert_eq!(&host.take_tapped()[..], &ready[..]);
+    host.poll_transmit();
+    let id = host.open_raw("demo.unknown", Bytes::from_static(b"\xa0")).unwrap();
+    let sent = host.poll_transmit();
+    let raw = agentwire::RawMessageCodec::new().decode(&mut BytesMut::from(&sent[..])).unwrap().unwrap().unwrap();
+    assert_eq!((raw.id, raw.type_name.as_str()), (id, "demo.unknown"));
+    assert!(host.sessions().contains(id));
+}
