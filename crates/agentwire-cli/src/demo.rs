@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::{BootstrapEnvVar, GuestBootstrap};
-use agentwire::payload::exec::{ExecFailureKind, ExecRequest};
-use agentwire::payload::fs::{FsOp, FsResponseData};
-use agentwire::payload::tcp::{TcpConnect, TcpData, TcpEof};
+use agentwire::payload::exec::ExecFailureKind;
 use agentwire::{FrameCodec, Payload};
+use agentwire_client::{Client, ClientError, Command};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::addr::{self, Addr, Listener};
 use crate::agent;
-use crate::client::{Client, unexpected};
 
 /// Settings of one run.
 pub struct Options {
@@ -103,6 +101,20 @@ pub async fn run(opts: Options) -> ExitCode {
     }
 }
 
+/// A capture file that the demo can flush and read back while the client writes to it.
+#[derive(Clone)]
+struct CaptureFile(Arc<std::sync::Mutex<std::io::BufWriter<std::fs::File>>>);
+
+impl std::io::Write for CaptureFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 async fn script(opts: &Options) -> Result<usize, String> {
     let started = Instant::now();
     // Removed, with everything in it, when the demo ends (the guard is dropped).
@@ -112,14 +124,8 @@ async fn script(opts: &Options) -> Result<usize, String> {
     let root = root.canonicalize().map_err(|e| e.to_string())?;
     let socket = Addr::Unix(tmp.path().join("agent.sock"));
     let listener = Listener::bind(&socket).await.map_err(|e| format!("cannot listen on {socket}: {e}"))?;
-    let config = Arc::new(agent::Config {
-        root: root.clone(),
-        allow_net: false,
-        boot_time_ns: crate::sys::boottime_ns(),
-        init_time_ns: 0,
-        init_mode: false,
-    });
-    let agent_task = tokio::spawn(agent::serve(listener, config, false));
+    let agent_task =
+        tokio::spawn(agent::serve(listener, Arc::new(agent::Agent::new(agent::Config::new(root.clone()))), false));
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let echo_port = echo.local_addr().map_err(|e| e.to_string())?.port();
     let echo_task = tokio::spawn(echo_server(echo));
@@ -127,7 +133,7 @@ async fn script(opts: &Options) -> Result<usize, String> {
         None => None,
         Some(path) => {
             let file = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Some(Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(file))))
+            Some(CaptureFile(Arc::new(std::sync::Mutex::new(std::io::BufWriter::new(file)))))
         }
     };
 
@@ -140,62 +146,75 @@ async fn script(opts: &Options) -> Result<usize, String> {
         ..GuestBootstrap::default()
     };
     let stream = addr::connect(&socket).await.map_err(|e| format!("cannot connect to {socket}: {e}"))?;
-    let client = Client::connect(stream, Some(bootstrap), capture.clone()).await?;
+    let mut builder = Client::builder().bootstrap(bootstrap).request_timeout(Duration::from_secs(60));
+    if let Some(c) = &capture {
+        builder = builder.capture(c.clone());
+    }
+    let client = builder.connect(stream).await.map_err(|e| e.to_string())?;
+    // The agent answers the bootstrap with its default user; the agent runs in this process, so it is ours.
+    let (uid, gid) = agent::sys::effective_ids();
+    let user = client.default_user();
     t.check(
-        client.bootstrap_written,
-        "core.bootstrap encoded and written before the handshake (hostname, default cwd, AGENTWIRE_DEMO=hello)",
+        user.as_ref().is_some_and(|u| (u.uid, u.gid) == (uid, gid)),
+        format!(
+            "core.bootstrap sent first; core.init.resolved: {} (ours: uid {uid} gid {gid}); core.init.ack sent",
+            user.as_ref().map_or("none".into(), |u| format!("uid {} gid {}", u.uid, u.gid))
+        ),
     );
-    let r = &client.ready;
+    let r = client.ready();
     t.check(
         !r.agent_version.is_empty() && r.ready_time_ns >= r.boot_time_ns,
         format!(
-            "core.ready: {:?}, generation {}, boot {} ns, ready {} ns; negotiated generation {}",
-            r.agent_version, client.agent_generation, r.boot_time_ns, r.ready_time_ns, client.negotiated
-        ),
-    );
-    // The agent runs in this process: its default user is this process's.
-    let (uid, gid) = crate::sys::effective_ids();
-    t.check(
-        (client.user.uid, client.user.gid) == (uid, gid),
-        format!(
-            "core.init.resolved: uid {} gid {} (ours: {uid} {gid}); core.init.ack sent",
-            client.user.uid, client.user.gid
+            "core.ready after the ack: {:?}, generation {}, boot {} ns, ready {} ns; negotiated generation {}",
+            r.agent_version,
+            client.agent_generation(),
+            r.boot_time_ns,
+            r.ready_time_ns,
+            client.negotiated()
         ),
     );
 
-    // A real command: output, error output and exit status.
-    let mut req = ExecRequest::new("sh");
-    req.args = vec!["-c".into(), r#"echo "$AGENTWIRE_DEMO from $(pwd)"; echo to-stderr >&2; exit 3"#.into()];
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = client.exec(req, tokio::io::empty(), &mut out, &mut err).await?;
+    // A real command: output, error output and exit status; the bootstrap's cwd and environment apply.
+    let cmd = Command::new("sh").args(["-c", r#"echo "$AGENTWIRE_DEMO from $(pwd)"; echo to-stderr >&2; exit 3"#]);
+    let out = client.exec(cmd).await.map_err(|e| e.to_string())?.output().await.map_err(|e| e.to_string())?;
     let want = format!("hello from {}\n", root.display());
     t.check(
-        code == Ok(3) && out == want.as_bytes() && err == b"to-stderr\n",
+        out.status.code() == Some(3) && out.stdout == want.as_bytes() && out.stderr == b"to-stderr\n",
         format!(
-            "exec sh -c '...': stdout {:?}, stderr {:?}, {}",
-            String::from_utf8_lossy(&out),
-            String::from_utf8_lossy(&err),
-            match &code {
-                Ok(c) => format!("exit {c}"),
-                Err(f) => format!("core.exec.failed {}", f.kind.as_str()),
-            }
+            "exec sh -c '...': stdout {:?}, stderr {:?}, exit {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code()
         ),
     );
 
     // Standard input streamed in and out through cat.
     let input = pattern(1 << 20, 7);
-    let mut out = Vec::new();
-    let code =
-        client.exec(ExecRequest::new("cat"), std::io::Cursor::new(input.clone()), &mut out, &mut Vec::new()).await?;
+    let mut echoed = Vec::new();
+    let exec = client.exec(Command::new("cat")).await.map_err(|e| e.to_string())?;
+    let status = exec.pipe(&input[..], &mut echoed, &mut tokio::io::sink()).await.map_err(|e| e.to_string())?;
     t.check(
-        code == Ok(0) && out == input,
-        format!("exec cat: 1 MiB of stdin came back identical ({} bytes)", out.len()),
+        status.success() && echoed == input,
+        format!("exec cat: 1 MiB of stdin came back identical ({} bytes)", echoed.len()),
     );
 
-    let code = client
-        .exec(ExecRequest::new("/nonexistent/agentwire-demo"), tokio::io::empty(), &mut Vec::new(), &mut Vec::new())
-        .await?;
-    let failed_kind = code.as_ref().err().map(|f| f.kind.clone());
+    // A command killed by a signal is never a success.
+    let killed = client.exec(Command::new("sh").args(["-c", "kill -9 $$"])).await.map_err(|e| e.to_string())?;
+    let status = killed.output().await.map_err(|e| e.to_string())?.status;
+    t.check(
+        status.signaled() && !status.success(),
+        format!(
+            "exec sh -c 'kill -9 $$': killed by a signal (code {:?}, shell status {})",
+            status.code(),
+            status.shell_code()
+        ),
+    );
+
+    let missing = client.exec(Command::new("/nonexistent/agentwire-demo")).await;
+    let failed_kind = match &missing {
+        Err(ClientError::ExecFailed(f)) => Some(f.kind.clone()),
+        _ => None,
+    };
     t.check(
         failed_kind == Some(ExecFailureKind::NotFound),
         format!(
@@ -209,7 +228,7 @@ async fn script(opts: &Options) -> Result<usize, String> {
     let data = pattern(size, 42);
     let sum = checksum(&data);
     let put_start = Instant::now();
-    let written = client.fs_put("/demo.bin", &data[..], Some(size as u64)).await?;
+    let written = client.write_file("/demo.bin", &data[..], Some(size as u64)).await.map_err(|e| e.to_string())?;
     let put = put_start.elapsed();
     let on_disk = std::fs::read(root.join("demo.bin")).map(|d| checksum(&d)).unwrap_or(0);
     t.check(
@@ -221,15 +240,11 @@ async fn script(opts: &Options) -> Result<usize, String> {
             mb_per_s(size, put)
         ),
     );
-    let stat = client.fs(FsOp::Stat { path: "/demo.bin".into(), follow_symlink: true }).await?;
-    let stat_size = match &stat {
-        Some(FsResponseData::Stat(e)) => e.size,
-        _ => 0,
-    };
+    let stat_size = client.stat("/demo.bin", true).await.map(|e| e.size).unwrap_or(0);
     t.check(stat_size == size as u64, format!("fs stat /demo.bin: size {stat_size}"));
     let mut back = Vec::with_capacity(size);
     let get_start = Instant::now();
-    client.fs_get("/demo.bin", &mut back).await?;
+    client.read_file("/demo.bin", &mut back).await.map_err(|e| e.to_string())?;
     let get = get_start.elapsed();
     let back_sum = checksum(&back);
     t.check(
@@ -242,34 +257,37 @@ async fn script(opts: &Options) -> Result<usize, String> {
         ),
     );
     drop(back);
-    let escape = client.fs(FsOp::Stat { path: "/../../etc/passwd".into(), follow_symlink: true }).await;
+    let escape = client.stat("/../../etc/passwd", true).await;
     t.check(
-        escape.as_ref().is_err_and(|e| e.contains("outside the root")),
-        format!("fs stat /../../etc/passwd: refused ({})", escape.err().unwrap_or_default()),
+        escape.as_ref().is_err_and(|e| e.to_string().contains("outside the root")),
+        format!("fs stat /../../etc/passwd: refused ({})", escape.err().map(|e| e.to_string()).unwrap_or_default()),
     );
 
     // TCP through the agent to a loopback echo server.
     t.step(tcp_echo(&client, echo_port).await);
-    let outside = tcp_outcome(&client, "192.0.2.1", 80).await;
+    let outside = match client.tcp_connect("192.0.2.1", 80).await {
+        Ok(_) => "connected".to_string(),
+        Err(e) => e.to_string(),
+    };
     t.check(outside.contains("not loopback"), format!("core.tcp.connect to 192.0.2.1:80: {outside}"));
 
     // Round trips.
     let mut rtts = Vec::with_capacity(opts.pings);
     for _ in 0..opts.pings {
-        rtts.push(client.ping().await?);
+        rtts.push(client.ping().await.map_err(|e| e.to_string())?);
     }
     rtts.sort();
     let (p50, p99) = (percentile(&rtts, 50), percentile(&rtts, 99));
     t.check(rtts.len() == opts.pings, format!("{} pings: p50 {:.1} µs, p99 {:.1} µs", rtts.len(), us(p50), us(p99)));
 
     // A type the agent does not know, then the session goes on.
-    let mut s = client.request_raw("demo.unknown", Bytes::from_static(b"\xa0")).await?;
+    let mut s = client.request_raw("demo.unknown", Bytes::from_static(b"\xa0")).await.map_err(|e| e.to_string())?;
     match s.recv().await.map(|m| m.payload) {
         Some(Payload::Error(e)) => t.check(
             e.kind.as_str() == "unsupported_message_type" && e.offending_type.as_deref() == Some("demo.unknown"),
             format!("demo.unknown answered by core.error {}: {:?}", e.kind.as_str(), e.message),
         ),
-        other => t.check(false, format!("demo.unknown: {}", unexpected("core.error", other))),
+        other => t.check(false, format!("demo.unknown: expected core.error, got {other:?}")),
     }
     let after = client.ping().await;
     t.check(after.is_ok(), "the connection goes on: ping after the error answered");
@@ -277,15 +295,11 @@ async fn script(opts: &Options) -> Result<usize, String> {
     // Concurrent sessions on the one connection.
     t.step(concurrent(&client, opts.sessions).await);
 
-    // Shutdown: the agent must close the connection (the client's reader sees
-    // the end of the stream) within a few seconds.
-    let counters = client.counters.clone();
+    // Shutdown: the agent must close the connection within a few seconds.
+    let (sent, received) = (client.counters().sent.get(), client.counters().received.get());
     let shutdown_limit = Duration::from_secs(10);
     let asked = Instant::now();
-    let shutdown = tokio::time::timeout(shutdown_limit, client.shutdown())
-        .await
-        .unwrap_or_else(|_| Err(format!("the connection was still open {shutdown_limit:?} later")));
-    let (sent, received) = (counters.sent.get(), counters.received.get());
+    let shutdown = client.shutdown(shutdown_limit).await;
     t.check(
         shutdown.is_ok(),
         match &shutdown {
@@ -296,11 +310,13 @@ async fn script(opts: &Options) -> Result<usize, String> {
             Err(e) => format!("core.shutdown: {e}"),
         },
     );
+    // The shutdown frame itself was sent after the counts were taken.
+    let sent = (sent.0 + 1, sent.1);
     agent_task.abort();
     echo_task.abort();
 
-    if let (Some(c), Some(path)) = (capture, &opts.capture) {
-        let flushed = std::io::Write::flush(&mut *c.lock().map_err(|e| e.to_string())?);
+    if let (Some(mut c), Some(path)) = (capture, &opts.capture) {
+        let flushed = std::io::Write::flush(&mut c);
         t.step(check_capture(path, flushed, sent.0 + received.0));
     }
     println!("\nsummary");
@@ -339,43 +355,19 @@ async fn echo_server(listener: tokio::net::TcpListener) {
 }
 
 async fn tcp_echo(client: &Client, port: u16) -> Result<String, String> {
-    let mut s = client.request(TcpConnect { host: "127.0.0.1".into(), port }).await?;
-    match s.recv().await.map(|m| m.payload) {
-        Some(Payload::TcpConnected(_)) => {}
-        other => return Err(format!("core.tcp.connect: {}", unexpected("core.tcp.connected", other))),
-    }
+    let mut stream = client.tcp_connect("127.0.0.1", port).await.map_err(|e| format!("core.tcp.connect: {e}"))?;
     let sent = pattern(256 * 1024, 9);
     for piece in sent.chunks(64 * 1024) {
-        client.send(s.id, TcpData { data: Bytes::copy_from_slice(piece) }).await?;
+        stream.write(Bytes::copy_from_slice(piece)).await.map_err(|e| e.to_string())?;
     }
-    client.send(s.id, TcpEof {}).await?;
+    stream.shutdown_write().await.map_err(|e| e.to_string())?;
     let mut echoed = Vec::new();
-    loop {
-        match s.recv().await.map(|m| m.payload) {
-            Some(Payload::TcpData(d)) => echoed.extend_from_slice(&d.data),
-            Some(Payload::TcpEof(_)) => {}
-            Some(Payload::TcpClosed(_)) => break,
-            other => return Err(format!("tcp echo: {}", unexpected("core.tcp.closed", other))),
-        }
+    while let Some(data) = stream.read().await.map_err(|e| format!("tcp echo: {e}"))? {
+        echoed.extend_from_slice(&data);
     }
-    let line = format!(
-        "tcp echo via 127.0.0.1:{port}: {} bytes sent, {} came back, then eof and closed",
-        sent.len(),
-        echoed.len()
-    );
+    let line =
+        format!("tcp echo via 127.0.0.1:{port}: {} bytes sent, {} came back, then eof", sent.len(), echoed.len());
     if echoed == sent { Ok(line) } else { Err(line) }
-}
-
-/// What the agent answers to a connect: "connected" or the failure's text.
-async fn tcp_outcome(client: &Client, host: &str, port: u16) -> String {
-    let mut s = match client.request(TcpConnect { host: host.into(), port }).await {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    match s.recv().await.map(|m| m.payload) {
-        Some(Payload::TcpFailed(f)) => format!("core.tcp.failed: {}", f.error),
-        other => unexpected("core.tcp.failed", other),
-    }
 }
 
 /// `n` exec sessions at once; each must get exactly its own output, complete and in order.
@@ -384,20 +376,20 @@ async fn concurrent(client: &Client, n: usize) -> Result<String, String> {
     let script = format!(r#"i=1; while [ $i -le {LINES} ]; do echo "session $S line $i"; i=$((i+1)); done"#);
     let start = Instant::now();
     let runs = (0..n).map(|k| {
-        let mut req = ExecRequest::new("sh");
-        req.args = vec!["-c".into(), script.clone()];
-        req.env = vec![format!("S={k}")];
+        let cmd = Command::new("sh").args(["-c", &script]).env("S", k.to_string());
         async move {
-            let mut out = Vec::new();
-            let code = client.exec(req, tokio::io::empty(), &mut out, &mut Vec::new()).await;
-            (k, code, out)
+            let out = match client.exec(cmd).await {
+                Ok(exec) => exec.output().await,
+                Err(e) => Err(e),
+            };
+            (k, out)
         }
     });
     let results: Vec<_> = futures_util::stream::iter(runs).buffer_unordered(n.max(1)).collect().await;
     let mut wrong = Vec::new();
-    for (k, code, out) in results {
+    for (k, out) in results {
         let want: String = (1..=LINES).map(|i| format!("session {k} line {i}\n")).collect();
-        if !matches!(code, Ok(Ok(0))) || out != want.as_bytes() {
+        if !out.is_ok_and(|o| o.status.success() && o.stdout == want.as_bytes()) {
             wrong.push(k);
         }
     }

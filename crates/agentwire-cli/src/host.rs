@@ -4,10 +4,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentwire::payload::exec::ExecRequest;
+use agentwire::payload::exec::{ExecFailureKind, ExecRequest};
+use agentwire_client::{Client, ClientError};
 
 use crate::addr::{self, Addr};
-use crate::client::Client;
 
 /// What the host does once connected.
 #[derive(clap::Subcommand)]
@@ -50,23 +50,60 @@ pub async fn run(addr: &str, action: Action) -> ExitCode {
         Ok(a) => a,
         Err(e) => return usage(&e),
     };
+    // Bad local input is refused before anything is sent.
+    if let Action::FsPut { local, .. } = &action {
+        match std::fs::metadata(local) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return usage(&format!("{}: not a regular file", local.display())),
+            Err(e) => return usage(&format!("cannot read {}: {e}", local.display())),
+        }
+    }
     let stream = match addr::connect(&addr).await {
         Ok(s) => s,
         Err(e) => return usage(&format!("cannot connect to {addr}: {e}")),
     };
-    let client = match Client::connect(stream, None, None).await {
+    let client = match Client::connect(stream).await {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let code = match act(&client, action).await {
         Ok(code) => code,
         Err(e) => return fail(&e),
     };
     // The command's own status counts; a shutdown that the agent does not take is only reported.
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await.unwrap_or(Ok(())) {
+    if let Err(e) = client.shutdown(Duration::from_secs(5)).await {
         eprintln!("agentwire host: {e}");
     }
     ExitCode::from(code)
+}
+
+/// Runs `req` with this process's stdin, stdout and stderr, and gives the
+/// status a shell would: the command's own; 255 when a signal killed it (the
+/// agent does not say which); 127 when it was not found and 126 when it could
+/// not be run, said on stderr after `who`.
+pub async fn exec_with_stdio(client: &Client, req: ExecRequest, who: &str) -> Result<u8, String> {
+    let cmd = req.cmd.clone();
+    let exec = match client.exec(req).await {
+        Ok(exec) => exec,
+        Err(ClientError::ExecFailed(failed)) => {
+            eprintln!("{who}: {cmd} ({}): {}", failed.kind.as_str(), failed.message);
+            return Ok(if failed.kind == ExecFailureKind::NotFound { 127 } else { 126 });
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+    let status = match exec.pipe(tokio::io::stdin(), &mut stdout, &mut stderr).await {
+        Ok(status) => status,
+        // Whoever reads our output went away (`| head`): end quietly, as a Unix command does.
+        Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(141),
+        Err(e) => return Err(e.to_string()),
+    };
+    if status.signaled() {
+        eprintln!("{who}: {cmd} was killed by a signal");
+    } else if status.code().is_some_and(|c| c > 255) {
+        eprintln!("{who}: {cmd} ended with code {:?}, which is no exit status", status.code());
+    }
+    Ok(status.shell_code())
 }
 
 async fn act(client: &Client, action: Action) -> Result<u8, String> {
@@ -76,24 +113,24 @@ async fn act(client: &Client, action: Action) -> Result<u8, String> {
             req.args = command[1..].to_vec();
             req.env = env;
             req.cwd = cwd;
-            client.exec_with_stdio(req, "agentwire host").await
+            exec_with_stdio(client, req, "agentwire host").await
         }
         Action::Ping { count } => {
             for i in 1..=count {
-                let rtt = client.ping().await?;
+                let rtt = client.ping().await.map_err(|e| e.to_string())?;
                 println!("pong {i}: {:.1} µs", rtt.as_secs_f64() * 1e6);
             }
             Ok(0)
         }
         Action::FsGet { path } => {
-            client.fs_get(&path, &mut tokio::io::stdout()).await?;
+            client.read_file(&path, &mut tokio::io::stdout()).await.map_err(|e| e.to_string())?;
             Ok(0)
         }
         Action::FsPut { local, path } => {
             let file =
                 tokio::fs::File::open(&local).await.map_err(|e| format!("cannot read {}: {e}", local.display()))?;
             let len = file.metadata().await.ok().map(|m| m.len());
-            let n = client.fs_put(&path, file, len).await?;
+            let n = client.write_file(&path, file, len).await.map_err(|e| e.to_string())?;
             eprintln!("agentwire host: {n} bytes written to {path}");
             Ok(0)
         }

@@ -46,13 +46,10 @@ pub async fn run(start_ns: u64) -> ExitCode {
         Ok(addr) => match Listener::bind(&addr).await {
             Ok(listener) => {
                 eprintln!("agentwire init: serving on {addr} ({init_time_ns} ns to mount and load modules)");
-                let config = Arc::new(agent::Config {
-                    root: "/".into(),
-                    allow_net: false,
-                    boot_time_ns: start_ns,
-                    init_time_ns,
-                    init_mode: true,
-                });
+                let mut config = agent::Config::new("/".into());
+                config.boot_time_ns = start_ns;
+                config.init_time_ns = init_time_ns;
+                config.init_mode = true;
                 // Orphans are re-parented to init: collect them, or they stay zombies.
                 tokio::spawn(async {
                     loop {
@@ -60,7 +57,7 @@ pub async fn run(start_ns: u64) -> ExitCode {
                         tokio::task::spawn_blocking(agent::reap_orphans);
                     }
                 });
-                agent::serve(listener, config, true).await.map_err(|e| e.to_string())
+                agent::serve(listener, Arc::new(agent::Agent::new(config)), true).await.map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("{addr}: {e}")),
         },

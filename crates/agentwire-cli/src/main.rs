@@ -10,21 +10,19 @@
 
 mod addr;
 mod agent;
-mod client;
 mod demo;
 mod encode;
 mod host;
 mod init;
 mod inspect;
 mod serial;
-mod sys;
 mod vm;
-mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use agentwire_agent::sys;
 use clap::{Parser, Subcommand};
 
 /// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 7),
@@ -195,14 +193,11 @@ async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, star
     };
     let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
     eprintln!("agentwire agent: listening on {bound}, files under {}", root.display());
-    let config = Arc::new(agent::Config {
-        root,
-        allow_net,
-        boot_time_ns: start_ns,
-        init_time_ns: sys::boottime_ns().saturating_sub(start_ns),
-        init_mode: false,
-    });
-    match agent::serve(listener, config, verbose).await {
+    let mut config = agent::Config::new(root);
+    config.allow_net = allow_net;
+    config.boot_time_ns = start_ns;
+    config.init_time_ns = sys::boottime_ns().saturating_sub(start_ns);
+    match agent::serve(listener, Arc::new(agent::Agent::new(config)), verbose).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentwire agent: {e}");

@@ -8,11 +8,10 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
-use agentwire::payload::core::ClockSync;
 use agentwire::payload::exec::ExecRequest;
 
-use crate::client::Client;
 use crate::demo::{checksum, mb_per_s, pattern, percentile, temp_dir, us};
+use agentwire_client::Client;
 
 /// The QEMU machine type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -164,9 +163,15 @@ async fn session(
         }
     };
     let bootstrap = GuestBootstrap { hostname: Some("agentwire-vm".into()), ..GuestBootstrap::default() };
-    let client = Client::connect(Box::new(stream), Some(bootstrap), None).await?;
+    // A VM under software emulation boots first: the start-up exchange may take long.
+    let client = Client::builder()
+        .bootstrap(bootstrap)
+        .handshake_timeout(BOOT_TIMEOUT)
+        .connect(stream)
+        .await
+        .map_err(|e| e.to_string())?;
     let greeted = started.elapsed();
-    let r = &client.ready;
+    let r = client.ready();
     let ms = |ns: u64| ns as f64 / 1e6;
     eprintln!(
         "agentwire vm: {:?} guest ready: agent started {:.0} ms after the kernel, init took {:.1} ms, core.ready at {:.0} ms; {:.0} ms after QEMU started; {} (generation {})",
@@ -176,20 +181,18 @@ async fn session(
         ms(r.ready_time_ns),
         greeted.as_secs_f64() * 1e3,
         r.agent_version,
-        client.agent_generation
+        client.agent_generation()
     );
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    client.send(0, ClockSync { unix_time_nanos: now.as_nanos() as u64 }).await?;
     let command =
         if opts.command.is_empty() { vec!["uname".to_string(), "-a".to_string()] } else { opts.command.clone() };
     let mut req = ExecRequest::new(&command[0]);
     req.args = command[1..].to_vec();
-    let code = client.exec_with_stdio(req, "agentwire vm").await?;
+    let code = crate::host::exec_with_stdio(&client, req, "agentwire vm").await?;
     if opts.measure {
         measure(&client).await?;
     }
     let shutdown_at = Instant::now();
-    client.shutdown().await?;
+    client.shutdown(SHUTDOWN_TIMEOUT).await.map_err(|e| e.to_string())?;
     let status = tokio::time::timeout(SHUTDOWN_TIMEOUT, qemu.wait())
         .await
         .map_err(|_| format!("QEMU still runs {SHUTDOWN_TIMEOUT:?} after core.shutdown"))?
@@ -209,18 +212,18 @@ async fn measure(client: &Client) -> Result<(), String> {
     const SIZE: usize = 16 << 20;
     let data = pattern(SIZE, 5);
     let t = Instant::now();
-    client.fs_put("/tmp/agentwire-measure.bin", &data[..], Some(SIZE as u64)).await?;
+    client.write_file("/tmp/agentwire-measure.bin", &data[..], Some(SIZE as u64)).await.map_err(|e| e.to_string())?;
     let put = t.elapsed();
     let mut back = Vec::with_capacity(SIZE);
     let t = Instant::now();
-    client.fs_get("/tmp/agentwire-measure.bin", &mut back).await?;
+    client.read_file("/tmp/agentwire-measure.bin", &mut back).await.map_err(|e| e.to_string())?;
     let get = t.elapsed();
     if checksum(&back) != checksum(&data) {
         return Err("the file read back differs from the one written".into());
     }
     let mut rtts = Vec::new();
     for _ in 0..200 {
-        rtts.push(client.ping().await?);
+        rtts.push(client.ping().await.map_err(|e| e.to_string())?);
     }
     rtts.sort();
     eprintln!(

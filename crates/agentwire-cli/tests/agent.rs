@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use agentwire::payload::core::{CoreErrorKind, Ping};
+use agentwire::payload::bootstrap::GuestBootstrap;
+use agentwire::payload::core::{CoreErrorKind, InitAck, Ping};
 use agentwire::payload::exec::{ExecRequest, ExecSignal, ExecStdin};
 use agentwire::{Message, MessageCodec, Payload};
 use futures::{SinkExt, StreamExt};
@@ -63,12 +64,14 @@ impl Agent {
         agentwire(&all, stdin)
     }
 
+    /// A raw connection after the start-up exchange, in the deployed order:
+    /// the host's bootstrap, the agent's init.resolved, the host's ack, the agent's ready.
     async fn connect(&self) -> Framed<UnixStream, MessageCodec> {
         let mut framed = Framed::new(UnixStream::connect(&self.socket).await.unwrap(), MessageCodec::new());
-        for want in ["core.ready", "core.init.resolved"] {
-            let m = next(&mut framed).await;
-            assert_eq!(m.message_type().wire_name(), want);
-        }
+        framed.send(Message::new(0, GuestBootstrap::default())).await.unwrap();
+        assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.init.resolved");
+        framed.send(Message::new(0, InitAck {})).await.unwrap();
+        assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.ready");
         framed
     }
 }
@@ -384,7 +387,7 @@ fn demo_runs_every_check_and_its_capture_reads_back() {
     let records: Vec<serde_json::Value> =
         text(&inspected.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let first: Vec<_> = records[..4].iter().map(|r| r["t"].as_str().unwrap()).collect();
-    assert_eq!(first, ["core.bootstrap", "core.ready", "core.init.resolved", "core.init.ack"]);
+    assert_eq!(first, ["core.bootstrap", "core.init.resolved", "core.init.ack", "core.ready"]);
     assert_eq!(records.last().unwrap()["t"], "core.shutdown");
     // The one frame the agent cannot know is the demo's unknown type; everything else decodes.
     let errors: Vec<_> = records.iter().filter(|r| r.get("error").is_some()).collect();

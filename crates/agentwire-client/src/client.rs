@@ -1,20 +1,18 @@
 //! The client, how it is built, and the sessions it opens.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
 use agentwire::payload::core::{ClockSync, Ping, Ready, ResolvedUser};
 use agentwire::{Message, Payload};
-use agentwire_session::{Config, Connection};
+use agentwire_session::driver::{self, Counters, Driver, Handle, Incoming, Route, RouteSender};
+use agentwire_session::{Config, Connection, Event, SendError};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::ClientError;
-use crate::driver::{self, Counters, Handshake, Shared};
 
 /// How a [`Client`] connects; from [`Client::builder`].
 pub struct Builder {
@@ -80,38 +78,58 @@ impl Builder {
     /// runs the start-up exchange.
     pub async fn connect(self, io: impl AsyncRead + AsyncWrite + Send + 'static) -> Result<Client, ClientError> {
         let now = Instant::now();
-        let mut conn = if self.via_relay {
+        let conn = if self.via_relay {
             Connection::host_via_relay(self.config, now)
         } else {
             Connection::host(self.config, self.bootstrap, now)
         };
-        conn.set_tap(self.capture.is_some());
-        let shared = Shared::new(conn, self.capture);
-        let (rd, wr) = tokio::io::split(io);
-        let reader = tokio::spawn(driver::read_loop(shared.clone(), rd));
-        let writer = tokio::spawn(driver::write_loop(shared.clone(), wr));
-        let handshake = shared
-            .wait_for(|s| match (&s.handshake, &s.ended) {
-                (Some(h), _) => Some(Ok(h.clone())),
-                (None, Some(why)) => Some(Err(ClientError::Closed(why.clone()))),
-                (None, None) => None,
-            })
-            .await;
-        let handshake = match handshake {
-            Ok(h) => h,
-            Err(e) => {
-                reader.abort();
-                writer.abort();
-                return Err(e);
+        let (driver, handle, mut incoming) = driver::spawn(conn, io, self.capture);
+        let mut user = None;
+        let (ready, agent_generation, negotiated) = loop {
+            match incoming.recv().await {
+                Some(Incoming::Event(Event::InitResolved(u))) => user = Some(u),
+                Some(Incoming::Event(Event::Ready { ready, peer_generation, negotiated })) => {
+                    break (*ready, peer_generation, negotiated);
+                }
+                Some(Incoming::Ended(why)) => return Err(ClientError::Closed(why)),
+                Some(other) => log(other),
+                None => return Err(ClientError::Closed("the connection's driver stopped".into())),
             }
         };
-        let user = shared.lock().user.clone();
-        let client =
-            Client { shared, handshake, user, request_timeout: self.request_timeout, reader, writer: Some(writer) };
+        // What comes later and belongs to no session is only worth a log line.
+        let logger = tokio::spawn(async move {
+            while let Some(item) = incoming.recv().await {
+                log(item);
+            }
+        });
+        let client = Client {
+            handle,
+            driver: Some(driver),
+            logger,
+            ready,
+            agent_generation,
+            negotiated,
+            user,
+            request_timeout: self.request_timeout,
+        };
         if self.clock_sync {
             client.clock_sync(SystemTime::now()).await?;
         }
         Ok(client)
+    }
+}
+
+fn log(item: Incoming) {
+    match item {
+        Incoming::Event(Event::PeerError { id, error }) => {
+            tracing::warn!(id, kind = %error.kind, "core.error from the agent: {}", error.message)
+        }
+        Incoming::Event(Event::Rejected(r)) => tracing::warn!("a frame from the agent was rejected: {r}"),
+        Incoming::Event(Event::Ignored(m)) => {
+            tracing::debug!(id = m.id, "ignored {} for no open session", m.message_type())
+        }
+        Incoming::Ended(why) => tracing::debug!("connection ended: {why}"),
+        other => tracing::debug!("{other:?}"),
     }
 }
 
@@ -122,20 +140,19 @@ impl Builder {
 /// and input waits while the agent does not take it. Dropping an operation's
 /// handle abandons it; dropping the client closes the connection.
 pub struct Client {
-    shared: Arc<Shared>,
-    handshake: Handshake,
+    handle: Handle,
+    driver: Option<Driver>,
+    logger: JoinHandle<()>,
+    ready: Ready,
+    agent_generation: u8,
+    negotiated: u8,
     user: Option<ResolvedUser>,
     pub(crate) request_timeout: Option<Duration>,
-    reader: JoinHandle<()>,
-    writer: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.reader.abort();
-        if let Some(w) = &self.writer {
-            w.abort();
-        }
+        self.logger.abort();
     }
 }
 
@@ -168,17 +185,17 @@ impl Client {
 
     /// The agent's `core.ready`.
     pub fn ready(&self) -> &Ready {
-        &self.handshake.ready
+        &self.ready
     }
 
     /// The agent's generation.
     pub fn agent_generation(&self) -> u8 {
-        self.handshake.peer_generation
+        self.agent_generation
     }
 
     /// The generation both sides use.
     pub fn negotiated(&self) -> u8 {
-        self.handshake.negotiated
+        self.negotiated
     }
 
     /// The agent's default user (not known through a relay).
@@ -188,37 +205,54 @@ impl Client {
 
     /// Frames and bytes each way.
     pub fn counters(&self) -> &Counters {
-        &self.shared.counters
+        self.handle.counters()
+    }
+
+    /// The ids this client uses (a relay's range, or the direct default).
+    pub fn id_range(&self) -> std::ops::Range<u32> {
+        self.handle.with(|c| c.id_range())
+    }
+
+    /// A send error, with the reason when the connection has ended.
+    pub(crate) fn send_error(&self, e: SendError) -> ClientError {
+        match e {
+            SendError::Closed => self.closed("the frame could be sent"),
+            other => ClientError::Send(other),
+        }
     }
 
     /// Sends `payload` on a fresh id and returns the session that gets its replies.
     pub async fn request(&self, payload: impl Into<Payload>) -> Result<Session, ClientError> {
         let payload = payload.into();
-        let (id, rx) = self.shared.open(|conn| conn.open(payload)).await?;
-        Ok(Session { id, rx, shared: self.shared.clone(), done: false })
+        let route = self.handle.open(|conn| conn.open(payload)).await.map_err(|e| self.send_error(e))?;
+        Ok(Session { route })
     }
 
     /// Sends a frame of any type name (payload given as CBOR) on a fresh id:
     /// to see how an agent answers a type it may not know.
     pub async fn request_raw(&self, type_name: &str, payload: Bytes) -> Result<Session, ClientError> {
-        let (id, rx) = self.shared.open(|conn| conn.open_raw(type_name, payload)).await?;
-        Ok(Session { id, rx, shared: self.shared.clone(), done: false })
+        let route = self.handle.open(|conn| conn.open_raw(type_name, payload)).await.map_err(|e| self.send_error(e))?;
+        Ok(Session { route })
+    }
+
+    /// Waits for `reply` within the request timeout.
+    pub(crate) async fn within<T>(&self, reply: impl Future<Output = T>) -> Result<T, ClientError> {
+        match self.request_timeout {
+            Some(limit) => tokio::time::timeout(limit, reply).await.map_err(|_| ClientError::Timeout(limit)),
+            None => Ok(reply.await),
+        }
     }
 
     /// One request answered by one reply, within the request timeout.
     pub(crate) async fn call(&self, payload: impl Into<Payload>) -> Result<Payload, ClientError> {
         let mut s = self.request(payload).await?;
-        let t = s.id;
-        let reply = match self.request_timeout {
-            Some(limit) => tokio::time::timeout(limit, s.recv()).await.map_err(|_| ClientError::Timeout(limit))?,
-            None => s.recv().await,
-        };
-        reply.map(|m| m.payload).ok_or_else(|| self.closed(&format!("the reply on id {t}")))
+        let reply = self.within(s.recv()).await?;
+        reply.map(|m| m.payload).ok_or_else(|| self.closed(&format!("the reply on id {}", s.id())))
     }
 
     /// Why the connection is gone, as an error about `waiting_for`.
     pub(crate) fn closed(&self, waiting_for: &str) -> ClientError {
-        let why = self.shared.lock().ended.clone().unwrap_or_else(|| "the session ended".into());
+        let why = self.handle.ended().unwrap_or_else(|| "the session ended".into());
         ClientError::Closed(format!("{why}, before {waiting_for}"))
     }
 
@@ -234,17 +268,16 @@ impl Client {
     /// Sets the agent's wall clock to `now` (`core.clock.sync`; no reply).
     pub async fn clock_sync(&self, now: SystemTime) -> Result<(), ClientError> {
         let unix_time_nanos = now.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        self.shared.send_with(|conn| conn.send(0, ClockSync { unix_time_nanos })).await
+        self.handle.send(0, ClockSync { unix_time_nanos }).await.map_err(|e| self.send_error(e))
     }
 
     /// Sends `core.shutdown` and waits, up to `timeout`, for the agent to
     /// close the connection.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<(), ClientError> {
-        self.shared.send_with(|conn| conn.shutdown()).await?;
-        let closed = self.shared.wait_for(|s| s.ended.as_ref().map(|_| ()));
-        tokio::time::timeout(timeout, closed).await.map_err(|_| ClientError::Timeout(timeout))?;
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.await;
+        self.handle.send_with(|conn| conn.shutdown()).await.map_err(|e| self.send_error(e))?;
+        tokio::time::timeout(timeout, self.handle.closed()).await.map_err(|_| ClientError::Timeout(timeout))?;
+        if let Some(driver) = self.driver.take() {
+            driver.finish().await;
         }
         Ok(())
     }
@@ -252,56 +285,44 @@ impl Client {
 
 /// The replies of one operation, in order; dropped, the operation is abandoned.
 pub struct Session {
-    id: u32,
-    rx: mpsc::UnboundedReceiver<Message>,
-    shared: Arc<Shared>,
-    done: bool,
+    route: Route,
 }
 
 impl Session {
     /// The operation's id.
     pub fn id(&self) -> u32 {
-        self.id
+        self.route.id()
     }
 
     /// The next frame; `None` after the TERMINAL one, or when the connection ends.
     pub async fn recv(&mut self) -> Option<Message> {
-        let m = self.rx.recv().await?;
-        self.shared.consumed(self.id, &m);
-        self.done |= m.flags.contains(agentwire::Flags::TERMINAL);
-        Some(m)
+        self.route.recv().await
     }
 
     /// Sends a frame of this operation (stdin, file data, ...), waiting while
     /// the agent is behind.
     pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), ClientError> {
-        let payload = payload.into();
-        self.shared.send_with(|conn| conn.send(self.id, payload)).await
+        self.route.send(payload).await.map_err(send_error)
+    }
+
+    pub(crate) fn sender(&self) -> Sender {
+        Sender(self.route.sender())
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        if !self.done {
-            self.shared.forget(self.id);
-        }
+fn send_error(e: SendError) -> ClientError {
+    match e {
+        SendError::Closed => ClientError::Closed("the connection ended".into()),
+        other => ClientError::Send(other),
     }
 }
 
 /// A handle that sends frames of one operation; cheap to clone.
 #[derive(Clone)]
-pub(crate) struct Sender {
-    id: u32,
-    shared: Arc<Shared>,
-}
+pub(crate) struct Sender(RouteSender);
 
 impl Sender {
-    pub fn of(s: &Session) -> Sender {
-        Sender { id: s.id, shared: s.shared.clone() }
-    }
-
     pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), ClientError> {
-        let payload = payload.into();
-        self.shared.send_with(|conn| conn.send(self.id, payload)).await
+        self.0.send(payload).await.map_err(send_error)
     }
 }

@@ -212,7 +212,7 @@ impl Exec {
 
     /// A handle on the command's input, signals and terminal size.
     pub fn input(&self) -> ExecInput {
-        ExecInput(Sender::of(&self.session))
+        ExecInput(self.session.sender())
     }
 
     /// The next event; `None` after [`ExecEvent::Exited`].
@@ -250,7 +250,11 @@ impl Exec {
 
     /// Closes the command's input and collects its output until it ends.
     pub async fn output(mut self) -> Result<Output, ClientError> {
-        self.input().close().await?;
+        match self.input().close().await {
+            // The command may have ended already: its input is then closed anyway.
+            Ok(()) | Err(ClientError::Send(agentwire_session::SendError::NoSession { .. })) => {}
+            Err(e) => return Err(e),
+        }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         loop {
             match self.next().await? {

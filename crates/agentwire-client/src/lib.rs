@@ -23,15 +23,14 @@
 #![deny(missing_docs)]
 
 mod client;
-mod driver;
 mod exec;
 mod fs;
 mod tcp;
 
 pub use agentwire;
 pub use agentwire_session;
+pub use agentwire_session::driver::{Count, Counters};
 pub use client::{Builder, Client, Session};
-pub use driver::{Count, Counters};
 pub use exec::{Command, Exec, ExecEvent, ExecInput, ExitStatus, Output};
 pub use tcp::TcpStream;
 

@@ -17,12 +17,7 @@ impl Client {
     /// Asks the agent to connect to `host:port`; waits for the outcome.
     pub async fn tcp_connect(&self, host: &str, port: u16) -> Result<TcpStream, ClientError> {
         let mut session = self.request(TcpConnect { host: host.into(), port }).await?;
-        let reply = match self.request_timeout {
-            Some(limit) => {
-                tokio::time::timeout(limit, session.recv()).await.map_err(|_| ClientError::Timeout(limit))?
-            }
-            None => session.recv().await,
-        };
+        let reply = self.within(session.recv()).await?;
         match reply.map(|m| m.payload) {
             Some(Payload::TcpConnected(_)) => Ok(TcpStream { session, read_closed: false }),
             Some(Payload::TcpFailed(f)) => Err(ClientError::TcpFailed(f.error)),

@@ -253,8 +253,12 @@ pub struct Connection {
     negotiated: u8,
     peer_generation: Option<u8>,
     frames_received: u64,
-    /// Whole received frames, copied when tapping is on (for captures).
-    tapped: Option<BytesMut>,
+    /// Tapping (for captures): whole received frames, and the bytes of the
+    /// frame not yet whole. A copy of the stream cut at its own length
+    /// fields, independent of how the decoder consumes its buffer.
+    tapped: Option<(BytesMut, BytesMut)>,
+    /// Bytes of the relay prologue's id range still to leave out of the tap.
+    tap_skip: usize,
     handshake_deadline: Option<Instant>,
     last_input: Instant,
 }
@@ -278,6 +282,7 @@ impl Connection {
             peer_generation: None,
             frames_received: 0,
             tapped: None,
+            tap_skip: 0,
             last_input: now,
         }
     }
@@ -295,6 +300,7 @@ impl Connection {
     pub fn host_via_relay(config: Config, now: Instant) -> Connection {
         let mut c = Connection::new(Role::Host, config, Phase::AwaitReady, now);
         c.via_relay = true;
+        c.tap_skip = 8;
         c
     }
 
@@ -351,6 +357,7 @@ impl Connection {
     /// Takes bytes that arrived and processes them.
     pub fn handle_input(&mut self, data: &[u8], now: Instant) -> Result<(), ConnectionError> {
         self.recv.extend_from_slice(data);
+        self.tap(data);
         self.process(now)
     }
 
@@ -441,7 +448,6 @@ impl Connection {
             self.established_by(ready)?;
         }
         while self.phase != Phase::Closed {
-            self.tap_next_frame();
             let item = match self.codec.decode(&mut self.recv) {
                 Ok(Some(item)) => item,
                 Ok(None) => break,
@@ -463,25 +469,32 @@ impl Connection {
         self.phase = Phase::Closed;
     }
 
-    /// Copies the next frame, if it is whole in the receive buffer, to the tap.
-    fn tap_next_frame(&mut self) {
-        let Some(tapped) = &mut self.tapped else { return };
-        let Some(head) = self.recv.get(..4) else { return };
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len <= self.config.max_frame_len && self.recv.len() >= 4 + len {
-            tapped.extend_from_slice(&self.recv[..4 + len]);
+    /// Copies `data` to the tap, and every frame it completes to the tapped frames.
+    fn tap(&mut self, mut data: &[u8]) {
+        let Some((whole, partial)) = &mut self.tapped else { return };
+        let skip = self.tap_skip.min(data.len());
+        self.tap_skip -= skip;
+        data = &data[skip..];
+        partial.extend_from_slice(data);
+        while let Some(head) = partial.get(..4) {
+            let len = 4 + u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if partial.len() < len {
+                break;
+            }
+            whole.extend_from_slice(&partial.split_to(len));
         }
     }
 
     /// Turns on copying every whole frame received, for a capture of the
     /// connection (what was sent is what [`Connection::poll_transmit`] gives).
+    /// Only bytes given to [`Connection::handle_input`] are tapped.
     pub fn set_tap(&mut self, on: bool) {
-        self.tapped = on.then(BytesMut::new);
+        self.tapped = on.then(|| (BytesMut::new(), BytesMut::new()));
     }
 
     /// The frames received since the last call, whole, in order (tapping on).
     pub fn take_tapped(&mut self) -> Bytes {
-        self.tapped.as_mut().map(|t| t.split().freeze()).unwrap_or_default()
+        self.tapped.as_mut().map(|(whole, _)| whole.split().freeze()).unwrap_or_default()
     }
 
     /// Encodes `m` into the send buffer, leaving it unchanged on failure.
@@ -672,6 +685,13 @@ impl Connection {
         self.queue(Message::new(0, InitResolved { default_user }))?;
         self.phase = Phase::AwaitAck;
         Ok(())
+    }
+
+    /// Agent: the bootstrap cannot be applied (`stage` says which step
+    /// failed): sends `core.error` `initialization_failed` on id 0, as the
+    /// deployed agent, and closes the connection.
+    pub fn init_failed(&mut self, stage: &str, cause: &str) {
+        let _ = self.startup_failure(stage, cause.to_string());
     }
 
     /// Agent: sends `core.ready`; sessions may start.

@@ -18,13 +18,16 @@
 //!   so that a driver reads no faster than the application consumes
 //!   ([`Connection::wants_input`]).
 //!
-//! The async host client (`agentwire-client`) and the agent's services
-//! (`agentwire-agent`) are thin drivers of this state machine.
+//! With the `tokio` feature, [`driver`] runs a connection over any tokio
+//! byte stream; the async host client (`agentwire-client`) and the agent's
+//! services (`agentwire-agent`) are built on it.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod connection;
+#[cfg(feature = "tokio")]
+pub mod driver;
 pub mod ids;
 pub mod table;
 

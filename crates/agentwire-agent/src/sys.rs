@@ -1,4 +1,4 @@
-//! The few system calls the command needs beyond std, through the safe
+//! The few system calls the agent needs beyond std, through the safe
 //! wrappers of `nix`. The only `unsafe` left here is `Command::pre_exec`,
 //! which is unsafe by nature: its closure runs in the forked child, where only
 //! async-signal-safe calls are sound.
@@ -32,6 +32,18 @@ pub fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
     }
     let signal = if signal == 0 { None } else { Some(Signal::try_from(signal)?) };
     Ok(nix::sys::signal::kill(Pid::from_raw(pid), signal)?)
+}
+
+/// Sends `signal` to every process of the group led by `pgid` (a command
+/// the agent started in its own group).
+pub fn kill_group(pgid: u32, signal: i32) -> std::io::Result<()> {
+    let pgid = i32::try_from(pgid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    if pgid <= 1 {
+        // 0 is the agent's own group and 1 is init's: never a session's.
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    let signal = if signal == 0 { None } else { Some(Signal::try_from(signal)?) };
+    Ok(nix::sys::signal::killpg(Pid::from_raw(pgid), signal)?)
 }
 
 /// A resource that `setrlimit` limits.

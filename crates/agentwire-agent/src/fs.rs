@@ -14,13 +14,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use agentwire::Message;
 use agentwire::payload::fs::{FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsResponse, FsResponseData, FsSetAttrs};
+use agentwire::{Message, Payload};
+use agentwire_session::driver::Route;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
-use super::Input;
-use crate::wire::Outbox;
+use crate::{Defaults, Service, SessionTask};
+
+/// `core.fs.*` inside a root directory, with the open handles of one connection.
+pub struct FsService(Arc<Fs>);
+
+impl FsService {
+    /// Operations confined to `root` (made canonical here; an unusable root
+    /// makes every operation fail with the reason).
+    pub fn new(root: PathBuf) -> FsService {
+        let root = root.canonicalize().unwrap_or(root);
+        FsService(Arc::new(Fs::new(root)))
+    }
+}
+
+impl Service for FsService {
+    fn serve(&self, request: Message, route: Route, _: Arc<Defaults>) -> SessionTask {
+        let fs = self.0.clone();
+        Box::pin(async move {
+            if let Payload::FsRequest(req) = request.payload {
+                run(fs, req.op, route).await
+            }
+        })
+    }
+}
 
 /// An open handle.
 enum Handle {
@@ -297,10 +319,10 @@ fn set_link_attrs(path: &Path, attrs: &FsSetAttrs) -> std::io::Result<()> {
 }
 
 /// Runs one `core.fs.request` to its `core.fs.response`.
-pub async fn run(fs: Arc<Fs>, id: u32, op: FsOp, out: Outbox, input: mpsc::Receiver<Input>) {
+async fn run(fs: Arc<Fs>, op: FsOp, mut route: Route) {
     let outcome = match op {
-        FsOp::Read { handle, offset, len } => read(&fs, id, handle, offset, len, &out).await,
-        FsOp::Write { handle, offset, len } => match write(&fs, handle, offset, len, input).await {
+        FsOp::Read { handle, offset, len } => read(&fs, handle, offset, len, &route).await,
+        FsOp::Write { handle, offset, len } => match write(&fs, handle, offset, len, &mut route).await {
             Some(outcome) => outcome,
             // The connection went away in the middle of the transfer.
             None => return,
@@ -314,11 +336,11 @@ pub async fn run(fs: Arc<Fs>, id: u32, op: FsOp, out: Outbox, input: mpsc::Recei
         Ok(data) => FsResponse::success(data),
         Err(message) => FsResponse::failure(message),
     };
-    let _ = out.send(Message::new(id, response)).await;
+    let _ = route.send(response).await;
 }
 
 /// A streamed read: `core.fs.data` chunks of at most `FS_CHUNK_SIZE`, then the response.
-async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out: &Outbox) -> Outcome {
+async fn read(fs: &Fs, handle: u64, offset: u64, len: Option<u64>, out: &Route) -> Outcome {
     let file = fs.file(handle)?;
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
@@ -335,7 +357,7 @@ async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out:
         }
         at += chunk.len() as u64;
         let short = chunk.len() < want;
-        out.send(Message::new(id, FsData { data: chunk })).await.map_err(|_| "connection closed")?;
+        out.send(FsData { data: chunk }).await.map_err(|_| "connection closed")?;
         if short {
             break;
         }
@@ -361,18 +383,12 @@ fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
 /// A streamed write: chunks until the empty one. On an error the rest of the
 /// chunks are still taken, so that the session ends with one response and no
 /// stray frames. `None` when the connection closed first.
-async fn write(
-    fs: &Fs,
-    handle: u64,
-    offset: u64,
-    len: Option<u64>,
-    mut input: mpsc::Receiver<Input>,
-) -> Option<Outcome> {
+async fn write(fs: &Fs, handle: u64, offset: u64, len: Option<u64>, input: &mut Route) -> Option<Outcome> {
     let mut outcome = fs.file(handle).map(Some);
     let mut at = offset;
     loop {
-        let data = match input.recv().await? {
-            Input::FsData(d) => d,
+        let data = match input.recv().await?.payload {
+            Payload::FsData(d) => d.data,
             _ => continue,
         };
         if data.is_empty() {

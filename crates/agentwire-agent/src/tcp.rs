@@ -3,36 +3,52 @@
 
 use std::time::Duration;
 
-use agentwire::Message;
+use std::sync::Arc;
+
 use agentwire::payload::tcp::{TcpClosed, TcpConnect, TcpConnected, TcpData, TcpEof, TcpFailed};
+use agentwire::{Message, Payload};
+use agentwire_session::driver::Route;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
-use super::Input;
-use crate::wire::Outbox;
+use crate::{Defaults, Service, SessionTask};
+
+/// `core.tcp.*`: connections to loopback destinations, or anywhere with `allow_net`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpService {
+    /// Whether destinations beyond loopback may be reached.
+    pub allow_net: bool,
+}
+
+impl Service for TcpService {
+    fn serve(&self, request: Message, route: Route, _: Arc<Defaults>) -> SessionTask {
+        let allow_net = self.allow_net;
+        Box::pin(async move {
+            if let Payload::TcpConnect(req) = request.payload {
+                run(req, allow_net, route).await
+            }
+        })
+    }
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Runs one `core.tcp.connect` to its `core.tcp.closed` or `core.tcp.failed`.
-pub async fn run(id: u32, req: TcpConnect, allow_net: bool, out: Outbox, input: mpsc::Receiver<Input>) {
-    let end = match relay(id, &req, allow_net, &out, input).await {
-        Ok(true) => Message::new(id, TcpClosed {}),
+/// Runs one `core.tcp.connect` to its end: `core.tcp.closed` once both
+/// halves are closed, `core.tcp.failed`, or nothing after the host's
+/// `core.tcp.close` (as the deployed agent).
+async fn run(req: TcpConnect, allow_net: bool, mut route: Route) {
+    let end: Payload = match relay(&req, allow_net, &mut route).await {
+        Ok(true) => TcpClosed {}.into(),
         Ok(false) => return,
-        Err(error) => Message::new(id, TcpFailed { error }),
+        Err(error) => TcpFailed { error }.into(),
     };
-    let _ = out.send(end).await;
+    let _ = route.send(end).await;
 }
 
-/// Ok(true) when the connection ended, Ok(false) when the agent's connection went away.
-async fn relay(
-    id: u32,
-    req: &TcpConnect,
-    allow_net: bool,
-    out: &Outbox,
-    mut input: mpsc::Receiver<Input>,
-) -> Result<bool, String> {
+/// Ok(true) when both halves closed; Ok(false) when the host closed the
+/// connection or went away (nothing is owed then).
+async fn relay(req: &TcpConnect, allow_net: bool, route: &mut Route) -> Result<bool, String> {
     let target = format!("{}:{}", req.host, req.port);
     let addrs: Vec<_> =
         tokio::net::lookup_host((req.host.as_str(), req.port)).await.map_err(|e| format!("{target}: {e}"))?.collect();
@@ -56,33 +72,34 @@ async fn relay(
     }
     let stream = stream.ok_or(last)?;
     let _ = stream.set_nodelay(true);
-    if out.send(Message::new(id, TcpConnected {})).await.is_err() {
+    if route.send(TcpConnected {}).await.is_err() {
         return Ok(false);
     }
     let (mut rd, mut wr) = stream.into_split();
+    let out = route.sender();
     let (mut their_eof, mut our_eof) = (false, false);
     let mut buf = BytesMut::new();
     while !(their_eof && our_eof) {
         buf.reserve(READ_CHUNK);
         tokio::select! {
             read = rd.read_buf(&mut buf), if !their_eof => {
-                let frame = match read.map_err(|e| format!("{target}: {e}"))? {
-                    0 => { their_eof = true; Message::new(id, TcpEof {}) }
-                    _ => Message::new(id, TcpData { data: buf.split().freeze() }),
+                let frame: Payload = match read.map_err(|e| format!("{target}: {e}"))? {
+                    0 => { their_eof = true; TcpEof {}.into() }
+                    _ => TcpData { data: buf.split().freeze() }.into(),
                 };
                 if out.send(frame).await.is_err() {
                     return Ok(false);
                 }
             }
-            next = input.recv() => match next {
-                Some(Input::TcpData(data)) => wr.write_all(&data).await.map_err(|e| format!("{target}: {e}"))?,
-                Some(Input::TcpEof) => {
+            next = route.recv() => match next.map(|m| m.payload) {
+                // An empty data frame is not an end of file (spec 10.6).
+                Some(Payload::TcpData(d)) => wr.write_all(&d.data).await.map_err(|e| format!("{target}: {e}"))?,
+                Some(Payload::TcpEof(_)) => {
                     our_eof = true;
                     wr.shutdown().await.map_err(|e| format!("{target}: {e}"))?;
                 }
-                Some(Input::TcpClose) => break,
+                Some(Payload::TcpClose(_)) | None => return Ok(false),
                 Some(_) => {}
-                None => return Ok(false),
             },
         }
     }

@@ -4,69 +4,102 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use agentwire::Message;
 use agentwire::payload::exec::{
     ExecExited, ExecFailed, ExecFailureKind, ExecRequest, ExecStarted, ExecStderr, ExecStdinError, ExecStdout,
 };
+use agentwire::{Message, Payload};
+use agentwire_session::driver::{Route, RouteSender};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{Defaults, Input};
-use crate::sys;
-use crate::wire::Outbox;
+use crate::{Defaults, Service, SessionTask, sys};
+
+/// `core.exec.*`: runs each request as a child process in its own process
+/// group, with its output streamed as it comes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecService;
+
+impl Service for ExecService {
+    fn serve(&self, request: Message, route: Route, defaults: Arc<Defaults>) -> SessionTask {
+        Box::pin(async move {
+            if let Payload::ExecRequest(req) = request.payload {
+                run(*req, defaults, route).await
+            }
+        })
+    }
+}
+
+/// Kills a command's whole process group unless disarmed: when its session
+/// is abandoned (the host left, its relay client left, the agent stops), no
+/// process of it survives.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = sys::kill_group(pgid, libc::SIGKILL);
+        }
+    }
+}
 
 /// Largest chunk of output in one frame.
 const OUTPUT_CHUNK: usize = 64 * 1024;
 
 /// Runs one `core.exec.request` to its `core.exec.exited` or `core.exec.failed`.
-pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox, mut input: mpsc::Receiver<Input>) {
+async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
+    let out = route.sender();
+    let id = route.id();
     let mut command = match prepare(&req, &defaults) {
         Ok(c) => c,
         Err(failed) => {
-            let _ = out.send(Message::new(id, failed)).await;
+            let _ = out.send(failed).await;
             return;
         }
     };
     let mut child = match spawn_tracked(&mut command) {
         Ok(c) => c,
         Err(e) => {
-            let _ = out.send(Message::new(id, spawn_failure(&req, &e))).await;
+            let _ = out.send(spawn_failure(&req, &e)).await;
             return;
         }
     };
     let pid = child.id().unwrap_or(0);
-    if out.send(Message::new(id, ExecStarted { pid })).await.is_err() {
+    // The child leads its own process group (set before exec): signals and the final kill reach all of it.
+    let mut group = GroupGuard(Some(pid));
+    if out.send(ExecStarted { pid }).await.is_err() {
         return;
     }
-    let stdout = child.stdout.take().map(|r| tokio::spawn(pump(r, id, out.clone(), |data| ExecStdout { data }.into())));
-    let stderr = child.stderr.take().map(|r| tokio::spawn(pump(r, id, out.clone(), |data| ExecStderr { data }.into())));
+    let stdout = child.stdout.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStdout { data }.into())));
+    let stderr = child.stderr.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStderr { data }.into())));
     // stdin is fed by its own task, so that a child that does not read cannot stop signals.
     let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
-    let feeder = child.stdin.take().map(|w| tokio::spawn(feed_stdin(w, stdin_rx, id, out.clone())));
+    let feeder = child.stdin.take().map(|w| tokio::spawn(feed_stdin(w, stdin_rx, out.clone())));
     let mut stdin_tx = Some(stdin_tx);
     let mut input_open = true;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            next = input.recv(), if input_open => match next {
-                Some(Input::Stdin(data)) if data.is_empty() => stdin_tx = None,
-                Some(Input::Stdin(data)) => {
+            next = route.recv(), if input_open => match next.map(|m| m.payload) {
+                Some(Payload::ExecStdin(s)) if s.data.is_empty() => stdin_tx = None,
+                Some(Payload::ExecStdin(s)) => {
                     if let Some(tx) = &stdin_tx
-                        && tx.send(data).await.is_err()
+                        && tx.send(s.data).await.is_err()
                     {
                         stdin_tx = None;
                     }
                 }
-                Some(Input::Signal(signal)) => {
-                    if let Err(e) = sys::kill(pid, signal) {
-                        eprintln!("agentwire agent: signal {signal} to pid {pid} (id {id}): {e}");
+                Some(Payload::ExecSignal(s)) => {
+                    // Invalid numbers are ignored, as by the deployed agent.
+                    if let Err(e) = sys::kill_group(pid, s.signal) {
+                        tracing::debug!("signal {} to group {pid} (id {id}): {e}", s.signal);
                     }
                 }
                 Some(_) => {}
-                // The connection is gone: nobody will read the output.
+                // The host is gone, or its relay client left: nobody will read the output.
                 None => {
                     input_open = false;
+                    drop(std::mem::replace(&mut group, GroupGuard(None)));
                     let _ = child.start_kill();
                 }
             },
@@ -84,12 +117,14 @@ pub async fn run(id: u32, req: ExecRequest, defaults: Arc<Defaults>, out: Outbox
         // Killed by a signal: no exit status, and -1 as the reference agent says (spec 10.6).
         Ok(s) => s.code().unwrap_or(-1),
         Err(e) => {
-            eprintln!("agentwire agent: waiting for pid {pid} (id {id}): {e}");
+            tracing::warn!("waiting for pid {pid} (id {id}): {e}");
             -1
         }
     };
     untrack(pid);
-    let _ = out.send(Message::new(id, ExecExited { code })).await;
+    // It ended on its own: what it left running in its group may go on (as a daemon would).
+    group.0 = None;
+    let _ = out.send(ExecExited { code }).await;
 }
 
 /// The pids of the commands sessions run, which the runtime waits for itself.
@@ -206,11 +241,12 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
     }
     sys::set_rlimits_in_child(&mut command, limits);
     command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command.process_group(0);
     Ok(command)
 }
 
 /// A user by name or number, from `/etc/passwd`.
-fn lookup_user(user: &str) -> Option<(u32, u32)> {
+pub(crate) fn lookup_user(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
@@ -242,14 +278,14 @@ fn spawn_failure(req: &ExecRequest, e: &std::io::Error) -> ExecFailed {
 }
 
 /// Streams one output pipe as frames of at most [`OUTPUT_CHUNK`] bytes, each as soon as it is read.
-async fn pump(mut r: impl AsyncRead + Unpin, id: u32, out: Outbox, frame: fn(Bytes) -> agentwire::Payload) {
+async fn pump(mut r: impl AsyncRead + Unpin, out: RouteSender, frame: fn(Bytes) -> Payload) {
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(OUTPUT_CHUNK);
         match (&mut r).take(OUTPUT_CHUNK as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                if out.send(Message::new(id, frame(buf.split().freeze()))).await.is_err() {
+                if out.send(frame(buf.split().freeze())).await.is_err() {
                     return;
                 }
             }
@@ -258,7 +294,7 @@ async fn pump(mut r: impl AsyncRead + Unpin, id: u32, out: Outbox, frame: fn(Byt
 }
 
 /// Writes stdin data to the child; closing the channel closes its stdin.
-async fn feed_stdin(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>, id: u32, out: Outbox) {
+async fn feed_stdin(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>, out: RouteSender) {
     while let Some(data) = rx.recv().await {
         if let Err(e) = w.write_all(&data).await {
             let errno = e.raw_os_error();
@@ -267,7 +303,7 @@ async fn feed_stdin(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<By
                 errno_name: errno.and_then(sys::errno_name).map(String::from),
                 message: format!("writing to the command's stdin: {e}"),
             };
-            let _ = out.send(Message::new(id, report)).await;
+            let _ = out.send(report).await;
             return;
         }
     }

@@ -1,0 +1,488 @@
+//! A tokio driver of one [`Connection`], for either role (feature `tokio`).
+//!
+//! A reader task feeds the connection the transport's bytes and routes each
+//! frame of a session to that session's [`Route`]; a writer task writes what
+//! the connection has to send. Both share the connection behind one lock,
+//! held only between awaits. Every other [`Event`] reaches the application
+//! through the [`Incoming`] channel that [`spawn`] returns.
+//!
+//! Memory is bounded in bytes on both paths: a route's unread frames count
+//! against the connection's limits ([`Connection::wants_input`]), so the
+//! reader stops reading while the application is behind; and senders wait
+//! while more than [`MAX_PENDING_WRITE`] bytes wait to be written.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use agentwire::{Flags, Message, Payload};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::table::charge;
+use crate::{Connection, Event, SendError};
+
+/// How many bytes may wait to be written before senders wait.
+pub const MAX_PENDING_WRITE: usize = 1024 * 1024;
+
+/// What one read takes from the transport at most.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Frames and bytes of one direction.
+#[derive(Debug, Default)]
+pub struct Count {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Count {
+    fn add(&self, frames: u64, bytes: u64) {
+        self.frames.fetch_add(frames, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (frames, bytes) so far, length prefixes included.
+    pub fn get(&self) -> (u64, u64) {
+        (self.frames.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// What a connection has sent and received.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Written to the peer.
+    pub sent: Count,
+    /// Read from the peer.
+    pub received: Count,
+}
+
+/// What the application gets that is not a frame of a routed session.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Incoming {
+    /// Agent: a request that opened a session; its later frames arrive on `route`.
+    Request {
+        /// The request.
+        message: Message,
+        /// The session's frames, and where its replies go.
+        route: Route,
+    },
+    /// Any other event of the connection.
+    Event(Event),
+    /// The connection ended, and why; nothing follows.
+    Ended(String),
+}
+
+struct State {
+    conn: Connection,
+    routes: HashMap<u32, mpsc::UnboundedSender<Message>>,
+    /// Why the connection ended, once it has.
+    ended: Option<String>,
+    capture: Option<Box<dyn Write + Send>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The writer has something to write.
+    to_write: Notify,
+    /// Input may be wanted again.
+    to_read: Notify,
+    /// Something was written, or the connection changed state.
+    progress: Notify,
+    counters: Counters,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between calls, so a panic elsewhere does not poison it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn wait_for<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(v) = ready(&mut self.lock()) {
+                return v;
+            }
+            notified.await;
+        }
+    }
+
+    fn end(&self, why: String) {
+        let mut state = self.lock();
+        if state.ended.is_none() {
+            tracing::debug!("connection ended: {why}");
+            state.ended = Some(why);
+        }
+        // Sessions learn that nothing more will come.
+        state.routes.clear();
+        drop(state);
+        self.progress.notify_waiters();
+        self.to_write.notify_one();
+        self.to_read.notify_one();
+    }
+
+    /// Routes the connection's events; called with the lock held.
+    fn dispatch(self: &Arc<Self>, state: &mut State, incoming: &mpsc::UnboundedSender<Incoming>) {
+        while let Some(event) = state.conn.poll_event() {
+            match event {
+                Event::Reply(m) | Event::Input(m) => {
+                    let (id, last) = (m.id, m.flags.contains(Flags::TERMINAL));
+                    let cost = charge(&m.payload);
+                    let delivered = state.routes.get(&id).is_some_and(|tx| tx.send(m).is_ok());
+                    if !delivered {
+                        state.conn.consumed(id, cost);
+                    }
+                    if last {
+                        state.routes.remove(&id);
+                    }
+                }
+                Event::Request(message) => {
+                    // The route exists before the next frame is read, so none of the session's is lost.
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    state.routes.insert(message.id, tx);
+                    let route = Route { id: message.id, rx, handle: Handle(self.clone()), done: false };
+                    let _ = incoming.send(Incoming::Request { message, route });
+                }
+                Event::ClientDisconnected { ids, sessions } => {
+                    for id in &sessions {
+                        state.routes.remove(id);
+                    }
+                    let _ = incoming.send(Incoming::Event(Event::ClientDisconnected { ids, sessions }));
+                }
+                other => {
+                    let _ = incoming.send(Incoming::Event(other));
+                }
+            }
+        }
+    }
+}
+
+/// A handle on a driven connection; cheap to clone.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("ended", &self.0.lock().ended).finish()
+    }
+}
+
+impl Handle {
+    /// Runs `f` on the connection once the write backlog allows it, and wakes the writer.
+    pub async fn send_with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, SendError>) -> Result<T, SendError> {
+        self.0.wait_for(|s| (s.ended.is_some() || s.conn.pending_transmit() < MAX_PENDING_WRITE).then_some(())).await;
+        let result = {
+            let mut state = self.0.lock();
+            if state.ended.is_some() {
+                return Err(SendError::Closed);
+            }
+            f(&mut state.conn)?
+        };
+        self.0.to_write.notify_one();
+        Ok(result)
+    }
+
+    /// Runs `f` on the connection at once, whatever the backlog (for answers
+    /// that must not wait behind data), and wakes the writer.
+    pub fn send_now<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, SendError>) -> Result<T, SendError> {
+        let result = {
+            let mut state = self.0.lock();
+            if state.ended.is_some() {
+                return Err(SendError::Closed);
+            }
+            f(&mut state.conn)?
+        };
+        self.0.to_write.notify_one();
+        Ok(result)
+    }
+
+    /// Sends a frame of session `id`, or a control frame on id 0.
+    pub async fn send(&self, id: u32, payload: impl Into<Payload>) -> Result<(), SendError> {
+        let payload = payload.into();
+        self.send_with(|conn| conn.send(id, payload)).await
+    }
+
+    /// Host: opens a session with `f` (which queues its first frame and
+    /// returns its id); its replies arrive on the returned route.
+    pub async fn open(&self, f: impl FnOnce(&mut Connection) -> Result<u32, SendError>) -> Result<Route, SendError> {
+        self.0.wait_for(|s| (s.ended.is_some() || s.conn.pending_transmit() < MAX_PENDING_WRITE).then_some(())).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = {
+            let mut state = self.0.lock();
+            if state.ended.is_some() {
+                return Err(SendError::Closed);
+            }
+            let id = f(&mut state.conn)?;
+            // Under the same lock, so the reader cannot see a reply before the route exists.
+            state.routes.insert(id, tx);
+            id
+        };
+        self.0.to_write.notify_one();
+        Ok(Route { id, rx, handle: self.clone(), done: false })
+    }
+
+    /// Waits until the connection has ended; why.
+    pub async fn closed(&self) -> String {
+        self.0.wait_for(|s| s.ended.clone()).await
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn ended(&self) -> Option<String> {
+        self.0.lock().ended.clone()
+    }
+
+    /// Ends the connection: nothing more is read; what is queued is still written.
+    pub fn close(&self, why: &str) {
+        self.0.end(why.to_string());
+    }
+
+    /// Frames and bytes each way.
+    pub fn counters(&self) -> &Counters {
+        &self.0.counters
+    }
+
+    /// Runs `f` on the connection (to read its state).
+    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        f(&self.0.lock().conn)
+    }
+
+    fn consumed(&self, id: u32, m: &Message) {
+        let mut state = self.0.lock();
+        let was = state.conn.wants_input();
+        state.conn.consumed(id, charge(&m.payload));
+        if !was && state.conn.wants_input() {
+            self.0.to_read.notify_one();
+        }
+    }
+
+    fn forget(&self, id: u32) {
+        let mut state = self.0.lock();
+        state.routes.remove(&id);
+        state.conn.forget(id);
+        drop(state);
+        self.0.to_read.notify_one();
+    }
+}
+
+/// The frames of one session, in order, and where its own frames go.
+/// Dropped before the session's TERMINAL frame, the session is forgotten
+/// on this side (its later frames are dropped).
+#[derive(Debug)]
+pub struct Route {
+    id: u32,
+    rx: mpsc::UnboundedReceiver<Message>,
+    handle: Handle,
+    done: bool,
+}
+
+impl Route {
+    /// The session's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The connection.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The next frame; `None` after the TERMINAL one, when the session was
+    /// closed (a relay client left), or when the connection ends.
+    pub async fn recv(&mut self) -> Option<Message> {
+        let m = self.rx.recv().await?;
+        self.handle.consumed(self.id, &m);
+        self.done |= m.flags.contains(Flags::TERMINAL);
+        Some(m)
+    }
+
+    /// Sends a frame of this session, waiting while the peer is behind. An
+    /// agent's TERMINAL frame ends the session.
+    pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), SendError> {
+        let payload = payload.into();
+        let last = payload.message_type().flags().contains(Flags::TERMINAL);
+        self.handle.send(self.id, payload).await?;
+        if last {
+            self.handle.0.lock().routes.remove(&self.id);
+        }
+        Ok(())
+    }
+
+    /// A sender of this session's frames, for another task.
+    pub fn sender(&self) -> RouteSender {
+        RouteSender { id: self.id, handle: self.handle.clone() }
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        if !self.done {
+            self.handle.forget(self.id);
+        }
+    }
+}
+
+/// Sends frames of one session from another task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RouteSender {
+    id: u32,
+    handle: Handle,
+}
+
+impl RouteSender {
+    /// The session's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sends a frame of the session, waiting while the peer is behind.
+    pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), SendError> {
+        self.handle.send(self.id, payload).await
+    }
+}
+
+/// The tasks that drive a connection; dropped, they stop.
+#[derive(Debug)]
+pub struct Driver {
+    reader: JoinHandle<()>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Driver {
+    /// Waits until everything queued has been written and the writer has stopped.
+    pub async fn finish(mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.reader.abort();
+        if let Some(w) = &self.writer {
+            w.abort();
+        }
+    }
+}
+
+/// Drives `conn` over `io`: returns the tasks, a handle, and the channel of
+/// what the application must act on. `capture`, if given, gets every frame
+/// of both directions, whole, in the order this side saw them.
+pub fn spawn(
+    mut conn: Connection,
+    io: impl AsyncRead + AsyncWrite + Send + 'static,
+    capture: Option<Box<dyn Write + Send>>,
+) -> (Driver, Handle, mpsc::UnboundedReceiver<Incoming>) {
+    conn.set_tap(capture.is_some());
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State { conn, routes: HashMap::new(), ended: None, capture }),
+        to_write: Notify::new(),
+        to_read: Notify::new(),
+        progress: Notify::new(),
+        counters: Counters::default(),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (rd, wr) = tokio::io::split(io);
+    let reader = tokio::spawn(read_loop(shared.clone(), rd, tx));
+    let writer = tokio::spawn(write_loop(shared.clone(), wr));
+    (Driver { reader, writer: Some(writer) }, Handle(shared), rx)
+}
+
+async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin, incoming: mpsc::UnboundedSender<Incoming>) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let why = loop {
+        // Hold back while the application has not taken what it was given.
+        let (wanted, deadline) = {
+            let state = shared.lock();
+            if let Some(why) = &state.ended {
+                break why.clone();
+            }
+            (state.conn.wants_input(), state.conn.poll_timeout())
+        };
+        if !wanted {
+            shared.to_read.notified().await;
+            continue;
+        }
+        let read = match deadline {
+            Some(at) => match tokio::time::timeout_at(at.into(), rd.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => match shared.lock().conn.handle_timeout(Instant::now()) {
+                    Ok(()) => continue,
+                    Err(e) => break e.to_string(),
+                },
+            },
+            None => rd.read(&mut buf).await,
+        };
+        let n = match read {
+            Ok(0) => break "the peer closed the connection".to_string(),
+            Ok(n) => n,
+            Err(e) => break format!("reading: {e}"),
+        };
+        let mut state = shared.lock();
+        let before = state.conn.frames_received();
+        let result = state.conn.handle_input(&buf[..n], Instant::now());
+        shared.counters.received.add(state.conn.frames_received() - before, n as u64);
+        let frames: Bytes = state.conn.take_tapped();
+        if let Some(capture) = &mut state.capture {
+            // A capture that cannot be written must not stop the connection.
+            let _ = capture.write_all(&frames);
+        }
+        shared.dispatch(&mut state, &incoming);
+        drop(state);
+        shared.progress.notify_waiters();
+        shared.to_write.notify_one();
+        if let Err(e) = result {
+            break e.to_string();
+        }
+    };
+    shared.end(why.clone());
+    let _ = incoming.send(Incoming::Ended(why));
+}
+
+async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
+    loop {
+        let notified = shared.to_write.notified();
+        let (bytes, ended) = {
+            let mut state = shared.lock();
+            let bytes = state.conn.poll_transmit();
+            if let Some(capture) = &mut state.capture {
+                let _ = capture.write_all(&bytes);
+            }
+            (bytes, state.ended.is_some())
+        };
+        if bytes.is_empty() {
+            if ended {
+                let _ = wr.flush().await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            notified.await;
+            continue;
+        }
+        let frames = count_frames(&bytes);
+        if let Err(e) = wr.write_all(&bytes).await {
+            shared.end(format!("writing: {e}"));
+            return;
+        }
+        shared.counters.sent.add(frames, bytes.len() as u64);
+        shared.progress.notify_waiters();
+    }
+}
+
+/// The whole frames in `bytes` (a connection transmits whole frames only).
+fn count_frames(mut bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    while let Some(head) = bytes.get(..4) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        bytes = bytes.get(4 + len..).unwrap_or_default();
+        n += 1;
+    }
+    n
+}
