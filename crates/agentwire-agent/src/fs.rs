@@ -225,6 +225,7 @@ impl Fs {
                 Ok(None)
             }
             FsOp::Read { .. } | FsOp::Write { .. } => Err("a streamed operation reached the wrong path".into()),
+            other => Err(format!("{other:?}: not an operation this agent knows")),
         }
     }
 

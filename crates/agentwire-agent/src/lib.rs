@@ -127,6 +127,13 @@ pub type SessionTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub trait Service: Send + Sync {
     /// Starts serving one session.
     fn serve(&self, request: Message, route: Route, defaults: Arc<Defaults>) -> SessionTask;
+
+    /// A relay client left: release what ids in `ids` hold beyond their
+    /// sessions (open file handles, say). Their sessions' routes have already
+    /// ended.
+    fn client_left(&self, ids: std::ops::Range<u32>) {
+        let _ = ids;
+    }
 }
 
 /// The services of one connection.
@@ -248,6 +255,9 @@ impl Agent {
                 }
                 Incoming::Event(Event::ClientDisconnected { ids, sessions }) => {
                     tracing::debug!(?ids, ?sessions, "relay client left; its sessions end");
+                    for service in [&services.exec, &services.fs, &services.tcp] {
+                        service.client_left(ids.clone());
+                    }
                 }
                 Incoming::Event(Event::PeerError { id, error }) => {
                     tracing::warn!(id, kind = %error.kind, "the host reports: {}", error.message)

@@ -36,17 +36,17 @@ pub async fn serve(listener: Listener, agent: Arc<Agent>, verbose: bool) -> std:
 
 async fn serve_one(stream: Stream, peer: String, agent: Arc<Agent>, verbose: bool) -> Ended {
     if verbose {
-        eprintln!("agentwire agent: {peer}: connected");
+        tracing::info!(%peer, "connected");
     }
     match agent.serve(stream).await {
         Ok(ended) => {
             if verbose {
-                eprintln!("agentwire agent: {peer}: closed ({ended:?})");
+                tracing::info!(%peer, ?ended, "closed");
             }
             ended
         }
         Err(e) => {
-            eprintln!("agentwire agent: {peer}: {e}; connection closed");
+            tracing::warn!(%peer, "{e}; connection closed");
             Ended::Closed
         }
     }

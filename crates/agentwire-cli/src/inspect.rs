@@ -86,13 +86,7 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
 }
 
 fn break_fatal(printer: &mut Printer<'_>, codec: &MessageCodec, e: StreamError) {
-    let offset = match &e {
-        StreamError::LengthBelowHeader { offset, .. }
-        | StreamError::FrameTooLarge { offset, .. }
-        | StreamError::Truncated { offset, .. }
-        | StreamError::Lost { offset } => *offset,
-        StreamError::Io(_) => codec.frame_codec().stream_offset(),
-    };
+    let offset = e.offset().unwrap_or_else(|| codec.frame_codec().stream_offset());
     printer.fatal(offset, &e.to_string());
 }
 

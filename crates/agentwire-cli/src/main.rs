@@ -28,8 +28,12 @@ use clap::{Parser, Subcommand};
 /// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 7),
 /// and run a real agent and host that speak it.
 #[derive(Parser)]
-#[command(name = "agentwire", version, about)]
+#[command(name = "agentwire", version)]
 struct Cli {
+    /// More log lines on standard error: -v connections, -vv sessions and
+    /// frames the peer got wrong, -vvv everything (RUST_LOG, if set, decides instead).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,9 +80,6 @@ enum Command {
         /// Let `core.tcp.connect` reach addresses beyond loopback.
         #[arg(long)]
         allow_net: bool,
-        /// Log connections on standard error.
-        #[arg(short, long)]
-        verbose: bool,
     },
     /// Talk to an agent as its host.
     Host {
@@ -129,6 +130,26 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         pings: usize,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `agentwire man | man -l -`.
+    Man,
+}
+
+/// Logs go to standard error with timestamps; `RUST_LOG` overrides `-v`.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {
@@ -139,12 +160,16 @@ fn main() -> ExitCode {
             unsafe { std::env::set_var(key, value) };
         }
         // The VM's init: no command line to parse; settings come from the kernel's.
+        init_logging(1);
         return runtime(init::run(start_ns));
     }
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let verbose = cli.verbose > 0;
+    match cli.command {
         Command::Inspect { file, json } => inspect::run(file.as_deref(), json),
         Command::Encode { file, out } => encode::run(file.as_deref(), out.as_deref()),
-        Command::Agent { listen, root, allow_net, verbose } => {
+        Command::Agent { listen, root, allow_net } => {
             runtime(async move { serve(&listen, root, allow_net, verbose, start_ns).await })
         }
         Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
@@ -153,6 +178,21 @@ fn main() -> ExitCode {
         }
         Command::Demo { sessions, capture, file_mib, pings } => {
             runtime(demo::run(demo::Options { sessions, capture, file_mib, pings }))
+        }
+        Command::Completions { shell } => {
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "agentwire", &mut text);
+            print_quietly(&text)
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut text) {
+                Ok(()) => print_quietly(&text),
+                Err(e) => {
+                    eprintln!("agentwire man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -203,6 +243,18 @@ async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, star
             eprintln!("agentwire agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes `text` to standard output; a reader that went away (`| head`) is no failure.
+fn print_quietly(text: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("agentwire: standard output: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
     }
 }
 

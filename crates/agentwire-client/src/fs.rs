@@ -197,5 +197,6 @@ fn describe(op: &FsOp) -> String {
         FsOp::ReadDir { handle, .. } => format!("readdir handle {handle}"),
         FsOp::FStat { handle } => format!("fstat handle {handle}"),
         FsOp::FSetStat { handle, .. } => format!("fsetstat handle {handle}"),
+        other => format!("{other:?}"),
     }
 }

@@ -25,6 +25,7 @@ use crate::version::{self, PROTOCOL_VERSION};
 /// What was wrong with a rejected frame. The names are those of
 /// [`CoreErrorKind`], plus `frame_too_large`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum RejectKind {
     /// `len` above the decoder's limit; the frame was discarded unread.
     FrameTooLarge,

@@ -287,6 +287,7 @@ pub struct OversizedFrame {
 /// An error that ends the stream: nothing after it can be trusted to be a
 /// frame boundary.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StreamError {
     /// `len` below [`FRAME_HEADER_SIZE`].
     #[error("frame at offset {offset}: length {len} is below the {FRAME_HEADER_SIZE}-byte header")]
@@ -327,9 +328,28 @@ pub enum StreamError {
     Io(#[from] io::Error),
 }
 
+impl StreamError {
+    /// The stream offset of the fault, where the error knows it (not for a transport error).
+    ///
+    /// ```
+    /// use agentwire::StreamError;
+    /// assert_eq!(StreamError::Lost { offset: 9 }.offset(), Some(9));
+    /// ```
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            StreamError::LengthBelowHeader { offset, .. }
+            | StreamError::FrameTooLarge { offset, .. }
+            | StreamError::Truncated { offset, .. }
+            | StreamError::Lost { offset } => Some(*offset),
+            StreamError::Io(_) => None,
+        }
+    }
+}
+
 /// An error that stops one message from being written. Nothing is written for it
 /// and the stream stays usable.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EncodeError {
     /// The frame would exceed the encoder's limit.
     #[error("frame of length {len} exceeds the limit of {limit}")]

@@ -27,6 +27,7 @@ use crate::version::PROTOCOL_VERSION;
 
 /// Who sends a message type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Direction {
     /// The host sends it to the guest.
     HostToGuest,
@@ -82,6 +83,7 @@ macro_rules! message_types {
         /// ```
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[non_exhaustive]
         pub enum MessageType {
             $( $(#[$doc])* $variant, )*
         }
@@ -167,6 +169,7 @@ macro_rules! message_types {
         #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
         #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
         #[serde(untagged)]
+        #[non_exhaustive]
         pub enum Payload {
             $( $(#[$doc])* $variant(held!($store, $payload)), )*
         }

@@ -61,6 +61,7 @@ pub struct GuestBootstrap {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum BootstrapBlockRoot {
     /// A whole disk image.
     DiskImage {
@@ -83,6 +84,7 @@ pub enum BootstrapBlockRoot {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum BootstrapBlockRootUpper {
     /// A block device.
     Device {

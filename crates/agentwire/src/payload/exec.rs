@@ -212,7 +212,8 @@ pub struct ExecStdinError {
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecExited {
-    /// Exit code (negative for a signal, by the guest's convention).
+    /// The exit status, or -1 when a signal killed the command (the deployed
+    /// agent's convention, which agentwire's agent follows; the signal is not told).
     pub code: i32,
 }
 

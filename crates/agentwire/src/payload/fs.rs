@@ -20,6 +20,7 @@ pub struct FsRequest {
 /// A file operation. Paths are text, as the guest sees them.
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum FsOp {
     /// Resolve to a canonical absolute path.
     RealPath {
@@ -214,6 +215,7 @@ pub struct FsEntryInfo {
 /// What a successful operation returns.
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum FsResponseData {
     /// Metadata.
     Stat(FsEntryInfo),
