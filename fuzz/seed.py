@@ -10,8 +10,11 @@ import json
 import pathlib
 
 here = pathlib.Path(__file__).resolve().parent
-vectors = here.parent / "tests" / "vectors"
-targets = ["frame", "message", "payload", "roundtrip", "split"]
+vectors = here.parent / "crates" / "agentwire" / "tests" / "vectors"
+if not vectors.is_dir():  # the layout before the workspace split
+    vectors = here.parent / "tests" / "vectors"
+# `differential` gets the seeds of `message`: whole frames and streams of them.
+targets = ["frame", "message", "payload", "roundtrip", "split", "differential"]
 
 
 def head(buf, at):
@@ -52,18 +55,18 @@ frames = [bytes.fromhex(g["frame"]) for g in golden]
 bad = [bytes.fromhex(m["hex"]) for m in malformed]
 
 for f in frames:
-    for t in ("frame", "message", "roundtrip", "split"):
+    for t in ("frame", "message", "roundtrip", "split", "differential"):
         write(t, f)
     write("payload", payload_of(f))
 for b in bad:
-    for t in ("frame", "message", "split"):
+    for t in ("frame", "message", "split", "differential"):
         write(t, b)
 by_type = {}
 for g, f in zip(golden, frames):
     by_type.setdefault(g["type"], b"")
     by_type[g["type"]] += f
 for stream in by_type.values():
-    for t in ("message", "split"):
+    for t in ("message", "split", "differential"):
         write(t, stream)
 for t in targets:
     print(t, len(list((here / "corpus" / t).iterdir())), "seeds")

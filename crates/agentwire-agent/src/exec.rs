@@ -1,4 +1,5 @@
-//! `core.exec.*`: a real child process, its output streamed as it comes.
+//! `core.exec.*`: a real child process on pipes or a pseudo-terminal, its
+//! output streamed as it comes.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -8,12 +9,19 @@ use agentwire::payload::exec::{
     ExecExited, ExecFailed, ExecFailureKind, ExecRequest, ExecStarted, ExecStderr, ExecStdinError, ExecStdout,
 };
 use agentwire::{Message, Payload};
-use agentwire_session::driver::{Route, RouteSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use agentwire_session::driver::{MAX_PENDING_WRITE, Route, RouteSender};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::{Defaults, Service, SessionTask, sys};
+
+// Declared here, its only user, rather than in lib.rs.
+#[path = "pty.rs"]
+mod pty;
 
 /// `core.exec.*`: runs each request as a child process in its own process
 /// group, with its output streamed as it comes.
@@ -46,6 +54,95 @@ impl Drop for GroupGuard {
 /// Largest chunk of output in one frame.
 const OUTPUT_CHUNK: usize = 64 * 1024;
 
+/// Stdin bytes an execution may have accepted but not yet written into its
+/// child. Beyond it, `core.exec.stdin` frames are dropped and answered with
+/// `core.exec.stdin.error`: the session loop never waits for the child.
+pub(crate) const STDIN_QUEUE_LIMIT: usize = 1024 * 1024;
+
+/// Tasks of one execution (output pumps, stdin feeder), aborted when the
+/// execution's task is dropped (the agent aborts it, the connection ends).
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Where stdin goes: the child's pipe, or its terminal.
+enum StdinSink {
+    Pipe(tokio::process::ChildStdin),
+    Pty(Arc<pty::Master>),
+}
+
+impl StdinSink {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            StdinSink::Pipe(w) => w.write_all(data).await,
+            StdinSink::Pty(m) => m.write_all(data).await,
+        }
+    }
+}
+
+/// The execution's stdin, queued for its feeder task and bounded in bytes:
+/// taking a frame never waits.
+struct StdinQueue {
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Accepted and not yet written into the child (the feeder subtracts).
+    queued: Arc<AtomicUsize>,
+    /// Whether the host ended it with an empty frame (pipe mode).
+    ended: bool,
+}
+
+impl StdinQueue {
+    /// Queues `data`, or says why it was dropped.
+    fn push(&mut self, data: Bytes) -> Result<(), String> {
+        if self.ended {
+            return Err("stdin data after its end (an empty core.exec.stdin) is dropped".into());
+        }
+        let Some(tx) = &self.tx else {
+            // The feeder stopped: the child closed its end, which was reported once.
+            return Ok(());
+        };
+        let len = data.len();
+        let queued = self.queued.load(Ordering::Acquire);
+        if queued + len > STDIN_QUEUE_LIMIT {
+            return Err(format!(
+                "stdin frame of {len} bytes dropped: {queued} bytes wait for the command to read them \
+                 (at most {STDIN_QUEUE_LIMIT})"
+            ));
+        }
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        if tx.send(data).is_err() {
+            self.tx = None;
+        }
+        Ok(())
+    }
+
+    /// Ends the input: the feeder writes what is queued, then closes the pipe.
+    fn close(&mut self) {
+        self.tx = None;
+        self.ended = true;
+    }
+}
+
+/// Sends `payload` on the session at once, without waiting behind the
+/// connection's backlog (the session loop must not wait). When the host
+/// does not even read its replies, the report is dropped too.
+fn report_now(route: &Route, payload: impl Into<Payload>) {
+    let (handle, id) = (route.handle(), route.id());
+    if handle.with(|c| c.pending_transmit()) < MAX_PENDING_WRITE {
+        let payload = payload.into();
+        if let Err(e) = handle.send_now(|c| c.send(id, payload)) {
+            tracing::debug!("id {id}: {e}");
+        }
+    } else {
+        tracing::debug!("id {id}: the host does not read; a report is dropped");
+    }
+}
+
 /// Runs one `core.exec.request` to its `core.exec.exited` or `core.exec.failed`.
 async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
     let out = route.sender();
@@ -57,7 +154,30 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
             return;
         }
     };
-    let mut child = match spawn_tracked(&mut command) {
+    let master = if req.tty {
+        let opened = pty::open(req.rows, req.cols).and_then(|p| {
+            sys::attach_terminal(&mut command, p.slave)?;
+            Ok(Arc::new(p.master))
+        });
+        match opened {
+            Ok(master) => Some(master),
+            Err(e) => {
+                let errno = e.raw_os_error();
+                let message = format!("a {}x{} terminal: {e}", req.rows, req.cols);
+                let _ = out.send(failure(ExecFailureKind::PtySetupFailed, errno, message, "pty")).await;
+                return;
+            }
+        }
+    } else {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.process_group(0);
+        None
+    };
+    let spawned = spawn_tracked(&mut command);
+    // The command holds the parent's copies of the terminal's slave side: they
+    // must be closed for the master to see the end (EIO) when the child's are.
+    drop(command);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let _ = out.send(spawn_failure(&req, &e)).await;
@@ -65,28 +185,49 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
         }
     };
     let pid = child.id().unwrap_or(0);
-    // The child leads its own process group (set before exec): signals and the final kill reach all of it.
+    // The child leads its own process group (set before exec; in PTY mode it
+    // leads a new session, so its pgid is its pid too): signals and the final
+    // kill reach all of it.
     let mut group = GroupGuard(Some(pid));
     if out.send(ExecStarted { pid }).await.is_err() {
+        untrack_after_kill(child, group).await;
         return;
     }
-    let stdout = child.stdout.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStdout { data }.into())));
-    let stderr = child.stderr.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStderr { data }.into())));
-    // stdin is fed by its own task, so that a child that does not read cannot stop signals.
-    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
-    let feeder = child.stdin.take().map(|w| tokio::spawn(feed_stdin(w, stdin_rx, out.clone())));
-    let mut stdin_tx = Some(stdin_tx);
-    let mut input_open = true;
+    let mut output = Tasks(Vec::new());
+    let sink = match &master {
+        Some(m) => {
+            output.0.push(tokio::spawn(pump_pty(m.clone(), out.clone())));
+            Some(StdinSink::Pty(m.clone()))
+        }
+        None => {
+            for task in [
+                child.stdout.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStdout { data }.into()))),
+                child.stderr.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStderr { data }.into()))),
+            ] {
+                output.0.extend(task);
+            }
+            child.stdin.take().map(StdinSink::Pipe)
+        }
+    };
+    // stdin is written by its own task from a queue bounded in bytes, so that
+    // a child that does not read can stop neither this loop nor the connection.
+    let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<Bytes>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let feeder = Tasks(sink.map(|s| tokio::spawn(feed_stdin(s, stdin_rx, queued.clone(), out.clone()))).into_iter().collect());
+    let mut stdin = StdinQueue { tx: Some(stdin_tx), queued, ended: false };
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            next = route.recv(), if input_open => match next.map(|m| m.payload) {
-                Some(Payload::ExecStdin(s)) if s.data.is_empty() => stdin_tx = None,
+            next = route.recv() => match next.map(|m| m.payload) {
+                // On a terminal an empty frame closes nothing: the host sends 0x04.
+                Some(Payload::ExecStdin(s)) if s.data.is_empty() => {
+                    if master.is_none() {
+                        stdin.close();
+                    }
+                }
                 Some(Payload::ExecStdin(s)) => {
-                    if let Some(tx) = &stdin_tx
-                        && tx.send(s.data).await.is_err()
-                    {
-                        stdin_tx = None;
+                    if let Err(message) = stdin.push(s.data) {
+                        report_now(&route, ExecStdinError { errno: None, errno_name: None, message });
                     }
                 }
                 Some(Payload::ExecSignal(s)) => {
@@ -95,24 +236,33 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
                         tracing::debug!("signal {} to group {pid} (id {id}): {e}", s.signal);
                     }
                 }
+                Some(Payload::ExecResize(r)) => {
+                    // Without a terminal there is nothing to resize (spec 10.6).
+                    if let Some(m) = &master
+                        && let Err(e) = m.resize(r.rows, r.cols)
+                    {
+                        tracing::debug!("resize to {}x{} (id {id}): {e}", r.rows, r.cols);
+                    }
+                }
                 Some(_) => {}
-                // The host is gone, or its relay client left: nobody will read the output.
+                // The host is gone, or its relay client left: nobody will read
+                // the output. The whole group is killed (the guard), and nothing
+                // more is sent.
                 None => {
-                    input_open = false;
-                    drop(std::mem::replace(&mut group, GroupGuard(None)));
-                    let _ = child.start_kill();
+                    drop(output);
+                    drop(feeder);
+                    untrack_after_kill(child, group).await;
+                    return;
                 }
             },
         }
     };
-    drop(stdin_tx);
+    drop(stdin);
     // All output is sent before the exit status, so the host sees it complete.
-    for task in [stdout, stderr].into_iter().flatten() {
+    for task in &mut output.0 {
         let _ = task.await;
     }
-    if let Some(f) = feeder {
-        f.abort();
-    }
+    drop(feeder);
     let code = match status {
         // Killed by a signal: no exit status, and -1 as the reference agent says (spec 10.6).
         Ok(s) => s.code().unwrap_or(-1),
@@ -125,6 +275,17 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
     // It ended on its own: what it left running in its group may go on (as a daemon would).
     group.0 = None;
     let _ = out.send(ExecExited { code }).await;
+}
+
+/// Kills the command's whole group (dropping the guard) and collects its status.
+async fn untrack_after_kill(mut child: tokio::process::Child, group: GroupGuard) {
+    let pid = group.0;
+    drop(group);
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    if let Some(pid) = pid {
+        untrack(pid);
+    }
 }
 
 /// The pids of the commands sessions run, which the runtime waits for itself.
@@ -179,10 +340,6 @@ fn failure(kind: ExecFailureKind, errno: Option<i32>, message: String, stage: &s
 /// Everything that can be checked before the process is created, each with its own kind.
 fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Command, ExecFailed> {
     let bad_args = |message: String| failure(ExecFailureKind::BadArgs, None, message, "prepare");
-    if req.tty {
-        let message = "this agent runs commands on pipes; a pseudo-terminal (tty: true) is not supported".into();
-        return Err(failure(ExecFailureKind::PtySetupFailed, None, message, "pty"));
-    }
     if req.cmd.is_empty() {
         return Err(bad_args("the command is empty".into()));
     }
@@ -240,8 +397,8 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
         limits.push((resource, r.soft, r.hard));
     }
     sys::set_rlimits_in_child(&mut command, limits);
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    command.process_group(0);
+    // Standard I/O and the process group are set by the caller: pipes, or a terminal.
+    command.kill_on_drop(true);
     Ok(command)
 }
 
@@ -293,10 +450,33 @@ async fn pump(mut r: impl AsyncRead + Unpin, out: RouteSender, frame: fn(Bytes) 
     }
 }
 
-/// Writes stdin data to the child; closing the channel closes its stdin.
-async fn feed_stdin(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>, out: RouteSender) {
+/// Streams a terminal's output as `core.exec.stdout` frames until every
+/// slave descriptor is closed (the master then reads EIO: the end).
+async fn pump_pty(master: Arc<pty::Master>, out: RouteSender) {
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+    loop {
+        match master.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => {
+                if out.send(ExecStdout { data: Bytes::copy_from_slice(&buf[..n]) }).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!("reading the terminal (id {}): {e}", out.id());
+                return;
+            }
+        }
+    }
+}
+
+/// Writes queued stdin into the child as it reads; closing the channel
+/// closes its stdin (a pipe; a terminal stays open).
+async fn feed_stdin(mut sink: StdinSink, mut rx: mpsc::UnboundedReceiver<Bytes>, queued: Arc<AtomicUsize>, out: RouteSender) {
     while let Some(data) = rx.recv().await {
-        if let Err(e) = w.write_all(&data).await {
+        let written = sink.write_all(&data).await;
+        queued.fetch_sub(data.len(), Ordering::AcqRel);
+        if let Err(e) = written {
             let errno = e.raw_os_error();
             let report = ExecStdinError {
                 errno,

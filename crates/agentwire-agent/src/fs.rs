@@ -1,31 +1,65 @@
 //! `core.fs.*`: the `FsOp` operations inside a root directory, with streamed
 //! reads and writes in `FS_CHUNK_SIZE` chunks.
 //!
-//! Guest paths are read as if the root were `/`. A path is refused when `..`
-//! climbs above the root, or when a symlink leads out of it: the parent
-//! directory (and the path itself, for operations that follow links) is
-//! resolved by the kernel and must still lie under the root.
+//! Confinement is by construction, not by checking path strings. The root is
+//! opened once, as a directory fd (`O_PATH | O_DIRECTORY`). Guest paths are
+//! read as if the root were `/`; `..` is taken lexically first (a path whose
+//! `..` climbs above the root is refused). Then every operation opens what it
+//! works on relative to the root fd with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_MAGICLINKS)` (see [`resolve`]), so the kernel refuses any symlink
+//! that would lead out, whatever is renamed meanwhile, and acts on the fd it
+//! got: `fstat`, `fchmod`, `fchown`, `futimens`, reads and writes; or on the
+//! parent directory's fd and the final name: `mkdirat`, `unlinkat`,
+//! `renameat`, `symlinkat`, `readlinkat`, `fchownat`/`utimensat` without
+//! following. A path string checked earlier is never used again.
+//!
+//! Absolute symlinks are refused, not re-rooted (`RESOLVE_BENEATH`, not
+//! `RESOLVE_IN_ROOT`): a guest's `/etc/x -> /usr/y` would name a different
+//! file depending on whether the host or a guest process follows it, so the
+//! agent serves only links that mean the same from both sides (relative ones
+//! that stay inside).
+//!
+//! Only regular files and directories are opened: a FIFO, socket or device is
+//! refused by its type (looked at through an `O_PATH` fd first, and every
+//! real open carries `O_NONBLOCK | O_NOCTTY`, so nothing a guest puts in the
+//! root can block a worker). Handles belong to the relay slot of the id that
+//! opened them, at most [`MAX_HANDLES_PER_SLOT`] per slot.
+
+mod resolve;
 
 use std::collections::HashMap;
-use std::fs::{self as stdfs, File, Metadata};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use agentwire::payload::fs::{FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsResponse, FsResponseData, FsSetAttrs};
+use agentwire::relay::client_for_id;
 use agentwire::{Message, Payload};
 use agentwire_session::driver::Route;
 use bytes::Bytes;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps, UTIME_OMIT};
+use rustix::io::Errno;
 
 use crate::{Defaults, Service, SessionTask};
+
+/// The most handles the ids of one relay slot may hold open at once.
+pub const MAX_HANDLES_PER_SLOT: usize = 1024;
+
+/// How deep `RemoveDir { recursive: true }` descends (one fd held per level).
+const MAX_REMOVE_DEPTH: usize = 1024;
 
 /// `core.fs.*` inside a root directory, with the open handles of one connection.
 pub struct FsService(Arc<Fs>);
 
 impl FsService {
-    /// Operations confined to `root` (made canonical here; an unusable root
+    /// Operations confined to `root`, opened here once (an unusable root
     /// makes every operation fail with the reason).
     pub fn new(root: PathBuf) -> FsService {
         let root = root.canonicalize().unwrap_or(root);
@@ -42,186 +76,411 @@ impl Service for FsService {
             }
         })
     }
+
+    fn client_left(&self, ids: Range<u32>) {
+        self.0.close_opened_by(ids);
+    }
 }
 
-/// An open handle.
+/// What a handle is open on.
 enum Handle {
-    File(Arc<File>),
-    Dir { path: PathBuf, entries: Vec<FsEntryInfo>, next: usize },
+    File { file: Arc<File>, path: String },
+    Dir { dir: OwnedFd, path: String, entries: Vec<FsEntryInfo>, next: usize },
+}
+
+/// A handle and whom it belongs to.
+struct Open {
+    /// The id whose request opened it.
+    opener: u32,
+    /// That id's relay slot.
+    slot: usize,
+    handle: Handle,
+}
+
+#[derive(Default)]
+struct Handles {
+    open: HashMap<u64, Open>,
+    per_slot: HashMap<usize, usize>,
+}
+
+impl Handles {
+    fn remove(&mut self, n: u64) -> Option<Open> {
+        let open = self.open.remove(&n)?;
+        if let Some(count) = self.per_slot.get_mut(&open.slot) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_slot.remove(&open.slot);
+            }
+        }
+        Some(open)
+    }
 }
 
 /// The root and the handles of one connection.
 pub struct Fs {
-    root: PathBuf,
-    handles: Mutex<HashMap<u64, Handle>>,
+    /// The root directory, or why it could not be opened.
+    root: Result<OwnedFd, String>,
+    handles: Mutex<Handles>,
     next_handle: AtomicU64,
+    /// Bytes of file data the connection's reads may hold at once, read
+    /// but not yet handed to the connection: many reads whose host does not
+    /// read hold this much between them, not a chunk each.
+    read_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// What all of a connection's streamed reads may hold at once.
+const READ_BUDGET: usize = 16 * 1024 * 1024;
 
 type Outcome = Result<Option<FsResponseData>, String>;
 
-impl Fs {
-    /// Operations confined to `root`, which must be canonical.
-    pub fn new(root: PathBuf) -> Fs {
-        Fs { root, handles: Mutex::new(HashMap::new()), next_handle: AtomicU64::new(1) }
+/// The relay slot of `id` (spec 10.6): id 0 and the ids above the last
+/// slot's range belong to none and can use no handle.
+fn slot_of(id: u32) -> Result<usize, String> {
+    match client_for_id(id) {
+        Some(slot) if id != 0 => Ok(slot),
+        _ => Err(format!("id {id} is outside every relay slot's range: it can use no handle")),
     }
+}
 
-    /// The real path of guest path `path`; see the module docs for what is refused.
-    fn resolve(&self, path: &str, follow: bool) -> Result<PathBuf, String> {
-        let escape = || format!("{path}: refused: the path leads outside the root");
-        let mut rel = PathBuf::new();
-        for c in Path::new(path).components() {
+/// A guest path taken apart: `..` undone lexically, `.` and empty parts dropped.
+struct GuestPath<'a> {
+    /// As the request gave it, for messages.
+    given: &'a str,
+    parts: Vec<&'a str>,
+}
+
+impl<'a> GuestPath<'a> {
+    fn parse(given: &'a str) -> Result<GuestPath<'a>, String> {
+        let mut parts = Vec::new();
+        for c in given.split('/') {
             match c {
-                Component::Normal(n) => rel.push(n),
-                Component::ParentDir => {
-                    if !rel.pop() {
-                        return Err(escape());
+                "" | "." => {}
+                ".." => {
+                    if parts.pop().is_none() {
+                        return Err(format!("{given}: refused: `..` leads outside the root"));
                     }
                 }
-                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+                c => parts.push(c),
             }
         }
-        let Some(name) = rel.file_name().map(ToOwned::to_owned) else { return Ok(self.root.clone()) };
-        let parent = self.root.join(&rel).parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-        let parent = parent.canonicalize().map_err(|e| format!("{path}: {e}"))?;
-        if !parent.starts_with(&self.root) {
-            return Err(escape());
+        Ok(GuestPath { given, parts })
+    }
+
+    /// The path beneath the root, as `a/b/c` (empty for the root).
+    fn rel(&self) -> OsString {
+        OsString::from(self.parts.join("/"))
+    }
+
+    /// The path beneath the root of the parent, and the final name (`None` for the root).
+    fn split_last(&self) -> (OsString, Option<&'a str>) {
+        match self.parts.split_last() {
+            Some((last, parent)) => (OsString::from(parent.join("/")), Some(*last)),
+            None => (OsString::new(), None),
         }
-        let full = parent.join(name);
-        if follow {
-            match full.canonicalize() {
-                Ok(real) => return if real.starts_with(&self.root) { Ok(real) } else { Err(escape()) },
-                // Creating through a link that leads nowhere would create its target, wherever that is.
-                Err(_) if full.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) => {
-                    return Err(format!("{path}: refused: a symlink that leads nowhere"));
+    }
+
+    /// The guest path, normalized: `/a/b/c`.
+    fn shown(&self) -> String {
+        format!("/{}", self.parts.join("/"))
+    }
+}
+
+/// `what: <why>`, with the refusals of the resolution said plainly.
+fn fail(what: &str, e: Errno) -> String {
+    match e {
+        Errno::XDEV => format!("{what}: refused: a symlink leads outside the root"),
+        Errno::LOOP => format!(
+            "{what}: refused: a symlink where none may be followed, a magic link, or too many levels of symlinks"
+        ),
+        Errno::AGAIN => format!("{what}: refused: the path kept changing while it was resolved; try again"),
+        e => format!("{what}: {}", std::io::Error::from(e)),
+    }
+}
+
+fn io_fail(what: &str, e: std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => fail(what, Errno::from_raw_os_error(n)),
+        None => format!("{what}: {e}"),
+    }
+}
+
+fn file_type(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// "a FIFO", "a socket", ...: what a file is, for messages.
+fn describe(ft: FileType) -> &'static str {
+    match ft {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        _ => "of an unknown type",
+    }
+}
+
+/// Refuses anything but a regular file (and a directory when `dirs`).
+fn served(what: &str, st: &Stat, dirs: bool) -> Result<(), String> {
+    match file_type(st) {
+        FileType::RegularFile => Ok(()),
+        FileType::Directory if dirs => Ok(()),
+        FileType::Directory => Err(format!("{what}: is a directory; only regular files are served here")),
+        ft if dirs => Err(format!("{what}: is {}; only regular files and directories are served", describe(ft))),
+        ft => Err(format!("{what}: is {}; only regular files are served here", describe(ft))),
+    }
+}
+
+/// Flags every real open carries: nothing a guest put in the root can block
+/// the worker (a FIFO without a peer) or become its terminal.
+const SAFE: OFlags = OFlags::NONBLOCK.union(OFlags::NOCTTY).union(OFlags::CLOEXEC);
+
+impl Fs {
+    /// Operations confined to `root`, opened here as a directory fd.
+    pub fn new(root: PathBuf) -> Fs {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let root =
+            rustix::fs::open(&root, flags, Mode::empty()).map_err(|e| fail(&format!("the root {}", root.display()), e));
+        Fs {
+            root,
+            handles: Mutex::new(Handles::default()),
+            next_handle: AtomicU64::new(1),
+            read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET)),
+        }
+    }
+
+    fn root(&self) -> Result<BorrowedFd<'_>, String> {
+        self.root.as_ref().map(|fd| fd.as_fd()).map_err(Clone::clone)
+    }
+
+    /// Opens `rel` beneath the root.
+    fn open(&self, what: &str, rel: &OsStr, flags: OFlags, mode: Mode) -> Result<OwnedFd, String> {
+        resolve::open_beneath(self.root()?, rel, flags, mode).map_err(|e| fail(what, e))
+    }
+
+    /// The parent directory of `p` (`O_PATH`) and the final name; refuses the root itself as `doing`.
+    fn parent<'a>(&self, p: &GuestPath<'a>, doing: &str) -> Result<(OwnedFd, &'a str), String> {
+        let (parent, name) = p.split_last();
+        let Some(name) = name else {
+            return Err(format!("{}: refused: the root itself cannot be {doing}", p.given));
+        };
+        let fd = self.open(p.given, &parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+        Ok((fd, name))
+    }
+
+    /// Opens the regular file (or, with `dirs`, directory) at `p` for I/O,
+    /// following a final symlink inside the root. The type is looked at
+    /// through an `O_PATH` fd first, so a FIFO or device is refused without
+    /// being opened; the real open is non-blocking and looked at again.
+    fn open_served(&self, p: &GuestPath<'_>, flags: OFlags, mode: Mode, dirs: bool) -> Result<(File, Stat), String> {
+        let what = p.given;
+        let (parent, name) = p.split_last();
+        let (parent, name) = match name {
+            Some(name) => (self.open(what, &parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?, name),
+            None => (rustix::io::dup(self.root()?).map_err(|e| fail(what, e))?, "."),
+        };
+        match resolve::open_beneath(parent.as_fd(), OsStr::new(name), OFlags::PATH, Mode::empty()) {
+            Ok(fd) => served(what, &rustix::fs::fstat(&fd).map_err(|e| fail(what, e))?, dirs)?,
+            Err(e @ (Errno::NOENT | Errno::XDEV)) if flags.contains(OFlags::CREATE) => {
+                // Creating through a link that leads nowhere (yet) would create its target: refused,
+                // even where the target would be inside.
+                let st = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW);
+                if st.is_ok_and(|st| file_type(&st) == FileType::Symlink) {
+                    return Err(format!("{what}: refused: a symlink that leads nowhere inside the root"));
                 }
-                Err(_) => {}
+                if e == Errno::XDEV {
+                    return Err(fail(what, e));
+                }
             }
+            Err(e) => return Err(fail(what, e)),
         }
-        Ok(full)
+        let fd =
+            resolve::open_beneath(parent.as_fd(), OsStr::new(name), flags | SAFE, mode).map_err(|e| fail(what, e))?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| fail(what, e))?;
+        served(what, &st, dirs)?;
+        Ok((File::from(fd), st))
     }
 
-    /// The guest path of a real path under the root.
-    fn guest_path(&self, real: &Path) -> String {
-        let rel = real.strip_prefix(&self.root).unwrap_or(real);
-        format!("/{}", rel.display())
-    }
-
-    fn insert(&self, handle: Handle) -> u64 {
+    /// Keeps `handle` for the slot of `id`, within the slot's limit.
+    fn insert(&self, id: u32, what: &str, handle: Handle) -> Outcome {
+        let slot = slot_of(id)?;
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let count = handles.per_slot.entry(slot).or_default();
+        if *count >= MAX_HANDLES_PER_SLOT {
+            return Err(format!(
+                "{what}: refused: {MAX_HANDLES_PER_SLOT} handles are already open in this relay slot (the most \
+                 there may be); close some first"
+            ));
+        }
+        *count += 1;
         let n = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(n, handle);
-        n
+        handles.open.insert(n, Open { opener: id, slot, handle });
+        Ok(Some(FsResponseData::Handle(n)))
     }
 
-    fn file(&self, handle: u64) -> Result<Arc<File>, String> {
-        match self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&handle) {
-            Some(Handle::File(f)) => Ok(f.clone()),
-            Some(Handle::Dir { .. }) => Err(format!("handle {handle} is a directory")),
-            None => Err(format!("no open handle {handle}")),
+    /// Runs `f` on handle `n` if the slot of `id` may use it.
+    fn with_handle<T>(&self, id: u32, n: u64, f: impl FnOnce(&mut Handle) -> Result<T, String>) -> Result<T, String> {
+        let slot = slot_of(id)?;
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        match handles.open.get_mut(&n) {
+            Some(open) if open.slot == slot => f(&mut open.handle),
+            Some(_) => Err(format!("no open handle {n} in the relay slot of id {id}")),
+            None => Err(format!("no open handle {n}")),
         }
     }
 
-    /// Every operation that is one request and one response.
-    fn operate(&self, op: FsOp) -> Outcome {
-        let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    /// The file of handle `n` and its guest path.
+    fn file(&self, id: u32, n: u64) -> Result<(Arc<File>, String), String> {
+        self.with_handle(id, n, |h| match h {
+            Handle::File { file, path } => Ok((file.clone(), path.clone())),
+            Handle::Dir { path, .. } => Err(format!("handle {n} is the directory {path}")),
+        })
+    }
+
+    /// Closes every handle opened by an id in `ids` (a relay client left).
+    fn close_opened_by(&self, ids: Range<u32>) {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<u64> = handles.open.iter().filter(|(_, o)| ids.contains(&o.opener)).map(|(n, _)| *n).collect();
+        for n in gone {
+            handles.remove(n);
+        }
+    }
+
+    /// Every operation that is one request and one response, for a request on `id`.
+    fn operate(&self, op: FsOp, id: u32) -> Outcome {
         match op {
             FsOp::RealPath { path } => {
-                let real = self.resolve(&path, true)?.canonicalize().map_err(|e| io(&path, e))?;
-                Ok(Some(FsResponseData::Path(self.guest_path(&real))))
+                let p = GuestPath::parse(&path)?;
+                let (_, names) =
+                    resolve::walk(self.root()?, &p.rel(), OFlags::PATH, Mode::empty()).map_err(|e| fail(&path, e))?;
+                let names: Vec<_> = names.iter().map(|n| n.to_string_lossy()).collect();
+                Ok(Some(FsResponseData::Path(format!("/{}", names.join("/")))))
             }
             FsOp::Stat { path, follow_symlink } => {
-                let real = self.resolve(&path, follow_symlink)?;
-                let md = if follow_symlink { stdfs::metadata(&real) } else { stdfs::symlink_metadata(&real) };
-                Ok(Some(FsResponseData::Stat(entry(self.guest_path(&real), &md.map_err(|e| io(&path, e))?))))
+                let p = GuestPath::parse(&path)?;
+                let st = if follow_symlink {
+                    let fd = self.open(&path, &p.rel(), OFlags::PATH, Mode::empty())?;
+                    rustix::fs::fstat(&fd)
+                } else {
+                    match p.split_last() {
+                        (_, None) => rustix::fs::fstat(self.root()?),
+                        (_, Some(_)) => {
+                            let (parent, name) = self.parent(&p, "")?;
+                            rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)
+                        }
+                    }
+                };
+                Ok(Some(FsResponseData::Stat(entry(p.shown(), &st.map_err(|e| fail(&path, e))?))))
             }
             FsOp::SetStat { path, follow_symlink, attrs } => {
-                let real = self.resolve(&path, follow_symlink)?;
-                let is_link = !follow_symlink && stdfs::symlink_metadata(&real).is_ok_and(|m| m.is_symlink());
-                if is_link {
+                let p = GuestPath::parse(&path)?;
+                let access = if attrs.size.is_some() { OFlags::WRONLY } else { OFlags::RDONLY };
+                if follow_symlink || p.parts.is_empty() {
+                    let (file, _) = self.open_served(&p, access, Mode::empty(), true)?;
+                    return set_attrs(&file, &attrs).map(|_| None).map_err(|e| io_fail(&path, e));
+                }
+                let (parent, name) = self.parent(&p, "changed")?;
+                let st = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(&path, e))?;
+                if file_type(&st) == FileType::Symlink {
                     // The link itself, as lstat sees it: never its target.
-                    set_link_attrs(&real, &attrs).map_err(|e| io(&path, e))?;
+                    set_link_attrs(parent.as_fd(), name, &attrs).map_err(|e| io_fail(&path, e))?;
                 } else {
-                    let file = File::options().read(true).open(&real).map_err(|e| io(&path, e))?;
-                    set_attrs(&file, &attrs).map_err(|e| io(&path, e))?;
+                    let flags = access | OFlags::NOFOLLOW | SAFE;
+                    let fd = rustix::fs::openat(&parent, name, flags, Mode::empty()).map_err(|e| fail(&path, e))?;
+                    served(&path, &rustix::fs::fstat(&fd).map_err(|e| fail(&path, e))?, true)?;
+                    set_attrs(&File::from(fd), &attrs).map_err(|e| io_fail(&path, e))?;
                 }
                 Ok(None)
             }
             FsOp::List { path } => {
-                let real = self.resolve(&path, true)?;
-                Ok(Some(FsResponseData::List(self.list(&real).map_err(|e| io(&path, e))?)))
+                let p = GuestPath::parse(&path)?;
+                let dir = self.open(&path, &p.rel(), OFlags::RDONLY | OFlags::DIRECTORY | SAFE, Mode::empty())?;
+                Ok(Some(FsResponseData::List(list(&dir, &p.shown()).map_err(|e| fail(&path, e))?)))
             }
             FsOp::ReadLink { path } => {
-                let target = stdfs::read_link(self.resolve(&path, false)?).map_err(|e| io(&path, e))?;
-                Ok(Some(FsResponseData::Path(target.display().to_string())))
+                let p = GuestPath::parse(&path)?;
+                let (parent, name) = self.parent(&p, "read as a link")?;
+                let target = rustix::fs::readlinkat(&parent, name, Vec::new()).map_err(|e| fail(&path, e))?;
+                Ok(Some(FsResponseData::Path(target.to_string_lossy().into_owned())))
             }
             FsOp::Symlink { target, link_path } => {
-                let link = self.resolve(&link_path, false)?;
-                std::os::unix::fs::symlink(&target, link).map_err(|e| io(&link_path, e))?;
+                let p = GuestPath::parse(&link_path)?;
+                let (parent, name) = self.parent(&p, "replaced by a link")?;
+                rustix::fs::symlinkat(target.as_str(), &parent, name).map_err(|e| fail(&link_path, e))?;
                 Ok(None)
             }
             FsOp::Mkdir { path, mode } => {
-                let real = self.resolve(&path, false)?;
-                stdfs::DirBuilder::new().mode(mode.unwrap_or(0o755)).create(real).map_err(|e| io(&path, e))?;
+                let p = GuestPath::parse(&path)?;
+                let (parent, name) = self.parent(&p, "created")?;
+                let mode = Mode::from_raw_mode(mode.unwrap_or(0o755));
+                rustix::fs::mkdirat(&parent, name, mode).map_err(|e| fail(&path, e))?;
                 Ok(None)
             }
             FsOp::Remove { path } => {
-                stdfs::remove_file(self.resolve(&path, false)?).map_err(|e| io(&path, e))?;
+                let p = GuestPath::parse(&path)?;
+                let (parent, name) = self.parent(&p, "removed")?;
+                rustix::fs::unlinkat(&parent, name, AtFlags::empty()).map_err(|e| fail(&path, e))?;
                 Ok(None)
             }
             FsOp::RemoveDir { path, recursive } => {
-                let real = self.resolve(&path, false)?;
-                if real == self.root {
-                    return Err(format!("{path}: refused: the root itself cannot be removed"));
+                let p = GuestPath::parse(&path)?;
+                let (parent, name) = self.parent(&p, "removed")?;
+                if recursive {
+                    remove_tree(&parent, name, &path)?;
+                } else {
+                    rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR).map_err(|e| fail(&path, e))?;
                 }
-                let done = if recursive { stdfs::remove_dir_all(real) } else { stdfs::remove_dir(real) };
-                done.map_err(|e| io(&path, e))?;
                 Ok(None)
             }
             FsOp::Copy { src, dst } => {
-                stdfs::copy(self.resolve(&src, true)?, self.resolve(&dst, true)?).map_err(|e| io(&src, e))?;
+                self.copy(&GuestPath::parse(&src)?, &GuestPath::parse(&dst)?)?;
                 Ok(None)
             }
             FsOp::Rename { src, dst } => {
-                stdfs::rename(self.resolve(&src, false)?, self.resolve(&dst, false)?).map_err(|e| io(&src, e))?;
+                let (s, d) = (GuestPath::parse(&src)?, GuestPath::parse(&dst)?);
+                let (sparent, sname) = self.parent(&s, "renamed")?;
+                let (dparent, dname) = self.parent(&d, "replaced")?;
+                rustix::fs::renameat(&sparent, sname, &dparent, dname).map_err(|e| fail(&src, e))?;
                 Ok(None)
             }
             FsOp::OpenFile { path, options: o } => {
-                let real = self.resolve(&path, true)?;
-                let mut open = File::options();
-                open.read(o.read).write(o.write).append(o.append).create(o.create).truncate(o.truncate);
-                open.create_new(o.create_new).mode(o.mode.unwrap_or(0o644));
-                let file = open.open(real).map_err(|e| io(&path, e))?;
-                Ok(Some(FsResponseData::Handle(self.insert(Handle::File(Arc::new(file))))))
+                let p = GuestPath::parse(&path)?;
+                let flags = open_flags(&path, o.read, o.write, o.append, o.create, o.truncate, o.create_new)?;
+                let (file, _) = self.open_served(&p, flags, Mode::from_raw_mode(o.mode.unwrap_or(0o644)), true)?;
+                self.insert(id, &path, Handle::File { file: Arc::new(file), path: p.shown() })
             }
             FsOp::OpenDir { path } => {
-                let real = self.resolve(&path, true)?;
-                let entries = self.list(&real).map_err(|e| io(&path, e))?;
-                Ok(Some(FsResponseData::Handle(self.insert(Handle::Dir { path: real, entries, next: 0 }))))
+                let p = GuestPath::parse(&path)?;
+                let dir = self.open(&path, &p.rel(), OFlags::RDONLY | OFlags::DIRECTORY | SAFE, Mode::empty())?;
+                let entries = list(&dir, &p.shown()).map_err(|e| fail(&path, e))?;
+                self.insert(id, &path, Handle::Dir { dir, path: p.shown(), entries, next: 0 })
             }
             FsOp::CloseHandle { handle } => {
-                let removed = self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
-                removed.map(|_| None).ok_or_else(|| format!("no open handle {handle}"))
-            }
-            FsOp::ReadDir { handle, limit } => {
+                self.with_handle(id, handle, |_| Ok(()))?;
                 let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(Handle::Dir { entries, next, .. }) = handles.get_mut(&handle) else {
-                    return Err(format!("no open directory handle {handle}"));
+                handles.remove(handle).map(|_| None).ok_or_else(|| format!("no open handle {handle}"))
+            }
+            FsOp::ReadDir { handle, limit } => self.with_handle(id, handle, |h| {
+                let Handle::Dir { entries, next, .. } = h else {
+                    return Err(format!("handle {handle} is not a directory"));
                 };
                 let n = limit.map_or(usize::MAX, |l| l as usize).min(entries.len() - *next);
                 let batch = entries[*next..*next + n].to_vec();
                 *next += n;
                 Ok(Some(FsResponseData::List(batch)))
-            }
-            FsOp::FStat { handle } => {
-                let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-                let (path, md) = match handles.get(&handle) {
-                    Some(Handle::File(f)) => (String::new(), f.metadata()),
-                    Some(Handle::Dir { path, .. }) => (self.guest_path(path), stdfs::metadata(path)),
-                    None => return Err(format!("no open handle {handle}")),
+            }),
+            FsOp::FStat { handle } => self.with_handle(id, handle, |h| {
+                let (path, st) = match h {
+                    Handle::File { file, .. } => (String::new(), rustix::fs::fstat(&**file)),
+                    Handle::Dir { dir, path, .. } => (path.clone(), rustix::fs::fstat(&*dir)),
                 };
-                Ok(Some(FsResponseData::Stat(entry(path, &md.map_err(|e| io("fstat", e))?))))
-            }
+                Ok(Some(FsResponseData::Stat(entry(path, &st.map_err(|e| fail("fstat", e))?))))
+            }),
             FsOp::FSetStat { handle, attrs } => {
-                set_attrs(&*self.file(handle)?, &attrs).map_err(|e| io("fsetstat", e))?;
+                let (file, path) = self.file(id, handle)?;
+                set_attrs(&file, &attrs).map_err(|e| io_fail(&path, e))?;
                 Ok(None)
             }
             FsOp::Read { .. } | FsOp::Write { .. } => Err("a streamed operation reached the wrong path".into()),
@@ -229,47 +488,177 @@ impl Fs {
         }
     }
 
-    /// A directory's entries, sorted by name.
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<FsEntryInfo>> {
-        let mut entries = Vec::new();
-        for e in stdfs::read_dir(dir)? {
-            let e = e?;
-            let md = e.metadata()?;
-            entries.push(entry(self.guest_path(&e.path()), &md));
+    /// Copies the regular file `src` to `dst` (created or truncated, with
+    /// `src`'s permission bits), both opened by fd; a file onto itself is refused.
+    fn copy(&self, src: &GuestPath<'_>, dst: &GuestPath<'_>) -> Result<(), String> {
+        let (from, st) = self.open_served(src, OFlags::RDONLY, Mode::empty(), false)?;
+        let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
+        let (to, dst_st) = self.open_served(dst, OFlags::WRONLY | OFlags::CREATE, mode, false)?;
+        if (st.st_dev, st.st_ino) == (dst_st.st_dev, dst_st.st_ino) {
+            return Err(format!("{}: refused: it is the same file as {}", dst.given, src.given));
         }
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(entries)
+        to.set_len(0).map_err(|e| io_fail(dst.given, e))?;
+        std::io::copy(&mut &from, &mut &to).map_err(|e| io_fail(&format!("copy {} to {}", src.given, dst.given), e))?;
+        rustix::fs::fchmod(&to, mode).map_err(|e| fail(dst.given, e))?;
+        Ok(())
     }
 }
 
-fn entry(path: String, md: &Metadata) -> FsEntryInfo {
-    let ft = md.file_type();
-    let kind = if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_dir() {
-        "dir"
-    } else if ft.is_file() {
-        "file"
-    } else {
-        "other"
+/// The `open(2)` flags of `FsOpenOptions`, refused where `std::fs::OpenOptions` would refuse them.
+fn open_flags(
+    path: &str,
+    read: bool,
+    write: bool,
+    append: bool,
+    create: bool,
+    truncate: bool,
+    create_new: bool,
+) -> Result<OFlags, String> {
+    let refuse = |why: &str| Err(format!("{path}: refused: {why}"));
+    let mut flags = match (read, write || append) {
+        (true, false) => OFlags::RDONLY,
+        (false, true) => OFlags::WRONLY,
+        (true, true) => OFlags::RDWR,
+        (false, false) => return refuse("opened for neither reading nor writing"),
     };
+    if append {
+        flags |= OFlags::APPEND;
+    }
+    if !(write || append) && (create || truncate || create_new) {
+        return refuse("creating or truncating needs write access");
+    }
+    if append && truncate && !create_new {
+        return refuse("append and truncate together");
+    }
+    if create_new {
+        flags |= OFlags::CREATE | OFlags::EXCL;
+    } else {
+        if create {
+            flags |= OFlags::CREATE;
+        }
+        if truncate {
+            flags |= OFlags::TRUNC;
+        }
+    }
+    Ok(flags)
+}
+
+/// Removes `name` in `parent` with everything under it, by fds: each
+/// directory is opened with `O_NOFOLLOW | O_DIRECTORY` relative to its
+/// parent's fd and its entries unlinked relative to its own, so a symlink is
+/// removed, never followed, and a directory swapped for a link meanwhile
+/// fails the open. `name` itself being a symlink removes the link.
+fn remove_tree(parent: &OwnedFd, name: &str, what: &str) -> Result<(), String> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | SAFE;
+    match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(dir) => {
+            remove_contents(&dir, 0).map_err(|e| match e {
+                Errno::MLINK => format!("{what}: refused: more than {MAX_REMOVE_DEPTH} levels of directories"),
+                e => fail(what, e),
+            })?;
+            drop(dir);
+            rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).map_err(|e| fail(what, e))
+        }
+        Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
+            let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(what, e))?;
+            if file_type(&st) != FileType::Symlink {
+                return Err(fail(what, e));
+            }
+            rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(|e| fail(what, e))
+        }
+        Err(e) => Err(fail(what, e)),
+    }
+}
+
+/// Empties the directory `dir` (see [`remove_tree`]); `EMLINK` when deeper than allowed.
+fn remove_contents(dir: &OwnedFd, depth: usize) -> Result<(), Errno> {
+    if depth >= MAX_REMOVE_DEPTH {
+        return Err(Errno::MLINK);
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | SAFE;
+    loop {
+        let names = names(dir)?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        for name in &names {
+            match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+                Ok(sub) => {
+                    remove_contents(&sub, depth + 1)?;
+                    drop(sub);
+                    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                // Not a directory (or a symlink): the entry itself goes.
+                Err(Errno::LOOP | Errno::NOTDIR) => match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => return Err(e),
+                },
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The names in the directory `dir`, without `.` and `..`.
+fn names(dir: &OwnedFd) -> Result<Vec<OsString>, Errno> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// A directory's entries (not following links), sorted by name; `dir_path`
+/// is the directory's guest path.
+fn list(dir: &OwnedFd, dir_path: &str) -> Result<Vec<FsEntryInfo>, Errno> {
+    let mut entries = Vec::new();
+    for name in names(dir)? {
+        let st = match rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            // Removed since it was listed.
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let path = format!("{}/{}", dir_path.trim_end_matches('/'), name.to_string_lossy());
+        entries.push(entry(path, &st));
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+fn entry(path: String, st: &Stat) -> FsEntryInfo {
+    let kind = match file_type(st) {
+        FileType::Symlink => "symlink",
+        FileType::Directory => "dir",
+        FileType::RegularFile => "file",
+        _ => "other",
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between architectures
     FsEntryInfo {
         path,
         kind: kind.into(),
-        size: md.len(),
-        mode: md.mode(),
-        modified: Some(md.mtime()),
-        uid: md.uid(),
-        gid: md.gid(),
-        atime: Some(md.atime()),
-        mtime: Some(md.mtime()),
+        size: st.st_size as u64,
+        mode: st.st_mode as u32,
+        modified: Some(st.st_mtime as i64),
+        uid: st.st_uid,
+        gid: st.st_gid,
+        atime: Some(st.st_atime as i64),
+        mtime: Some(st.st_mtime as i64),
     }
 }
 
 /// Applies what is set in `attrs`; times are seconds since the epoch.
 fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
     if let Some(mode) = attrs.mode {
-        file.set_permissions(stdfs::Permissions::from_mode(mode))?;
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode))?;
     }
     if attrs.uid.is_some() || attrs.gid.is_some() {
         std::os::unix::fs::fchown(file, attrs.uid, attrs.gid)?;
@@ -283,7 +672,7 @@ fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
         let t = if secs >= 0 { SystemTime::UNIX_EPOCH.checked_add(d) } else { SystemTime::UNIX_EPOCH.checked_sub(d) };
         t.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("time {secs} is out of range")))
     };
-    let mut times = stdfs::FileTimes::new();
+    let mut times = std::fs::FileTimes::new();
     if let Some(a) = attrs.atime {
         times = times.set_accessed(at(a)?);
     }
@@ -296,10 +685,10 @@ fn set_attrs(file: &File, attrs: &FsSetAttrs) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Applies `attrs` to the symlink at `path` itself. Linux can change a link's
-/// owner and times, not its mode (there is no lchmod) or its size: a request
-/// for either is refused whole, before anything is changed.
-fn set_link_attrs(path: &Path, attrs: &FsSetAttrs) -> std::io::Result<()> {
+/// Applies `attrs` to the symlink `name` in `parent` itself. Linux can change
+/// a link's owner and times, not its mode (there is no lchmod) or its size: a
+/// request for either is refused whole, before anything is changed.
+fn set_link_attrs(parent: BorrowedFd<'_>, name: &str, attrs: &FsSetAttrs) -> std::io::Result<()> {
     let refuse = |what: &str| {
         let message = format!("a symlink's own {what} cannot be set (follow_symlink: true sets its target's)");
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, message))
@@ -311,26 +700,35 @@ fn set_link_attrs(path: &Path, attrs: &FsSetAttrs) -> std::io::Result<()> {
         return refuse("size");
     }
     if attrs.uid.is_some() || attrs.gid.is_some() {
-        std::os::unix::fs::lchown(path, attrs.uid, attrs.gid)?;
+        // u32::MAX is chown's "leave as it is", as with lchown(2).
+        let uid = attrs.uid.map(rustix::fs::Uid::from_raw_unchecked);
+        let gid = attrs.gid.map(rustix::fs::Gid::from_raw_unchecked);
+        rustix::fs::chownat(parent, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)?;
     }
     if attrs.atime.is_some() || attrs.mtime.is_some() {
-        crate::sys::set_times_nofollow(path, attrs.atime, attrs.mtime)?;
+        let spec = |t: Option<i64>| match t {
+            Some(secs) => Timespec { tv_sec: secs as _, tv_nsec: 0 },
+            None => Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+        };
+        let times = Timestamps { last_access: spec(attrs.atime), last_modification: spec(attrs.mtime) };
+        rustix::fs::utimensat(parent, name, &times, AtFlags::SYMLINK_NOFOLLOW)?;
     }
     Ok(())
 }
 
 /// Runs one `core.fs.request` to its `core.fs.response`.
 async fn run(fs: Arc<Fs>, op: FsOp, mut route: Route) {
+    let id = route.id();
     let outcome = match op {
-        FsOp::Read { handle, offset, len } => read(&fs, handle, offset, len, &route).await,
-        FsOp::Write { handle, offset, len } => match write(&fs, handle, offset, len, &mut route).await {
+        FsOp::Read { handle, offset, len } => read(&fs, id, handle, offset, len, &route).await,
+        FsOp::Write { handle, offset, len } => match write(&fs, id, handle, offset, len, &mut route).await {
             Some(outcome) => outcome,
             // The connection went away in the middle of the transfer.
             None => return,
         },
         op => {
             let fs = fs.clone();
-            tokio::task::spawn_blocking(move || fs.operate(op)).await.unwrap_or_else(|e| Err(e.to_string()))
+            tokio::task::spawn_blocking(move || fs.operate(op, id)).await.unwrap_or_else(|e| Err(e.to_string()))
         }
     };
     let response = match outcome {
@@ -341,24 +739,28 @@ async fn run(fs: Arc<Fs>, op: FsOp, mut route: Route) {
 }
 
 /// A streamed read: `core.fs.data` chunks of at most `FS_CHUNK_SIZE`, then the response.
-async fn read(fs: &Fs, handle: u64, offset: u64, len: Option<u64>, out: &Route) -> Outcome {
-    let file = fs.file(handle)?;
+async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out: &Route) -> Outcome {
+    let (file, path) = fs.file(id, handle)?;
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
     while at < end {
         // Sized by what is left and the chunk limit, never by a length the request only claims.
         let want = (end - at).min(FS_CHUNK_SIZE as u64) as usize;
         let f = file.clone();
+        // The chunk is read only once the connection's budget has room for it,
+        // and its share is returned once the connection has taken it.
+        let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
         let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("read at {at}: {e}"))?;
+            .map_err(|e| format!("{path}: read at {at}: {e}"))?;
         if chunk.is_empty() {
             break;
         }
         at += chunk.len() as u64;
         let short = chunk.len() < want;
         out.send(FsData { data: chunk }).await.map_err(|_| "connection closed")?;
+        drop(permit);
         if short {
             break;
         }
@@ -384,8 +786,8 @@ fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
 /// A streamed write: chunks until the empty one. On an error the rest of the
 /// chunks are still taken, so that the session ends with one response and no
 /// stray frames. `None` when the connection closed first.
-async fn write(fs: &Fs, handle: u64, offset: u64, len: Option<u64>, input: &mut Route) -> Option<Outcome> {
-    let mut outcome = fs.file(handle).map(Some);
+async fn write(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, input: &mut Route) -> Option<Outcome> {
+    let mut outcome = fs.file(id, handle);
     let mut at = offset;
     loop {
         let data = match input.recv().await?.payload {
@@ -395,12 +797,12 @@ async fn write(fs: &Fs, handle: u64, offset: u64, len: Option<u64>, input: &mut 
         if data.is_empty() {
             break;
         }
-        if let Ok(Some(file)) = &outcome {
+        if let Ok((file, path)) = &outcome {
             let (f, n) = (file.clone(), data.len() as u64);
             let written = tokio::task::spawn_blocking(move || f.write_all_at(&data, at)).await;
             match written {
                 Ok(Ok(())) => at += n,
-                Ok(Err(e)) => outcome = Err(format!("write at {at}: {e}")),
+                Ok(Err(e)) => outcome = Err(format!("{path}: write at {at}: {e}")),
                 Err(e) => outcome = Err(e.to_string()),
             }
         }
@@ -419,8 +821,9 @@ mod tests {
 
     #[test]
     fn any_time_a_peer_sends_is_applied_or_refused_without_a_panic() {
+        use std::os::unix::fs::MetadataExt;
         let path = std::env::temp_dir().join(format!("agentwire-setattrs-{}", std::process::id()));
-        let file = File::options().create(true).truncate(true).write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).unwrap();
         for secs in [i64::MIN, -3_921_912_991_414_465_781, i64::MAX] {
             let attrs = FsSetAttrs { atime: Some(secs), mtime: Some(secs), ..FsSetAttrs::default() };
             // Filesystems clamp what they cannot store; the point is that nothing panics.
@@ -430,5 +833,49 @@ mod tests {
         set_attrs(&file, &fine).unwrap();
         assert_eq!(file.metadata().unwrap().mtime(), -86_400);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn dot_dot_is_taken_lexically_and_never_climbs_above_the_root() {
+        let p = GuestPath::parse("/a/./b/../c//").unwrap();
+        assert_eq!((p.shown(), p.rel()), ("/a/c".to_string(), OsString::from("a/c")));
+        assert_eq!(GuestPath::parse("sub/../x").unwrap().shown(), "/x");
+        assert_eq!(GuestPath::parse("/").unwrap().split_last(), (OsString::new(), None));
+        for bad in ["..", "/../x", "/a/../../x", "a/b/../../../x"] {
+            let e = GuestPath::parse(bad).err().unwrap();
+            assert!(e.starts_with(bad) && e.contains("outside the root"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn handles_belong_to_the_slot_that_opened_them_and_leave_with_its_client() {
+        use agentwire::relay::AGENT_RELAY_ID_RANGE_STEP as STEP;
+        let dir = std::env::temp_dir().join(format!("agentwire-handles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), "x").unwrap();
+        let fs = Fs::new(dir.clone());
+        let open = |id| {
+            let options = agentwire::payload::fs::FsOpenOptions { read: true, ..Default::default() };
+            match fs.operate(FsOp::OpenFile { path: "/f".into(), options }, id) {
+                Ok(Some(FsResponseData::Handle(h))) => Ok(h),
+                other => Err(format!("{other:?}")),
+            }
+        };
+        let h = open(STEP + 1).unwrap();
+        assert!(fs.file(STEP + 2, h).is_ok());
+        assert!(fs.file(2 * STEP + 1, h).unwrap_err().contains("relay slot"));
+        assert!(fs.file(0, h).unwrap_err().contains("outside every relay slot"));
+        assert!(open(0).unwrap_err().contains("outside every relay slot"));
+        assert!(open(u32::MAX).unwrap_err().contains("outside every relay slot"));
+        for _ in 1..MAX_HANDLES_PER_SLOT {
+            open(STEP + 3).unwrap();
+        }
+        assert!(open(STEP + 4).unwrap_err().contains("1024 handles"));
+        let other = open(2 * STEP + 1).unwrap();
+        fs.close_opened_by(STEP..2 * STEP);
+        assert!(fs.file(STEP + 1, h).unwrap_err().contains("no open handle"));
+        assert!(fs.file(2 * STEP + 1, other).is_ok());
+        open(STEP + 4).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

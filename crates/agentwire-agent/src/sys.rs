@@ -194,6 +194,33 @@ pub fn kill_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// Makes `terminal` (a pseudo-terminal's slave side) the child's stdin,
+/// stdout, stderr and controlling terminal. The child leads a new session,
+/// and so its own process group: its pgid is its pid, as with
+/// `process_group(0)` (which must not be set as well: `setsid` fails in a
+/// process that already leads a group).
+pub fn attach_terminal(cmd: &mut tokio::process::Command, terminal: std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::from(terminal.try_clone()?));
+    cmd.stdout(Stdio::from(terminal.try_clone()?));
+    cmd.stderr(Stdio::from(terminal.try_clone()?));
+    // SAFETY: `pre_exec` is unsafe because its closure runs in the forked
+    // child, where only async-signal-safe work is sound. This one makes two
+    // system calls through thin safe wrappers, setsid(2) (nix) and
+    // ioctl(TIOCSCTTY) (rustix), on a descriptor opened in the parent and
+    // moved into the closure; it allocates nothing and takes no lock, and an
+    // errno becomes an io::Error without allocating. The descriptor is
+    // close-on-exec, so the program keeps only the copies on 0, 1 and 2.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            rustix::process::ioctl_tiocsctty(&terminal)?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Collects the exit status of zombie child `pid`; whether there was one.
 pub fn reap(pid: u32) -> bool {
     use nix::sys::wait::{WaitPidFlag, WaitStatus};

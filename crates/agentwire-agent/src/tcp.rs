@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use agentwire::payload::tcp::{TcpClosed, TcpConnect, TcpConnected, TcpData, TcpEof, TcpFailed};
@@ -31,8 +32,35 @@ impl Service for TcpService {
     }
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connect may take (as the deployed agent).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 64 * 1024;
+
+/// The addresses to try for `host:port`. Without `allow_net` nothing leaves
+/// the machine, DNS included: an address must be loopback, and the only name
+/// is `localhost` (resolved here, not asked of a resolver).
+async fn destinations(host: &str, port: u16, allow_net: bool) -> Result<Vec<SocketAddr>, String> {
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        if !allow_net && !ip.is_loopback() {
+            return Err(format!(
+                "{ip} is not loopback; the agent reaches other hosts only with --allow-net"
+            ));
+        }
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    if !allow_net {
+        if name == "localhost" || name.ends_with(".localhost") {
+            return Ok(vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)]);
+        }
+        return Err(format!(
+            "{host} is a name, and without --allow-net the agent resolves none but localhost (no DNS query was sent)"
+        ));
+    }
+    let found = tokio::net::lookup_host((host, port)).await.map_err(|e| e.to_string())?;
+    Ok(found.collect())
+}
 
 /// Runs one `core.tcp.connect` to its end: `core.tcp.closed` once both
 /// halves are closed, `core.tcp.failed`, or nothing after the host's
@@ -50,14 +78,7 @@ async fn run(req: TcpConnect, allow_net: bool, mut route: Route) {
 /// connection or went away (nothing is owed then).
 async fn relay(req: &TcpConnect, allow_net: bool, route: &mut Route) -> Result<bool, String> {
     let target = format!("{}:{}", req.host, req.port);
-    let addrs: Vec<_> =
-        tokio::net::lookup_host((req.host.as_str(), req.port)).await.map_err(|e| format!("{target}: {e}"))?.collect();
-    if !allow_net && let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-        return Err(format!(
-            "{target} resolves to {}, which is not loopback; the agent reaches other hosts only with --allow-net",
-            a.ip()
-        ));
-    }
+    let addrs = destinations(&req.host, req.port, allow_net).await.map_err(|e| format!("{target}: {e}"))?;
     let mut last = format!("{target}: no address");
     let mut stream = None;
     for a in addrs {
@@ -104,4 +125,21 @@ async fn relay(req: &TcpConnect, allow_net: bool, route: &mut Route) -> Result<b
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_allow_net_no_name_but_localhost_is_resolved() {
+        let refused = destinations("example.com", 80, false).await.unwrap_err();
+        assert!(refused.contains("no DNS query was sent"), "{refused}");
+        let refused = destinations("192.0.2.1", 80, false).await.unwrap_err();
+        assert!(refused.contains("not loopback"), "{refused}");
+        let local = destinations("LocalHost.", 7, false).await.unwrap();
+        assert!(local.iter().all(|a| a.ip().is_loopback() && a.port() == 7), "{local:?}");
+        assert_eq!(destinations("[::1]", 9, false).await.unwrap(), vec!["[::1]:9".parse().unwrap()]);
+        assert_eq!(destinations("127.0.0.2", 9, false).await.unwrap(), vec!["127.0.0.2:9".parse().unwrap()]);
+    }
 }

@@ -184,8 +184,29 @@ impl Drop for Listener {
 /// Binds a Unix socket that only its owner can connect to: the socket file is
 /// created with mode 0600 (umask 077 around `bind`, so there is no moment at
 /// which it is open to others), and chmod-ed again to be sure.
+///
+/// A socket file left by a process that is gone (nothing accepts on it) is
+/// replaced; one that a live process serves, or a path that is not a socket,
+/// is an error that says so.
 fn bind_private_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            let what = format!("{} exists and is not a socket; remove it or choose another path", path.display());
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, what));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                let what = format!("another process is listening on {}", path.display());
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, what));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing the stale socket {}", path.display());
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     // The mask is the process's: the command binds its sockets from one place,
     // before serving connections, so nothing else creates files meanwhile.
     let old = crate::sys::umask(0o077);

@@ -85,9 +85,14 @@ pub fn mb_per_s(bytes: usize, d: Duration) -> f64 {
 pub async fn run(opts: Options) -> ExitCode {
     // A step that hangs fails the demo with a message instead of holding it for ever.
     let limit = Duration::from_secs(300);
-    let outcome = tokio::time::timeout(limit, script(&opts))
-        .await
-        .unwrap_or_else(|_| Err(format!("not finished after {limit:?}: a step hangs")));
+    // On SIGINT or SIGTERM the script is dropped, and with it the temporary
+    // directory, the agent and every command it runs.
+    let outcome = tokio::select! {
+        done = tokio::time::timeout(limit, script(&opts)) => {
+            done.unwrap_or_else(|_| Err(format!("not finished after {limit:?}: a step hangs")))
+        }
+        signal = crate::terminated() => Err(format!("{signal}: stopped; the temporary directory is removed")),
+    };
     match outcome {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {

@@ -35,10 +35,19 @@ pub(crate) fn run(path: Option<&Path>, out_path: Option<&Path>) -> ExitCode {
         let number = number + 1;
         let line = match line {
             Ok(line) => line,
-            Err(e) => {
+            // A line that is not text is that line's fault; any other read error ends the input.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 eprintln!("agentwire: line {number}: {e}");
                 bad += 1;
                 continue;
+            }
+            Err(e) => {
+                let name = path.filter(|p| p.as_os_str() != "-");
+                eprintln!(
+                    "agentwire: cannot read {}: {e}",
+                    name.map_or("standard input".into(), |p| p.display().to_string())
+                );
+                return ExitCode::from(EXIT_USAGE);
             }
         };
         if line.trim().is_empty() {
@@ -84,8 +93,19 @@ fn parse(line: &str) -> Result<Message, String> {
     let name = object.get("t").ok_or("t: missing")?.as_str().ok_or("t: expected a text")?;
     let t = MessageType::from_wire_name(name)
         .ok_or(format!("t: {name} is not a message type of generation {PROTOCOL_VERSION}"))?;
+    if let Some(key) = object.keys().find(|k| !["id", "t", "payload", "v", "flags"].contains(&k.as_str())) {
+        return Err(format!("{key:?} is not a key of a line (id, t, payload, v, flags)"));
+    }
     let payload = object.get("payload").cloned().unwrap_or(Value::Null);
-    let payload = t.deserialize_payload(payload).map_err(|e| format!("payload of {t}: {e}"))?;
+    // A key the payload's type does not have is a mistake here (a reader of the
+    // wire skips unknown keys; a writer must not invent them).
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let reader = serde_ignored::Deserializer::new(payload, &mut note);
+    let payload = t.deserialize_payload(reader).map_err(|e| format!("payload of {t}: {e}"))?;
+    if !unknown.is_empty() {
+        return Err(format!("payload of {t}: unknown key {}", unknown.join(", ")));
+    }
     let mut message = Message::new(id, payload);
     if let Some(v) = int("v", u8::MAX.into())? {
         message.version = v as u8;

@@ -28,7 +28,8 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
     let size = path.and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
     let progress = size > PROGRESS_ABOVE && std::io::stderr().is_terminal();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut printer = Printer { json, out: &mut out, failed: false };
+    let mut printer = Printer { json, out: &mut out, failed: false, decoded: 0 };
+    let mut first_bytes: Vec<u8> = Vec::new();
     let mut codec = MessageCodec::new();
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut chunk = vec![0u8; READ_SIZE];
@@ -73,15 +74,28 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
             break if printer.failed { 1 } else { 0 };
         }
         buf.extend_from_slice(&chunk[..n]);
+        if first_bytes.len() < 8 {
+            first_bytes.extend(chunk[..n].iter().take(8 - first_bytes.len()));
+        }
         read_total += n as u64;
         if progress {
             eprint!("\r{:>5.1}% of {} MiB", read_total as f64 * 100.0 / size as f64, size >> 20);
         }
     };
+    let decoded = printer.decoded;
     if progress {
         eprintln!();
     }
     let _ = out.flush();
+    if outcome == 1 && decoded == 0 {
+        let shown: Vec<String> = first_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        eprintln!(
+            "agentwire: {} does not look like a capture of this protocol: not one frame decoded; it starts {} (a capture starts with a frame's 4-byte big-endian length, at most {})",
+            path.filter(|p| p.as_os_str() != "-").map_or("standard input".into(), |p| p.display().to_string()),
+            shown.join(" "),
+            agentwire::MAX_FRAME_SIZE
+        );
+    }
     ExitCode::from(outcome)
 }
 
@@ -94,13 +108,18 @@ struct Printer<'a> {
     json: bool,
     out: &'a mut dyn Write,
     failed: bool,
+    /// Frames that decoded.
+    decoded: u64,
 }
 
 impl Printer<'_> {
     fn item(&mut self, codec: &MessageCodec, item: Result<Message, Rejected>) {
         // A closed standard output (a pager quit early) ends the output, not the program's health.
         let _ = match item {
-            Ok(m) => self.message(codec.frame_codec().last_frame_offset(), &m),
+            Ok(m) => {
+                self.decoded += 1;
+                self.message(codec.frame_codec().last_frame_offset(), &m)
+            }
             Err(r) => self.rejected(&r),
         };
     }

@@ -15,6 +15,7 @@ mod encode;
 mod host;
 mod init;
 mod inspect;
+mod relay;
 mod serial;
 mod vm;
 
@@ -88,6 +89,47 @@ enum Command {
         connect: String,
         #[command(subcommand)]
         action: host::Action,
+    },
+    /// Share one agent connection among many host clients: a relay that routes
+    /// frames by their id without decoding them (spec sections 6 and 10.5–10.7).
+    ///
+    /// It connects to the agent, runs the start-up exchange once as its host
+    /// (core.bootstrap, core.init.ack for core.init.resolved, then core.ready,
+    /// which it keeps) and sends one core.clock.sync. It then listens on a Unix
+    /// socket (created with mode 0600) for up to 128 clients; one more is closed
+    /// at once. Each client gets the lowest free slot s, the ids s*33554431 up to
+    /// (s+1)*33554431 (exclusive; id 0 excluded), and before any frame that range
+    /// and the agent's core.ready. A client that sends a flags byte other than 0,
+    /// 1, 2, 4, 8 or an id outside its range (other than core.shutdown on id 0) is
+    /// disconnected. Agent frames go to the client whose range holds their id;
+    /// those on id 0 or 0xFFFFFFFF and those for no connected client are dropped.
+    /// When a client leaves, the agent is sent core.relay.client.disconnected for
+    /// its range, which ends that client's sessions (a 0.7.13 agent, like
+    /// `agentwire agent`, also kills their commands; a 0.6.14 one leaves them running).
+    /// Clients connect with `via_relay` (agentwire-client) and send no
+    /// core.clock.sync of their own: it is an id-0 frame.
+    ///
+    /// Up to 8 MiB wait for each client: when a client does not read, the relay
+    /// stops reading from the agent, which holds up every client until it does.
+    ///
+    /// Exit status: 0 on SIGINT or SIGTERM (the socket file is removed); 1 when
+    /// the agent cannot be reached, its start-up exchange fails or its connection
+    /// ends (every client is then closed); 2 for usage errors, an unreadable or
+    /// invalid bootstrap file, or a socket that cannot be created (one that
+    /// exists already included).
+    Relay {
+        /// The agent's address: `unix:PATH` (or a path with a `/`),
+        /// `127.0.0.1:PORT` or another IP:PORT, or `vsock:CID:PORT`.
+        #[arg(long, value_name = "ADDR")]
+        agent: String,
+        /// The Unix socket clients connect to: `unix:PATH` or a path with a `/`.
+        /// It must not exist; it is removed when the relay stops.
+        #[arg(long, value_name = "unix:PATH")]
+        listen: String,
+        /// The core.bootstrap to send, as JSON (the fields of GuestBootstrap,
+        /// e.g. {"user": "root", "default_cwd": "/tmp"}); default: an empty one.
+        #[arg(long, value_name = "FILE.json")]
+        bootstrap: Option<PathBuf>,
     },
     /// Boot the VM image from vm/build.sh in QEMU with the agent as init, show
     /// its boot figures, run a command inside it (default `uname -a`), power it off.
@@ -173,6 +215,7 @@ fn main() -> ExitCode {
             runtime(async move { serve(&listen, root, allow_net, verbose, start_ns).await })
         }
         Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
+        Command::Relay { agent, listen, bootstrap } => runtime(relay::run(relay::Options { agent, listen, bootstrap })),
         Command::Vm { machine, image, socket, boot_only, measure, command } => {
             runtime(vm::run(vm::Options { machine, image, socket, boot_only, measure, command }))
         }
@@ -237,12 +280,33 @@ async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, star
     config.allow_net = allow_net;
     config.boot_time_ns = start_ns;
     config.init_time_ns = sys::boottime_ns().saturating_sub(start_ns);
-    match agent::serve(listener, Arc::new(agent::Agent::new(config)), verbose).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("agentwire agent: {e}");
-            ExitCode::FAILURE
+    let served = agent::serve(listener, Arc::new(agent::Agent::new(config)), verbose);
+    // SIGINT or SIGTERM: the listener is dropped (its socket file removed), the
+    // runtime's shutdown ends every session (killing their process groups).
+    tokio::select! {
+        result = served => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentwire agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        signal = terminated() => {
+            eprintln!("agentwire agent: {signal}: stopping");
+            ExitCode::SUCCESS
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+pub async fn terminated() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 

@@ -2,6 +2,14 @@
 //! emulation), with the agent as the guest's init and its virtio-serial port
 //! on a Unix socket; show the guest's boot figures, run a command inside it,
 //! and power it off.
+//!
+//! An image from `vm/build-reference.sh` (a `reference` file beside the
+//! kernel) has the reference agent, microsandbox-agentd, as init. It mounts a
+//! virtiofs share (tag `msb_runtime`) at init and fails without it, so for it
+//! a virtiofsd serves a temporary directory and the guest's memory is a
+//! shared memfd (vhost-user needs it); and it reads its port once at start and
+//! takes a port with no host behind it as closed, so QEMU waits for the host
+//! to connect before it starts the guest (`wait=on`).
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -43,13 +51,73 @@ const QEMU: &str = "qemu-system-x86_64";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn qemu_command(machine: Machine, image: &Path, socket: &Path, console: &Path) -> tokio::process::Command {
-    let (machine, bus) = match machine {
-        Machine::Q35 => ("q35,accel=tcg", "virtio-serial-pci"),
-        Machine::Microvm => ("microvm,accel=tcg", "virtio-serial-device"),
+/// What a reference image says about itself (its `reference` file, lines of `key=value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reference {
+    /// The agent's package version, e.g. "0.6.14".
+    version: String,
+    /// The virtiofs tag the agent mounts at init.
+    runtime_fs_tag: String,
+}
+
+impl Reference {
+    /// `Some` for an image from `vm/build-reference.sh`.
+    fn of(image: &Path) -> Option<Reference> {
+        let text = std::fs::read_to_string(image.join("reference")).ok()?;
+        let get =
+            |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(|v| v.trim().to_string());
+        Some(Reference {
+            version: get("version").unwrap_or_default(),
+            runtime_fs_tag: get("runtime_fs_tag").unwrap_or_else(|| "msb_runtime".into()),
+        })
+    }
+}
+
+/// Where a virtiofsd is: Debian 12's QEMU ships the C one in /usr/lib/qemu,
+/// later releases the Rust one as a package of its own.
+fn virtiofsd() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).find(|f| f.is_file()));
+    ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].iter().map(PathBuf::from).find(|f| f.is_file()).or(on_path)
+}
+
+/// A virtiofsd serving `dir` on `socket` (it ends when QEMU disconnects), its output to `log`.
+fn virtiofsd_command(bin: &Path, socket: &Path, dir: &Path, log: std::fs::File) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg(format!("--socket-path={}", socket.display()));
+    if bin.starts_with("/usr/lib/qemu") {
+        // The C virtiofsd of QEMU <= 7.2: options in -o; no namespaces needed.
+        cmd.args(["-o", &format!("source={}", dir.display()), "-o", "cache=none", "-o", "sandbox=chroot"]);
+    } else {
+        cmd.arg(format!("--shared-dir={}", dir.display())).args(["--cache=never", "--sandbox=chroot"]);
+    }
+    let log2 = log.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+    cmd.stdin(Stdio::null()).stdout(log2).stderr(log).kill_on_drop(true);
+    crate::sys::kill_with_parent(&mut cmd);
+    cmd
+}
+
+/// The guest's memory size in MiB.
+const MEMORY_MIB: u32 = 512;
+
+fn qemu_command(
+    machine: Machine,
+    image: &Path,
+    socket: &Path,
+    console: &Path,
+    virtiofs: Option<(&Path, &str)>,
+) -> tokio::process::Command {
+    let (machine, bus, fs_device) = match machine {
+        Machine::Q35 => ("q35,accel=tcg", "virtio-serial-pci", "vhost-user-fs-pci"),
+        Machine::Microvm => ("microvm,accel=tcg", "virtio-serial-device", "vhost-user-fs-device"),
     };
     let mut cmd = tokio::process::Command::new(QEMU);
-    cmd.args(["-machine", machine, "-cpu", "max", "-m", "512", "-smp", "1"])
+    let machine = match virtiofs {
+        // vhost-user maps the guest's memory into virtiofsd: it must be shared.
+        Some(_) => format!("{machine},memory-backend=mem"),
+        None => machine.to_string(),
+    };
+    cmd.args(["-machine", &machine, "-cpu", "max", "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -61,10 +129,28 @@ fn qemu_command(machine: Machine, image: &Path, socket: &Path, console: &Path) -
         .arg(kernel_command_line())
         .args(["-device", bus])
         .arg("-chardev")
-        .arg(format!("socket,id=agent,path={},server=on,wait=off", socket.display()))
+        // The reference agent reads its port once at start: the host must be there by then.
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait={}",
+            socket.display(),
+            if virtiofs.is_some() { "on" } else { "off" }
+        ))
         .args(["-device", "virtserialport,chardev=agent,name=agent"])
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    if let Some((vfs_socket, tag)) = virtiofs {
+        if machine.starts_with("microvm") {
+            // virtio-mmio is legacy (version 1) by default, which vhost-user
+            // (libvhost-user in virtiofsd) refuses.
+            cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+        }
+        cmd.arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"))
+            .arg("-chardev")
+            .arg(format!("socket,id=vfs,path={}", vfs_socket.display()))
+            .arg("-device")
+            .arg(format!("{fs_device},chardev=vfs,tag={tag}"));
+    }
     // A host killed outright must not leave a VM spinning.
     crate::sys::kill_with_parent(&mut cmd);
     cmd
@@ -96,12 +182,54 @@ fn missing(image: &Path) -> Option<String> {
             return Some(format!("no {} : build the VM image first with vm/build.sh", image.join(f).display()));
         }
     }
+    if Reference::of(image).is_some() && virtiofsd().is_none() {
+        return Some(
+            "virtiofsd is not installed (the reference agent mounts a virtiofs share; Debian 12's \
+             qemu-system-common ships /usr/lib/qemu/virtiofsd, later releases the package virtiofsd; \
+             vm/build-reference.sh installs it)"
+                .into(),
+        );
+    }
     None
 }
 
+/// Starts virtiofsd on `tmp/runtime` and waits for its socket.
+async fn start_virtiofsd(tmp: &Path) -> Result<(tokio::process::Child, PathBuf), String> {
+    let bin = virtiofsd().ok_or("virtiofsd is not installed")?;
+    let dir = tmp.join("runtime");
+    let socket = tmp.join("virtiofs.sock");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let log_path = tmp.join("virtiofsd.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let mut child = virtiofsd_command(&bin, &socket, &dir, log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "{} exited with {status} before serving {}:\n{}",
+                bin.display(),
+                socket.display(),
+                console_tail(&log_path)
+            ));
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{} made no socket {} within 10 s", bin.display(), socket.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((child, socket))
+}
+
+/// The last lines of a log; for a guest console that ends in a kernel panic
+/// (init exited), the lines up to the panic, which say why, not its trace.
 fn console_tail(console: &Path) -> String {
     let text = std::fs::read_to_string(console).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let mut lines: Vec<&str> = text.lines().collect();
+    if let Some(panic) = lines.iter().position(|l| l.contains("Kernel panic - not syncing")) {
+        lines.truncate(panic + 1);
+    }
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
@@ -122,8 +250,29 @@ pub async fn run(opts: Options) -> ExitCode {
     };
     let socket = opts.socket.clone().unwrap_or_else(|| tmp.path().join("agent.sock"));
     let console = tmp.path().join("console.log");
+    let reference = Reference::of(&opts.image);
+    // Lives as long as the VM; killed when dropped.
+    let mut _virtiofsd = None;
+    let mut virtiofs_socket = None;
+    if let Some(r) = &reference {
+        eprintln!(
+            "agentwire vm: reference image: microsandbox-agentd {} as init; virtiofs tag {} served by virtiofsd",
+            r.version, r.runtime_fs_tag
+        );
+        match start_virtiofsd(tmp.path()).await {
+            Ok((child, path)) => {
+                _virtiofsd = Some(child);
+                virtiofs_socket = Some(path);
+            }
+            Err(e) => {
+                eprintln!("agentwire vm: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let virtiofs = reference.as_ref().zip(virtiofs_socket.as_deref()).map(|(r, s)| (s, r.runtime_fs_tag.as_str()));
     let started = Instant::now();
-    let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console).spawn() {
+    let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console, virtiofs).spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agentwire vm: cannot start {QEMU}: {e}");
@@ -134,6 +283,9 @@ pub async fn run(opts: Options) -> ExitCode {
         eprintln!("agentwire vm: QEMU ({:?}) booting; the agent's port is on {}", opts.machine, socket.display());
         let status = qemu.wait().await;
         eprintln!("agentwire vm: QEMU ended: {status:?}; guest console:\n{}", console_tail(&console));
+        if reference.is_some() && !matches!(&status, Ok(s) if s.success()) {
+            eprintln!("virtiofsd:\n{}", console_tail(&tmp.path().join("virtiofsd.log")));
+        }
         return match status {
             Ok(s) if s.success() => ExitCode::SUCCESS,
             _ => ExitCode::FAILURE,
@@ -143,6 +295,9 @@ pub async fn run(opts: Options) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentwire vm: {e}\nguest console:\n{}", console_tail(&console));
+            if reference.is_some() {
+                eprintln!("virtiofsd:\n{}", console_tail(&tmp.path().join("virtiofsd.log")));
+            }
             let _ = qemu.kill().await;
             ExitCode::FAILURE
         }

@@ -131,3 +131,47 @@ fn encode_reports_bad_lines_by_number_and_writes_the_good_ones() {
     assert_eq!(records.len(), 2);
     assert_eq!(records[1]["flags"], 128);
 }
+
+#[test]
+fn encode_refuses_keys_the_type_does_not_have() {
+    let input = concat!(
+        "{\"id\": 1, \"t\": \"core.exec.request\", \"payload\": {\"cmd\": \"ls\", \"arg\": [\"-l\"]}}\n",
+        "{\"id\": 1, \"t\": \"core.ping\", \"payload\": {}, \"flag\": 1}\n",
+        "{\"id\": 1, \"t\": \"core.fs.request\", \"payload\": {\"op\": {\"Stat\": {\"path\": \"/\", \"follow_symlink\": true, \"folow\": 1}}}}\n",
+        "{\"id\": 7, \"t\": \"core.error\", \"payload\": {\"kind\": \"invalid_session\", \"message\": \"m\", \"offending_type\": null}}\n",
+    );
+    let out = agentwire(&["encode", "-"], input.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("line 1: payload of core.exec.request: unknown key arg"), "{err}");
+    assert!(err.contains("line 2: \"flag\" is not a key of a line"), "{err}");
+    assert!(err.contains("line 3:") && err.contains("folow"), "{err}");
+    assert!(!err.contains("line 4:"), "a known optional key given as null is fine: {err}");
+    assert_eq!(json_lines(&agentwire(&["inspect", "--json"], &out.stdout)).len(), 1);
+}
+
+#[test]
+fn encode_of_a_directory_exits_2_naming_it_instead_of_looping() {
+    let dir = std::env::temp_dir();
+    let out = agentwire(&["encode", dir.to_str().unwrap(), "-o", "/dev/null"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(dir.to_str().unwrap()) && err.contains("Is a directory"), "{err}");
+    assert!(err.lines().count() <= 2, "one message, not a loop: {err}");
+    // As standard input.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentwire"))
+        .args(["encode", "-o", "/dev/null"])
+        .stdin(std::fs::File::open(&dir).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("standard input"));
+}
+
+#[test]
+fn inspect_says_when_a_stream_is_not_a_capture() {
+    let out = agentwire(&["inspect"], b"hello world, this is text\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not look like a capture") && err.contains("68 65 6c 6c"), "{err}");
+}

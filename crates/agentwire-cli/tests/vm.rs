@@ -7,6 +7,12 @@
 //! ignored; run them with `cargo test -p agentwire-cli --test vm --
 //! --include-ignored` after `vm/build.sh` (as CI does). Run so without QEMU or
 //! the image, they fail and say what is missing.
+//!
+//! The `reference_*` tests boot the reference guest agent, microsandbox-agentd
+//! 0.6.14 (generation 7) and 0.7.13 (generation 10) from crates.io, as PID 1
+//! of the guest (images from `vm/build-reference.sh VERSION`, in
+//! target/vm-ref-VERSION or $AGENTWIRE_VM_REF_DIR/vm-ref-VERSION) and drive
+//! it with our host client (agentwire-client). docs/INTEROP.md has the results.
 
 mod common;
 
@@ -158,6 +164,10 @@ async fn boot(machine: &str) -> Vm {
         ..GuestBootstrap::default()
     };
     vm.send(Message::new(0, bootstrap)).await;
+    // The deployed order (spec 10.2): core.init.resolved, our ack, then core.ready.
+    let resolved = vm.recv().await;
+    assert!(matches!(resolved.payload, Payload::InitResolved(ref i) if i.default_user.uid == 0), "{resolved:?}");
+    vm.send(Message::new(0, InitAck {})).await;
     let ready = vm.recv().await;
     let running_ns = started.elapsed().as_nanos() as u64;
     let Payload::Ready(r) = ready.payload else { panic!("{ready:?}") };
@@ -167,9 +177,6 @@ async fn boot(machine: &str) -> Vm {
     // The guest's boot clock starts after QEMU does.
     assert!(r.ready_time_ns < running_ns, "{r:?} but QEMU has run {running_ns} ns");
     assert!(r.agent_version.starts_with("agentwire "), "{r:?}");
-    let resolved = vm.recv().await;
-    assert!(matches!(resolved.payload, Payload::InitResolved(ref i) if i.default_user.uid == 0), "{resolved:?}");
-    vm.send(Message::new(0, InitAck {})).await;
     vm
 }
 
@@ -280,6 +287,383 @@ async fn q35_guest_serves_the_protocol_over_virtio_serial_pci() {
 async fn microvm_guest_serves_the_protocol_over_virtio_mmio() {
     require_vm("microvm");
     full_session("microvm").await;
+}
+
+// ---- the reference agent (microsandbox-agentd) as init, our host client --
+
+fn reference_image(version: &str) -> PathBuf {
+    let base = std::env::var_os("AGENTWIRE_VM_REF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    base.join(format!("vm-ref-{version}"))
+}
+
+/// Fails the test, saying what is missing, unless the reference image can be booted here.
+fn require_reference(version: &str) {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(qemu, "reference {version}: qemu-system-x86_64 is not installed (vm/build-reference.sh installs it)");
+    let image = reference_image(version);
+    for f in ["vmlinuz", "initramfs.cpio.gz", "reference"] {
+        assert!(
+            image.join(f).is_file(),
+            "reference {version}: no {} (vm/build-reference.sh {version} builds it)",
+            image.join(f).display()
+        );
+    }
+}
+
+/// `agentwire vm --boot-only` with a reference image: QEMU (and virtiofsd)
+/// killed when dropped.
+struct ReferenceVm {
+    vm: Child,
+    _tmp: common::TempDir,
+}
+
+impl Drop for ReferenceVm {
+    fn drop(&mut self) {
+        let _ = self.vm.kill();
+        let _ = self.vm.wait();
+    }
+}
+
+/// Every frame of both directions, whole (the client's capture).
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// How many frames carry the type `name` (its CBOR text string; the host
+    /// sends none of the types counted here).
+    fn count(&self, name: &str) -> usize {
+        let mut needle = vec![if name.len() < 24 { 0x60 + name.len() as u8 } else { 0x78 }];
+        if name.len() >= 24 {
+            needle.push(name.len() as u8);
+        }
+        needle.extend_from_slice(name.as_bytes());
+        self.0.lock().unwrap().windows(needle.len()).filter(|w| *w == &needle[..]).count()
+    }
+}
+
+/// Starts `agentwire vm --boot-only` with the reference image and connects to
+/// the agent's port (QEMU listens with wait=on: the guest starts once this connects).
+async fn start_reference(version: &str, machine: &str) -> (ReferenceVm, UnixStream, Instant) {
+    let tmp = common::TempDir::new(&format!("vm-ref-{version}-{machine}"));
+    let socket = tmp.0.join("agent.sock");
+    let started = Instant::now();
+    let vm = Command::new(env!("CARGO_BIN_EXE_agentwire"))
+        .args(["vm", "--boot-only", "--machine", machine, "--image"])
+        .arg(reference_image(version))
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut vm = ReferenceVm { vm, _tmp: tmp };
+    let stream = loop {
+        match UnixStream::connect(&socket).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(vm.vm.try_wait().unwrap().is_none(), "agentwire vm ended before QEMU listened");
+                assert!(started.elapsed() < WAIT, "no socket from QEMU: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    (vm, stream, started)
+}
+
+async fn boot_reference(
+    version: &str,
+    machine: &str,
+    capture: Capture,
+) -> (ReferenceVm, agentwire_client::Client, Duration) {
+    let (vm, stream, started) = start_reference(version, machine).await;
+    let bootstrap = GuestBootstrap {
+        hostname: Some("interop".into()),
+        default_env: vec![BootstrapEnvVar { key: "FROM_BOOTSTRAP".into(), value: "yes".into() }],
+        default_cwd: Some("/tmp".into()),
+        ..GuestBootstrap::default()
+    };
+    let client = within(
+        "the start-up exchange",
+        agentwire_client::Client::builder()
+            .bootstrap(bootstrap)
+            .handshake_timeout(WAIT)
+            .request_timeout(WAIT)
+            .capture(capture)
+            .connect(stream),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("reference {version}: start-up exchange: {e}"));
+    (vm, client, started.elapsed())
+}
+
+/// Runs `argv` with `stdin`: (stdout, stderr, exit code).
+async fn run(client: &agentwire_client::Client, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, i32) {
+    let exec = within("exec", client.exec(agentwire_client::Command::new(argv[0]).args(argv[1..].iter().copied())))
+        .await
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let input = exec.input();
+    for chunk in stdin.chunks(64 << 10) {
+        input.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    let out = within("the command's output", exec.output()).await.unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let code = out.status.code().unwrap_or(-1);
+    (out.stdout, out.stderr, code)
+}
+
+async fn reference_session(version: &str, generation: u8, machine: &str) {
+    require_reference(version);
+    let capture = Capture::default();
+    let (mut vm, client, greeted) = boot_reference(version, machine, capture.clone()).await;
+    let r = client.ready().clone();
+    eprintln!("reference {version} on {machine}: {r:?}; core.ready {greeted:?} after QEMU started");
+
+    // The versions: the agent's generation, and 7 (ours) on the wire.
+    assert_eq!(r.agent_version, version, "{r:?}");
+    assert_eq!((client.agent_generation(), client.negotiated()), (generation, 7));
+    assert!(r.boot_time_ns > 0 && r.ready_time_ns >= r.boot_time_ns + r.init_time_ns, "{r:?}");
+    assert_eq!(client.default_user().map(|u| (u.uid, u.gid)), Some((0, 0)));
+
+    // The guest's own kernel, and the bootstrap's hostname, environment and working directory.
+    let (out, _, code) = run(&client, &["uname", "-r"], b"").await;
+    let release = std::fs::read_to_string(reference_image(version).join("kernel-release")).unwrap();
+    assert_eq!((code, String::from_utf8_lossy(&out).trim()), (0, release.trim()));
+    let (out, _, _) = run(&client, &["sh", "-c", "echo $(hostname) $FROM_BOOTSTRAP $(pwd) $$"], b"").await;
+    let said = String::from_utf8_lossy(&out);
+    assert!(said.starts_with("interop yes /tmp "), "{said}");
+
+    // The agent is PID 1, and has mounted the virtiofs share.
+    let (out, _, _) =
+        run(&client, &["sh", "-c", "cat /proc/1/comm; grep -c ' /.msb virtiofs ' /proc/mounts"], b"").await;
+    assert_eq!(String::from_utf8_lossy(&out), "agentd\n1\n");
+
+    // core.clock.sync steps the guest's clock (no reply): a day back, then to the host's time.
+    for offset in [-86_400i64, 0] {
+        let before = unix_seconds();
+        client.clock_sync(UNIX_EPOCH + Duration::from_secs((before + offset) as u64)).await.unwrap();
+        let (out, _, _) = run(&client, &["date", "+%s"], b"").await;
+        let (guest, after) = (Vm::guest_now(&out), unix_seconds());
+        assert!(
+            guest >= before + offset - 1 && guest <= after + offset + 1,
+            "offset {offset}: guest {guest}, host {before}..{after}"
+        );
+    }
+
+    // stdin, stdout, stderr and the exit code.
+    let input = b"our host, their agent\n".repeat(20_000);
+    let (out, err, code) = run(&client, &["sh", "-c", "cat; echo to-stderr >&2; exit 3"], &input).await;
+    assert_eq!((code, out.len(), String::from_utf8_lossy(&err).as_ref()), (3, input.len(), "to-stderr\n"));
+    assert!(out == input, "stdout differs from stdin");
+
+    // A program that does not exist: core.exec.failed, kind not_found.
+    match within("exec", client.exec(agentwire_client::Command::new("/no/such/program"))).await {
+        Err(agentwire_client::ClientError::ExecFailed(f)) => {
+            eprintln!("reference {version}: {f:?}");
+            assert_eq!(f.kind.as_str(), "not_found", "{f:?}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("/no/such/program started"),
+    }
+
+    // A signal: the exit code is -1.
+    let mut exec = within("exec", client.exec(agentwire_client::Command::new("sleep").arg("60"))).await.unwrap();
+    assert!(matches!(exec.next().await.unwrap(), Some(agentwire_client::ExecEvent::Started(pid)) if pid > 1));
+    exec.input().signal(15).await.unwrap();
+    let status = loop {
+        match within("core.exec.exited", exec.next()).await.unwrap() {
+            Some(agentwire_client::ExecEvent::Exited(status)) => break status,
+            Some(_) => {}
+            None => panic!("no exit"),
+        }
+    };
+    assert!(status.signaled() && status.code().is_none(), "{status:?}");
+
+    // Files: mkdir, a 5 MiB write, stat, list, read back, remove.
+    const SIZE: usize = 5 << 20;
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i ^ (i >> 9) ^ (i >> 17)) as u8).collect();
+    client.mkdir("/tmp/interop", None).await.unwrap();
+    let written = within("write", client.write_file("/tmp/interop/big.bin", &data[..], Some(SIZE as u64))).await;
+    assert_eq!(written.unwrap(), SIZE as u64);
+    let st = client.stat("/tmp/interop/big.bin", true).await.unwrap();
+    assert_eq!((st.kind.as_str(), st.size), ("file", SIZE as u64), "{st:?}");
+    let names: Vec<String> = client.list("/tmp/interop").await.unwrap().into_iter().map(|e| e.path).collect();
+    assert!(names.iter().any(|n| n.ends_with("big.bin")), "{names:?}");
+    let mut back = Vec::with_capacity(SIZE);
+    let read = within("read", client.read_file("/tmp/interop/big.bin", &mut back)).await;
+    assert_eq!(read.unwrap(), SIZE as u64);
+    assert!(back == data, "the file read back differs");
+    let (out, _, _) = run(&client, &["sh", "-c", "wc -c < /tmp/interop/big.bin"], b"").await;
+    assert_eq!(String::from_utf8_lossy(&out).trim(), SIZE.to_string());
+    client.remove("/tmp/interop/big.bin").await.unwrap();
+    assert!(client.stat("/tmp/interop/big.bin", true).await.is_err(), "removed, yet stat works");
+    client.remove_dir("/tmp/interop", false).await.unwrap();
+
+    // TCP from the guest to an echo server inside it (busybox nc running cat, on loopback).
+    let server =
+        within("exec", client.exec(agentwire_client::Command::new("nc").args(["-l", "-p", "7777", "-e", "cat"])))
+            .await
+            .unwrap();
+    let t = Instant::now();
+    let mut tcp = loop {
+        match client.tcp_connect("127.0.0.1", 7777).await {
+            Ok(s) => break s,
+            Err(agentwire_client::ClientError::TcpFailed(e)) if t.elapsed() < Duration::from_secs(20) => {
+                eprintln!("reference {version}: tcp: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let payload = b"echo through their agent\n".repeat(4000);
+    for chunk in payload.chunks(16 << 10) {
+        tcp.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    tcp.shutdown_write().await.unwrap();
+    let mut echoed = Vec::new();
+    while let Some(d) = within("tcp data", tcp.read()).await.unwrap() {
+        echoed.extend_from_slice(&d);
+    }
+    assert!(echoed == payload, "{} of {} bytes echoed", echoed.len(), payload.len());
+    if generation >= 10 {
+        // 0.7.13 ends the id with core.tcp.closed (TERMINAL) once both halves
+        // are closed: the session is then over, and core.tcp.close has no id to go on.
+        let t = Instant::now();
+        while capture.count("core.tcp.closed") == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "no core.tcp.closed from 0.7.13");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closed = tcp.close().await;
+        assert!(
+            matches!(
+                closed,
+                Err(agentwire_client::ClientError::Send(
+                    agentwire_client::agentwire_session::SendError::NoSession { .. }
+                ))
+            ),
+            "{closed:?}"
+        );
+    } else {
+        // 0.6.14 sends no core.tcp.closed: core.tcp.close ends the connection (no reply).
+        tcp.close().await.unwrap();
+    }
+    let served = within("the echo server's end", server.output()).await.unwrap();
+    assert!(served.status.success(), "{served:?}");
+
+    // Ping.
+    for _ in 0..20 {
+        within("pong", client.ping()).await.unwrap();
+    }
+
+    // What only 0.7.13 sends (spec 9.1, 10.6): input-credit reports on id
+    // 0xFFFFFFFF, which a generation-7 host discards, and core.tcp.closed once
+    // both halves of a connection are closed.
+    let (credits, tcp_closed) = (capture.count("core.workload.transport.credit"), capture.count("core.tcp.closed"));
+    eprintln!("reference {version}: {credits} core.workload.transport.credit, {tcp_closed} core.tcp.closed");
+    if generation >= 10 {
+        assert!(credits > 0 && tcp_closed == 1, "{credits} credit reports, {tcp_closed} core.tcp.closed");
+    } else {
+        assert_eq!((credits, tcp_closed), (0, 0));
+    }
+
+    // Shutdown powers the guest off: QEMU, and so `agentwire vm`, end with status 0.
+    let asked = Instant::now();
+    within("the agent to close the port", client.shutdown(Duration::from_secs(30))).await.unwrap();
+    let status = loop {
+        if let Some(status) = vm.vm.try_wait().unwrap() {
+            break status;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(30), "QEMU still runs 30 s after core.shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    eprintln!("reference {version}: powered off {:?} after core.shutdown", asked.elapsed());
+}
+
+#[tokio::test]
+#[ignore = "boots QEMU: build the image with vm/build-reference.sh 0.6.14, then run with --include-ignored"]
+async fn reference_0_6_14_generation_7_serves_our_host_client_q35() {
+    reference_session("0.6.14", 7, "q35").await;
+}
+
+#[tokio::test]
+#[ignore = "boots QEMU: build the image with vm/build-reference.sh 0.6.14, then run with --include-ignored"]
+async fn reference_0_6_14_generation_7_serves_our_host_client_microvm() {
+    reference_session("0.6.14", 7, "microvm").await;
+}
+
+#[tokio::test]
+#[ignore = "boots QEMU: build the image with vm/build-reference.sh 0.7.13, then run with --include-ignored"]
+async fn reference_0_7_13_generation_10_serves_our_host_client_q35() {
+    reference_session("0.7.13", 10, "q35").await;
+}
+
+#[tokio::test]
+#[ignore = "boots QEMU: build the image with vm/build-reference.sh 0.7.13, then run with --include-ignored"]
+async fn reference_0_7_13_generation_10_serves_our_host_client_microvm() {
+    reference_session("0.7.13", 10, "microvm").await;
+}
+
+/// A start-up failure (the bootstrap names a user the guest lacks): 0.7.13
+/// says why with core.error initialization_failed, 0.6.14 exits without a
+/// word (spec 10.10); either way the agent, PID 1, ends and so does the VM.
+#[tokio::test]
+#[ignore = "boots QEMU: build the images with vm/build-reference.sh 0.6.14 0.7.13, then run with --include-ignored"]
+async fn reference_startup_failure_reaches_our_host_client() {
+    for version in ["0.6.14", "0.7.13"] {
+        require_reference(version);
+        let (mut vm, stream, _) = start_reference(version, "q35").await;
+        let bootstrap = GuestBootstrap { user: Some("nosuchuser".into()), ..GuestBootstrap::default() };
+        let result = within(
+            "the start-up exchange",
+            agentwire_client::Client::builder().bootstrap(bootstrap).handshake_timeout(WAIT).connect(stream),
+        )
+        .await;
+        let Err(e) = result else { panic!("reference {version}: started with a user that does not exist") };
+        let said = e.to_string();
+        eprintln!("reference {version}: {said}");
+        if version == "0.6.14" {
+            assert!(said.contains("closed"), "{said}");
+        } else {
+            assert!(said.contains("initialization_failed") && said.contains("nosuchuser"), "{said}");
+        }
+        let t = Instant::now();
+        while vm.vm.try_wait().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "reference {version}: the VM runs on 30 s after the failure"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `agentwire vm` itself against the reference agent: the command's output
+/// and exit status, then power-off.
+#[test]
+#[ignore = "boots QEMU: build the images with vm/build-reference.sh 0.6.14 0.7.13, then run with --include-ignored"]
+fn reference_agentwire_vm_runs_a_command_and_powers_off() {
+    for version in ["0.6.14", "0.7.13"] {
+        require_reference(version);
+        let image = reference_image(version);
+        let image = image.to_str().unwrap();
+        let out =
+            common::agentwire(&["vm", "--image", image, "--", "sh", "-c", "uname -s; echo oops >&2; exit 7"], b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{version}: {err}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "Linux\n", "{version}: {err}");
+        assert!(err.contains("oops\n"), "{err}");
+        assert!(err.contains(&format!("{version} (generation")) && err.contains("powered off"), "{err}");
+    }
 }
 
 #[test]

@@ -52,7 +52,8 @@ impl Builder {
     }
 
     /// Whether to send `core.clock.sync` with this machine's clock once
-    /// ready (default true, as the deployed runtime).
+    /// ready (default true, as the deployed runtime). Never through a relay:
+    /// the clock is the runtime's, and a relay refuses id-0 frames from clients.
     pub fn clock_sync(mut self, yes: bool) -> Builder {
         self.clock_sync = yes;
         self
@@ -112,7 +113,7 @@ impl Builder {
             user,
             request_timeout: self.request_timeout,
         };
-        if self.clock_sync {
+        if self.clock_sync && !self.via_relay {
             client.clock_sync(SystemTime::now()).await?;
         }
         Ok(client)

@@ -68,6 +68,10 @@ impl TcpStream {
     /// Closes the connection. The agent sends nothing back for this (as the
     /// deployed agent), so nothing is awaited.
     pub async fn close(self) -> Result<(), ClientError> {
-        self.session.send(TcpClose {}).await
+        match self.session.send(TcpClose {}).await {
+            // The agent ended the connection first (`core.tcp.closed`): it is closed.
+            Err(ClientError::Send(agentwire_session::SendError::NoSession { .. })) => Ok(()),
+            other => other,
+        }
     }
 }

@@ -534,6 +534,9 @@ impl Connection {
                 Ok(())
             }
             (Role::Agent, _) => Err(self.startup_failure("bootstrap", rejected.to_string())),
+            // The runtime's private id carries frames of generations a host may
+            // not know (transport credit); one that predates them discards them.
+            (Role::Host, _) if rejected.id == u32::MAX => Ok(()),
             // A host reports and goes on; before ready, the deployed runtime discards.
             (Role::Host, _) => {
                 self.events.push_back(Event::Rejected(Box::new(rejected)));

@@ -401,3 +401,17 @@ fn raw_requests_and_the_tap() {
     assert_eq!((raw.id, raw.type_name.as_str()), (id, "demo.unknown"));
     assert!(host.sessions().contains(id));
 }
+
+#[test]
+fn a_host_discards_unknown_frames_on_the_runtime_id_quietly() {
+    let now = Instant::now();
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    host.handle_input(&wire(&[Message::new(0, Ready::default())]), now).unwrap();
+    events(&mut host);
+    let credit = agentwire_test_frame(u32::MAX, 0, "core.workload.transport.credit");
+    let other = agentwire_test_frame(5, 0, "core.workload.transport.credit");
+    host.handle_input(&credit, now).unwrap();
+    assert!(events(&mut host).is_empty(), "discarded without an event");
+    host.handle_input(&other, now).unwrap();
+    assert!(matches!(&events(&mut host)[..], [Event::Rejected(_)]), "on another id it is reported");
+}

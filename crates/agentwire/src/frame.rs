@@ -25,6 +25,10 @@ pub const LENGTH_FIELD_SIZE: usize = 4;
 /// `LENGTH_FIELD_SIZE + MAX_FRAME_SIZE` bytes.
 pub const MAX_FRAME_SIZE: usize = 4 * 1024 * 1024;
 
+/// What the decoder reserves at most ahead of the bytes a frame's body has
+/// delivered so far.
+const READ_AHEAD: usize = 64 * 1024;
+
 /// The flag bits of a frame header.
 ///
 /// The three low bits have meaning; the five high bits are reserved: senders
@@ -606,8 +610,10 @@ impl FrameCodec {
                         let oversized = OversizedFrame { offset, id, flags, len, limit: self.max_frame_len };
                         self.state = DecodeState::Discard { oversized, remaining: body_len as u64 };
                     } else {
-                        // Room for exactly this body: bounded by the limit, never by more.
-                        src.reserve(body_len.saturating_sub(src.len()));
+                        // Room grows with the bytes that arrive, not with what the header
+                        // claims: a peer that announces 4 MiB and sends one byte holds
+                        // at most READ_AHEAD here.
+                        src.reserve(body_len.saturating_sub(src.len()).min(READ_AHEAD));
                         self.state = DecodeState::Data { offset, id, flags, body_len };
                     }
                 }

@@ -42,8 +42,9 @@
 //!
 //! - A frame's `len` is at most [`MAX_FRAME_SIZE`] (configurable lower with
 //!   [`FrameCodec::builder`]). An oversized frame is skipped as it arrives and
-//!   reported; the decoder never reserves more than the limit, whatever a
-//!   header claims.
+//!   reported. The read buffer grows with the bytes that arrive: a header
+//!   that claims 4 MiB and a body that trickles in hold what arrived plus at
+//!   most 64 KiB.
 //! - Payloads nest at most [`MAX_NESTING_DEPTH`] levels; deeper input is
 //!   rejected by a reader that does not recurse.
 //! - Every length and item count in the CBOR is compared with the bytes present

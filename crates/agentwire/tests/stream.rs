@@ -182,3 +182,39 @@ fn ten_thousand_unknown_frames_in_a_row_are_each_kept_and_the_stream_goes_on() {
         assert_eq!(items[10_000].as_ref().unwrap().as_ref().unwrap().id, 9);
     })
 }
+
+#[test]
+fn a_header_claiming_the_limit_reserves_only_what_arrives_and_a_little_more() {
+    // len = MAX_FRAME_SIZE, id 1, flags 0, then one byte of body: a trickling peer.
+    let mut buf = BytesMut::new();
+    buf.put_u32(MAX_FRAME_SIZE as u32);
+    buf.put_u32(1);
+    buf.put_u8(0);
+    buf.put_u8(0xa3);
+    let mut codec = MessageCodec::new();
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    assert!(buf.capacity() <= 128 * 1024, "reserved {} bytes for 1 that arrived", buf.capacity());
+    // The frame still decodes when the rest arrives, in pieces.
+    let body = {
+        let mut whole = BytesMut::new();
+        codec_frame_of_len(&mut whole, MAX_FRAME_SIZE);
+        whole.split_off(10)
+    };
+    for piece in body.chunks(1 << 20) {
+        buf.put_slice(piece);
+        if let Some(item) = codec.decode(&mut buf).unwrap() {
+            assert!(item.is_err(), "the body is not an envelope, so it is a rejected frame");
+            return;
+        }
+    }
+    panic!("the frame was not read once whole");
+}
+
+/// A frame of exactly `len` whose body starts with 0xa3 and is otherwise zero.
+fn codec_frame_of_len(out: &mut BytesMut, len: usize) {
+    out.put_u32(len as u32);
+    out.put_u32(1);
+    out.put_u8(0);
+    out.put_u8(0xa3);
+    out.resize(4 + len, 0);
+}
