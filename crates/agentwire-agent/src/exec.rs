@@ -213,7 +213,8 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
     // a child that does not read can stop neither this loop nor the connection.
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<Bytes>();
     let queued = Arc::new(AtomicUsize::new(0));
-    let feeder = Tasks(sink.map(|s| tokio::spawn(feed_stdin(s, stdin_rx, queued.clone(), out.clone()))).into_iter().collect());
+    let feeder =
+        Tasks(sink.map(|s| tokio::spawn(feed_stdin(s, stdin_rx, queued.clone(), out.clone()))).into_iter().collect());
     let mut stdin = StdinQueue { tx: Some(stdin_tx), queued, ended: false };
     let status = loop {
         tokio::select! {
@@ -472,7 +473,12 @@ async fn pump_pty(master: Arc<pty::Master>, out: RouteSender) {
 
 /// Writes queued stdin into the child as it reads; closing the channel
 /// closes its stdin (a pipe; a terminal stays open).
-async fn feed_stdin(mut sink: StdinSink, mut rx: mpsc::UnboundedReceiver<Bytes>, queued: Arc<AtomicUsize>, out: RouteSender) {
+async fn feed_stdin(
+    mut sink: StdinSink,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+    out: RouteSender,
+) {
     while let Some(data) = rx.recv().await {
         let written = sink.write_all(&data).await;
         queued.fetch_sub(data.len(), Ordering::AcqRel);

@@ -43,16 +43,17 @@ async fn destinations(host: &str, port: u16, allow_net: bool) -> Result<Vec<Sock
     let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     if let Ok(ip) = literal.parse::<IpAddr>() {
         if !allow_net && !ip.is_loopback() {
-            return Err(format!(
-                "{ip} is not loopback; the agent reaches other hosts only with --allow-net"
-            ));
+            return Err(format!("{ip} is not loopback; the agent reaches other hosts only with --allow-net"));
         }
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let name = host.trim_end_matches('.').to_ascii_lowercase();
     if !allow_net {
         if name == "localhost" || name.ends_with(".localhost") {
-            return Ok(vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)]);
+            return Ok(vec![
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+            ]);
         }
         return Err(format!(
             "{host} is a name, and without --allow-net the agent resolves none but localhost (no DNS query was sent)"

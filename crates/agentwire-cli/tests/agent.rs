@@ -8,8 +8,8 @@ mod common;
 
 use common::{TempDir as Tmp, agentwire};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
@@ -23,41 +23,10 @@ use tokio_util::codec::Framed;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
-/// A running agent, killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    tmp: Tmp,
-}
+/// The agent of these tests.
+use common::RunningAgent as Agent;
 
 impl Agent {
-    fn start(tag: &str) -> Agent {
-        let tmp = Tmp::new(tag);
-        std::fs::create_dir(tmp.0.join("root")).unwrap();
-        let socket = tmp.0.join("agent.sock");
-        let child = Command::new(BIN)
-            .args(["agent", "--listen"])
-            .arg(&socket)
-            .arg("--root")
-            .arg(tmp.0.join("root"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // The socket file appears at bind(), a moment before listen(): wait until it takes connections.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen on {}", socket.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, socket, tmp }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.tmp.0.join("root")
-    }
-
     fn host(&self, args: &[&str], stdin: &[u8]) -> Output {
         let mut all = vec!["host", "--connect", self.socket.to_str().unwrap()];
         all.extend_from_slice(args);
@@ -73,13 +42,6 @@ impl Agent {
         framed.send(Message::new(0, InitAck {})).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.ready");
         framed
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,12 +12,9 @@
 
 mod common;
 
-use common::TempDir as Tmp;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,54 +29,10 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
-const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
-
-/// A running agent whose root is `tmp/root`, with `tmp/outside` beside it; killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    tmp: Tmp,
-}
+/// The agent of these tests.
+use common::RunningAgent as Agent;
 
 impl Agent {
-    fn start(tag: &str) -> Agent {
-        Agent::start_with(tag, &[])
-    }
-
-    /// With `env` added to the agent's environment.
-    fn start_with(tag: &str, env: &[(&str, &str)]) -> Agent {
-        let tmp = Tmp::new(tag);
-        std::fs::create_dir(tmp.0.join("root")).unwrap();
-        std::fs::create_dir(tmp.0.join("outside")).unwrap();
-        let socket = tmp.0.join("agent.sock");
-        let child = Command::new(BIN)
-            .args(["agent", "--listen"])
-            .arg(&socket)
-            .arg("--root")
-            .arg(tmp.0.join("root"))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen on {}", socket.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, socket, tmp }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.tmp.0.join("root")
-    }
-
-    fn outside(&self) -> PathBuf {
-        self.tmp.0.join("outside")
-    }
-
-    /// A client whose every request is answered within `limit` (or fails with a timeout).
     async fn client(&self, limit: Duration) -> Client {
         let io = UnixStream::connect(&self.socket).await.unwrap();
         Client::builder().request_timeout(limit).connect(io).await.unwrap()
@@ -93,13 +46,6 @@ impl Agent {
         framed.send(Message::new(0, InitAck {})).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.ready");
         framed
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

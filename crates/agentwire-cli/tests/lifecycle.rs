@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir as Tmp;
+use common::{TempDir as Tmp, peak_rss_kib, wait_listening};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
@@ -23,14 +23,6 @@ fn start(socket: &Path, root: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn wait_listening(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {}", socket.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -72,10 +64,10 @@ fn sigterm_removes_the_socket_kills_the_sessions_and_exits_0() {
     let mut agent = start(&socket, &tmp.0);
     wait_listening(&socket);
     // A command that would outlive the agent if its session were not ended.
-    let marker = format!("agentwire-sigterm-{}", std::process::id());
+    // `sleep` with an argument no other process has: found by its own command line.
+    let marker = format!("{}", 1_000_000 + std::process::id());
     let mut host = Command::new(BIN)
-        .args(["host", "--connect", socket.to_str().unwrap(), "exec", "sh", "-c"])
-        .arg(format!("exec -a {marker} sleep 300"))
+        .args(["host", "--connect", socket.to_str().unwrap(), "exec", "sleep", &marker])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -83,7 +75,10 @@ fn sigterm_removes_the_socket_kills_the_sessions_and_exits_0() {
         .unwrap();
     let running = || {
         std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.len() >= 2 && args[0].ends_with(b"sleep") && args[1] == marker.as_bytes()
+            })
         })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -102,4 +97,75 @@ fn sigterm_removes_the_socket_kills_the_sessions_and_exits_0() {
     }
     let _ = host.kill();
     let _ = host.wait();
+}
+
+/// Sends a ping as a host through the command; whether it was answered.
+fn ping(socket: &Path) -> bool {
+    Command::new(BIN)
+        .args(["host", "--connect", socket.to_str().unwrap(), "ping", "--count", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The agent under a limit of 64 open files, given 200 connections: accept
+/// fails with EMFILE for those beyond the limit, which refuses them and not the
+/// agent; once they close, a host is served again.
+#[test]
+fn running_out_of_descriptors_refuses_connections_not_the_agent() {
+    let tmp = Tmp::new("emfile");
+    let socket = tmp.0.join("agent.sock");
+    let mut agent = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 64 && exec {BIN} agent --listen {} --root {}", socket.display(), tmp.0.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(&socket);
+    let held: Vec<_> = (0..200).filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.try_wait().unwrap().is_none(), "the agent died with {} connections open", held.len());
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ping(&socket) {
+        assert!(agent.try_wait().unwrap().is_none(), "the agent died");
+        assert!(Instant::now() < deadline, "no host is served after the connections closed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// 500 connections each send a header claiming a 4 MiB frame and one byte of
+/// it, then nothing: the agent's memory grows with what arrived, not with what
+/// the headers claim, and a handshake timeout (not tested here: 120 s) would
+/// close them. Meanwhile another host is served.
+#[test]
+fn headers_that_claim_4_mib_cost_what_arrived() {
+    use std::io::Write;
+    let tmp = Tmp::new("trickle");
+    let socket = tmp.0.join("agent.sock");
+    let mut agent = start(&socket, &tmp.0);
+    wait_listening(&socket);
+    let before = peak_rss_kib(agent.id());
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let mut claim = (4u32 * 1024 * 1024).to_be_bytes().to_vec();
+        claim.extend([0, 0, 0, 0, 0, 0xa3]);
+        s.write_all(&claim).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ping(&socket), "another host is served");
+    let after = peak_rss_kib(agent.id());
+    eprintln!("500 connections claiming 4 MiB each: agent peak RSS {before} KiB before, {after} KiB after");
+    assert!(after < before + 128 * 1024, "peak RSS grew from {before} to {after} KiB");
+    drop(held);
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

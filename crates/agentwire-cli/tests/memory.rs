@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::TempDir as Tmp;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
@@ -18,49 +15,7 @@ fn duration() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Peak resident memory of `pid`, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    _tmp: Tmp,
-}
-
-impl Agent {
-    fn start(tag: &str) -> Agent {
-        let tmp = Tmp::new(tag);
-        std::fs::create_dir(tmp.0.join("root")).unwrap();
-        let socket = tmp.0.join("agent.sock");
-        let child = Command::new(BIN)
-            .args(["agent", "--listen"])
-            .arg(&socket)
-            .arg("--root")
-            .arg(tmp.0.join("root"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, socket, _tmp: tmp }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{RunningAgent as Agent, peak_rss_kib};
 
 /// `agentwire host exec yes` with its standard output a pipe that nobody
 /// reads: the host stops reading from the agent, the agent stops reading
@@ -105,7 +60,7 @@ async fn the_agent_stays_bounded_when_many_reads_are_never_taken() {
     use futures::SinkExt;
 
     let agent = Agent::start("mem-reads");
-    let file = agent._tmp.0.join("root/big.bin");
+    let file = agent.root().join("big.bin");
     std::fs::write(&file, vec![7u8; 64 << 20]).unwrap();
     let stream = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
     let mut framed = tokio_util::codec::Framed::new(stream, MessageCodec::new());

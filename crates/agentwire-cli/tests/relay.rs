@@ -48,11 +48,7 @@ impl Relay {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&agent_socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen on {}", agent_socket.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_listening(&agent_socket);
         let socket = tmp.0.join("relay.sock");
         let mut command = Command::new(BIN);
         command.args(["-v", "relay", "--agent"]).arg(format!("unix:{}", agent_socket.display()));

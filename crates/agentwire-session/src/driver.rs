@@ -178,15 +178,7 @@ impl Handle {
     /// Runs `f` on the connection once the write backlog allows it, and wakes the writer.
     pub async fn send_with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, SendError>) -> Result<T, SendError> {
         self.0.wait_for(|s| (s.ended.is_some() || s.conn.pending_transmit() < MAX_PENDING_WRITE).then_some(())).await;
-        let result = {
-            let mut state = self.0.lock();
-            if state.ended.is_some() {
-                return Err(SendError::Closed);
-            }
-            f(&mut state.conn)?
-        };
-        self.0.to_write.notify_one();
-        Ok(result)
+        self.send_now(f)
     }
 
     /// Runs `f` on the connection at once, whatever the backlog (for answers

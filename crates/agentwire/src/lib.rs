@@ -73,8 +73,3 @@ pub use frame::{
 pub use message::{Direction, Message, MessageType, Payload, RawMessage, TypeName, TypedPayload};
 pub use payload::fs::FS_CHUNK_SIZE;
 pub use version::PROTOCOL_VERSION;
-
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;

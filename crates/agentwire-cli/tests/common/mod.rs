@@ -27,3 +27,77 @@ pub fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {
     writer.join().unwrap();
     output
 }
+
+/// A running `agentwire agent` on a Unix socket in a temporary directory: its
+/// root is `DIR/root`, with `DIR/outside` beside it. Killed on drop.
+pub struct RunningAgent {
+    /// The agent process.
+    pub child: std::process::Child,
+    /// Its socket.
+    pub socket: std::path::PathBuf,
+    /// The temporary directory.
+    pub tmp: TempDir,
+}
+
+impl RunningAgent {
+    /// Starts an agent, and waits until it takes connections.
+    pub fn start(tag: &str) -> RunningAgent {
+        RunningAgent::start_with(tag, &[])
+    }
+
+    /// The same with `env` added to the agent's environment.
+    pub fn start_with(tag: &str, env: &[(&str, &str)]) -> RunningAgent {
+        use std::process::{Command, Stdio};
+        let tmp = TempDir::new(tag);
+        std::fs::create_dir(tmp.0.join("root")).unwrap();
+        std::fs::create_dir(tmp.0.join("outside")).unwrap();
+        let socket = tmp.0.join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
+            .args(["agent", "--listen"])
+            .arg(&socket)
+            .arg("--root")
+            .arg(tmp.0.join("root"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(&socket);
+        RunningAgent { child, socket, tmp }
+    }
+
+    /// The directory its `core.fs.*` paths are confined to.
+    pub fn root(&self) -> std::path::PathBuf {
+        self.tmp.0.join("root")
+    }
+
+    /// A directory beside the root, outside it.
+    pub fn outside(&self) -> std::path::PathBuf {
+        self.tmp.0.join("outside")
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts connections on `socket` (its file appears
+/// at `bind`, a moment before `listen`).
+pub fn wait_listening(socket: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing listens on {}", socket.display());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Peak resident memory of process `pid` (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
