@@ -40,6 +40,9 @@ pub enum Action {
         #[arg(short, long, default_value_t = 10)]
         count: usize,
     },
+    /// Ask the agent to shut down (`core.shutdown`): it ends every command,
+    /// and as a VM's init powers the VM off. Waits until it closes the connection.
+    Shutdown,
     /// Copy a file from the guest (a path inside the agent's --root) to standard output.
     FsGet {
         /// Path inside the agent's root.
@@ -76,14 +79,13 @@ pub async fn run(addr: &str, action: Action) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    let code = match act(&client, action).await {
+    let code = match act(client, action).await {
         Ok(code) => code,
         Err(e) => return fail(&e),
     };
-    // The command's own status counts; a shutdown that the agent does not take is only reported.
-    if let Err(e) = client.shutdown(Duration::from_secs(5)).await {
-        eprintln!("agentwire host: {e}");
-    }
+    // Closing the connection (the client was dropped) ends this host's
+    // sessions only; `core.shutdown` would stop every command of the agent
+    // (and power a VM off), so it is sent only when asked for (`host shutdown`).
     ExitCode::from(code)
 }
 
@@ -267,8 +269,17 @@ async fn write_now(w: &mut (impl tokio::io::AsyncWrite + Unpin), data: &[u8]) ->
     w.flush().await.map_err(|e| e.to_string())
 }
 
-async fn act(client: &Client, action: Action) -> Result<u8, String> {
+async fn act(client: Client, action: Action) -> Result<u8, String> {
+    if let Action::Shutdown = action {
+        client.shutdown(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
+    act_on(&client, action).await
+}
+
+async fn act_on(client: &Client, action: Action) -> Result<u8, String> {
     match action {
+        Action::Shutdown => Ok(0),
         Action::Exec { command, env, cwd, tty } => {
             let mut req = ExecRequest::new(&command[0]);
             req.args = command[1..].to_vec();

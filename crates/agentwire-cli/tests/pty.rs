@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::TempDir as Tmp;
+use common::RunningAgent;
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::{Child, Command as Process, Stdio};
+use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use agentwire_client::{Client, Command, Exec, ExecEvent, ExitStatus};
@@ -17,47 +16,10 @@ use bytes::Bytes;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
-/// A running agent, killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    _tmp: Tmp,
-}
-
-impl Agent {
-    fn start(tag: &str) -> Agent {
-        let tmp = Tmp::new(tag);
-        std::fs::create_dir(tmp.0.join("root")).unwrap();
-        let socket = tmp.0.join("agent.sock");
-        let child = Process::new(BIN)
-            .args(["agent", "--listen"])
-            .arg(&socket)
-            .arg("--root")
-            .arg(tmp.0.join("root"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not listen on {}", socket.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, socket, _tmp: tmp }
-    }
-
-    async fn client(&self) -> Client {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-        Client::connect(stream).await.unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A connection to `agent` after the start-up exchange.
+async fn connect(agent: &RunningAgent) -> Client {
+    let stream = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    Client::connect(stream).await.unwrap()
 }
 
 /// `f` within `secs` seconds, or the test fails saying `what`.
@@ -99,8 +61,8 @@ async fn read_until(exec: &mut Exec, out: &mut String, needle: &str) {
 
 #[tokio::test]
 async fn tty_gives_a_terminal_of_the_requested_size_and_all_output_is_stdout() {
-    let agent = Agent::start("pty-size");
-    let client = agent.client().await;
+    let agent = RunningAgent::start("pty-size");
+    let client = connect(&agent).await;
     let cmd = Command::new("sh").args(["-c", "tty -s && echo yes; stty size; echo to-stderr >&2"]).tty(24, 80);
     let mut exec = client.exec(cmd).await.unwrap();
     let (out, stderr_frames, status) = within(20, "the command", collect(&mut exec)).await;
@@ -120,8 +82,8 @@ async fn tty_gives_a_terminal_of_the_requested_size_and_all_output_is_stdout() {
 
 #[tokio::test]
 async fn resize_changes_the_size_the_running_shell_sees() {
-    let agent = Agent::start("pty-resize");
-    let client = agent.client().await;
+    let agent = RunningAgent::start("pty-resize");
+    let client = connect(&agent).await;
     let mut exec = client.exec(Command::new("sh").tty(24, 80)).await.unwrap();
     let input = exec.input();
     // An empty stdin frame closes nothing on a terminal: the shell keeps reading.
@@ -138,23 +100,19 @@ async fn resize_changes_the_size_the_running_shell_sees() {
 
 #[tokio::test]
 async fn a_signal_ends_a_command_on_a_terminal_with_minus_one() {
-    let agent = Agent::start("pty-signal");
-    let client = agent.client().await;
+    let agent = RunningAgent::start("pty-signal");
+    let client = connect(&agent).await;
     let mut exec = client.exec(Command::new("sleep").arg("100").tty(24, 80)).await.unwrap();
     assert!(matches!(exec.next().await.unwrap(), Some(ExecEvent::Started(_))));
-    exec.input().signal(libc_sigterm()).await.unwrap();
+    exec.input().signal(15).await.unwrap();
     let (_, _, status) = within(10, "the end after SIGTERM", collect(&mut exec)).await;
     assert_eq!(status, ExitStatus::from_code(-1));
 }
 
-fn libc_sigterm() -> i32 {
-    15
-}
-
 #[tokio::test]
 async fn stdin_a_command_never_reads_stops_neither_pings_nor_signals() {
-    let agent = Agent::start("stdin-flood");
-    let client = std::sync::Arc::new(agent.client().await);
+    let agent = RunningAgent::start("stdin-flood");
+    let client = std::sync::Arc::new(connect(&agent).await);
     let mut exec = client.exec(Command::new("sleep").arg("100")).await.unwrap();
     let input = exec.input();
     // 64 MiB in 64 KiB frames, as fast as the connection takes them.
@@ -171,6 +129,8 @@ async fn stdin_a_command_never_reads_stops_neither_pings_nor_signals() {
         let mut stdin_errors = 0;
         loop {
             match exec.next().await.unwrap() {
+                // The queue still being written when the command is killed at the end: EPIPE.
+                Some(ExecEvent::StdinError(e)) if e.errno == Some(32) => {}
                 Some(ExecEvent::StdinError(e)) => {
                     assert_eq!((e.errno, e.errno_name.as_deref()), (None, None), "{e:?}");
                     stdin_errors += 1;
@@ -222,9 +182,9 @@ async fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn no_process_of_a_session_outlives_its_connection() {
-    let agent = Agent::start("orphans");
+    let agent = RunningAgent::start("orphans");
     for tty in [false, true] {
-        let client = agent.client().await;
+        let client = connect(&agent).await;
         // Arguments no other process has: `sleep 300.<pid><0|1>`.
         let unique = |n| format!("{n}.{}{}", std::process::id(), tty as u8);
         let (a, b) = (unique(300), unique(301));
@@ -240,17 +200,39 @@ async fn no_process_of_a_session_outlives_its_connection() {
     }
 }
 
+/// `agentwire ARGS` with `stdin`, killed if it has not ended within 20 s.
+fn agentwire(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Process::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = Process::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("agentwire {args:?} did not end within 20 s");
+        }
+    }
+}
+
 #[test]
 fn host_exec_tty_allocates_a_terminal_without_a_local_one() {
-    let agent = Agent::start("host-tty");
+    let agent = RunningAgent::start("host-tty");
     let sock = agent.socket.to_str().unwrap();
     // stdin is a pipe: no raw mode; its end reaches the shell as Ctrl-D.
-    let out =
-        common::agentwire(&["host", "--connect", sock, "exec", "--tty", "sh"], b"tty -s && echo yes; stty size\n");
+    let out = agentwire(&["host", "--connect", sock, "exec", "--tty", "sh"], b"tty -s && echo yes; stty size\n");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout:?} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("yes\r\n") && stdout.contains("24 80\r\n"), "{stdout:?}");
-    let out = common::agentwire(&["host", "--connect", sock, "exec", "-t", "sh", "-c", "echo e >&2; exit 3"], b"");
+    let out = agentwire(&["host", "--connect", sock, "exec", "-t", "sh", "-c", "echo e >&2; exit 3"], b"");
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "e\r\n");
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -261,19 +243,19 @@ fn host_exec_tty_allocates_a_terminal_without_a_local_one() {
 /// terminal's settings back afterwards.
 #[test]
 fn host_exec_tty_on_a_terminal_goes_raw_and_restores_it() {
-    if Process::new("script").arg("--version").output().is_err() {
+    if Process::new("timeout").arg("--version").output().is_err() {
         eprintln!("no script(1): skipped");
         return;
     }
-    let agent = Agent::start("host-tty-raw");
+    let agent = RunningAgent::start("host-tty-raw");
     let inner = format!(
         "stty size; stty -a | grep -o -- '-\\?icanon' | head -1; \
          {BIN} host --connect {} exec --tty sh -c 'stty size; exit 4'; echo status=$?; \
          stty -a | grep -o -- '-\\?icanon' | head -1",
         agent.socket.display()
     );
-    let out = Process::new("script")
-        .args(["-qec", &format!("stty rows 33 cols 99; {inner}"), "/dev/null"])
+    let out = Process::new("timeout")
+        .args(["30", "script", "-qec", &format!("stty rows 33 cols 99; {inner}"), "/dev/null"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
