@@ -22,6 +22,7 @@ mod vm;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentwire_agent::sys;
 use clap::{Parser, Subcommand};
@@ -81,6 +82,12 @@ enum Command {
         /// Let `core.tcp.connect` reach addresses beyond loopback.
         #[arg(long)]
         allow_net: bool,
+        /// Seconds a connection may take for its start-up exchange (bootstrap, ack).
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        handshake_timeout: u64,
+        /// Close a connection on which nothing arrives for SECS (0: never).
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        idle_timeout: u64,
     },
     /// Talk to an agent as its host.
     Host {
@@ -211,8 +218,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Inspect { file, json } => inspect::run(file.as_deref(), json),
         Command::Encode { file, out } => encode::run(file.as_deref(), out.as_deref()),
-        Command::Agent { listen, root, allow_net } => {
-            runtime(async move { serve(&listen, root, allow_net, verbose, start_ns).await })
+        Command::Agent { listen, root, allow_net, handshake_timeout, idle_timeout } => {
+            let timeouts =
+                (Duration::from_secs(handshake_timeout), (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)));
+            runtime(async move { serve(&listen, root, allow_net, timeouts, verbose, start_ns).await })
         }
         Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
         Command::Relay { agent, listen, bootstrap } => runtime(relay::run(relay::Options { agent, listen, bootstrap })),
@@ -256,7 +265,14 @@ fn runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, start_ns: u64) -> ExitCode {
+async fn serve(
+    listen: &str,
+    root: PathBuf,
+    allow_net: bool,
+    (handshake_timeout, idle_timeout): (Duration, Option<Duration>),
+    verbose: bool,
+    start_ns: u64,
+) -> ExitCode {
     let usage = |m: String| {
         eprintln!("agentwire agent: {m}");
         ExitCode::from(EXIT_USAGE)
@@ -278,6 +294,8 @@ async fn serve(listen: &str, root: PathBuf, allow_net: bool, verbose: bool, star
     eprintln!("agentwire agent: listening on {bound}, files under {}", root.display());
     let mut config = agent::Config::new(root);
     config.allow_net = allow_net;
+    config.session.handshake_timeout = handshake_timeout;
+    config.session.idle_timeout = idle_timeout;
     config.boot_time_ns = start_ns;
     config.init_time_ns = sys::boottime_ns().saturating_sub(start_ns);
     let served = agent::serve(listener, Arc::new(agent::Agent::new(config)), verbose);

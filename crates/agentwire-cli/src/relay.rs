@@ -4,7 +4,7 @@
 //! The relay runs the start-up exchange with the agent once, as its host, and
 //! keeps the agent's `core.ready` frame as it arrived. Each client that
 //! connects to its Unix socket gets the lowest free slot `s` of
-//! [`AGENT_RELAY_MAX_CLIENTS`], whose ids are `s * STEP .. (s + 1) * STEP`, and
+//! [`AGENT_RELAY_MAX_CLIENTS`], whose ids are `s * STEP + 1 .. (s + 1) * STEP`, and
 //! the prologue: that range and the cached `core.ready`. From then on frames
 //! are routed on their 9-byte header alone, never decoded: a client's frames
 //! go to the agent once their id and flags byte pass the checks of the 0.7.13

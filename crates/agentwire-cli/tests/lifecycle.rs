@@ -169,3 +169,67 @@ fn headers_that_claim_4_mib_cost_what_arrived() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// A connection that never finishes its start-up exchange, and one that goes
+/// quiet, are closed by the agent after their (configurable) limits.
+#[test]
+fn handshake_and_idle_timeouts_close_quiet_connections() {
+    use std::io::Read;
+    let tmp = Tmp::new("timeouts");
+    let socket = tmp.0.join("agent.sock");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--listen"])
+        .arg(&socket)
+        .arg("--root")
+        .arg(&tmp.0)
+        .args(["--handshake-timeout", "1", "--idle-timeout", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(&socket);
+    let mut silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    // The agent answers a missing bootstrap with core.error on id 0, then closes.
+    let mut got = 0;
+    loop {
+        match silent.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("the connection stayed open: {e}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    assert!(got > 0, "an initialization_failed error came first");
+    // A connection through its start-up exchange, then quiet: closed by the idle limit.
+    let mut quiet = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    quiet.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let frame = |m: agentwire::Message| {
+        let mut out = bytes::BytesMut::new();
+        tokio_util::codec::Encoder::encode(&mut agentwire::MessageCodec::new(), m, &mut out).unwrap();
+        out.to_vec()
+    };
+    use std::io::Write;
+    quiet
+        .write_all(&frame(agentwire::Message::new(0, agentwire::payload::bootstrap::GuestBootstrap::default())))
+        .unwrap();
+    quiet.write_all(&frame(agentwire::Message::new(0, agentwire::payload::core::InitAck {}))).unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    loop {
+        match quiet.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("the quiet connection stayed open: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("core.ready") && !text.contains("core.error"), "ready came first: {text:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

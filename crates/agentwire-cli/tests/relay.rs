@@ -299,8 +299,8 @@ async fn the_129th_client_is_refused_and_the_lowest_free_slot_is_reused() {
     let mut sockets = Vec::new();
     for slot in 0..AGENT_RELAY_MAX_CLIENTS as u32 {
         let (socket, handshake) = relay.raw().await;
-        assert_eq!((handshake.id_min, handshake.id_max), (slot * STEP, (slot + 1) * STEP), "client {slot}");
-        assert_eq!(handshake.client_ids().start, (slot * STEP).max(1));
+        assert_eq!((handshake.id_min, handshake.id_max), (slot * STEP + 1, (slot + 1) * STEP), "client {slot}");
+        assert_eq!(handshake.client_ids().start, slot * STEP + 1);
         sockets.push(socket);
     }
     let mut extra = UnixStream::connect(&relay.socket).await.unwrap();
@@ -319,7 +319,7 @@ async fn the_129th_client_is_refused_and_the_lowest_free_slot_is_reused() {
         assert!(Instant::now() < deadline, "slot 5 was not freed:\n{}", relay.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(handshake.id_min, 5 * STEP);
+    assert_eq!(handshake.id_min, 5 * STEP + 1);
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -259,6 +259,8 @@ pub struct Connection {
     tapped: Option<(BytesMut, BytesMut)>,
     /// Bytes of the relay prologue's id range still to leave out of the tap.
     tap_skip: usize,
+    /// Agent: `core.init.ack` came before the application resolved the user.
+    early_ack: bool,
     handshake_deadline: Option<Instant>,
     last_input: Instant,
 }
@@ -283,6 +285,7 @@ impl Connection {
             frames_received: 0,
             tapped: None,
             tap_skip: 0,
+            early_ack: false,
             last_input: now,
         }
     }
@@ -415,8 +418,13 @@ impl Connection {
                 _ if self.via_relay => "relay prologue",
                 _ => "core.ready",
             };
+            let timeout = self.config.handshake_timeout;
+            if self.role == Role::Agent {
+                // A startup failure, told on id 0 as the deployed agent does.
+                let _ = self.startup_failure("bootstrap", format!("no {waiting_for} within {timeout:?}"));
+            }
             self.phase = Phase::Closed;
-            return Err(ConnectionError::HandshakeTimeout { waiting_for, timeout: self.config.handshake_timeout });
+            return Err(ConnectionError::HandshakeTimeout { waiting_for, timeout });
         }
         if let Some(idle) = self.config.idle_timeout
             && now >= self.last_input + idle
@@ -580,6 +588,12 @@ impl Connection {
                     self.events.push_back(Event::InitAcked);
                     Ok(())
                 }
+                // A host that acknowledges before it has read init.resolved: the ack
+                // counts once the application has resolved the user.
+                Payload::InitAck(_) if !self.early_ack => {
+                    self.early_ack = true;
+                    Ok(())
+                }
                 _ => Err(self.startup_failure("init", format!("{t} where core.init.ack was expected"))),
             },
             // Between the ack and ready, the application is about to send ready.
@@ -687,6 +701,10 @@ impl Connection {
         }
         self.queue(Message::new(0, InitResolved { default_user }))?;
         self.phase = Phase::AwaitAck;
+        if self.early_ack {
+            self.phase = Phase::Acked;
+            self.events.push_back(Event::InitAcked);
+        }
         Ok(())
     }
 

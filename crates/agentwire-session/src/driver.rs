@@ -94,6 +94,8 @@ struct Shared {
     /// Something was written, or the connection changed state.
     progress: Notify,
     counters: Counters,
+    /// Where what the application must act on goes.
+    incoming: mpsc::UnboundedSender<Incoming>,
 }
 
 impl Shared {
@@ -129,7 +131,8 @@ impl Shared {
     }
 
     /// Routes the connection's events; called with the lock held.
-    fn dispatch(self: &Arc<Self>, state: &mut State, incoming: &mpsc::UnboundedSender<Incoming>) {
+    fn dispatch(self: &Arc<Self>, state: &mut State) {
+        let incoming = &self.incoming;
         while let Some(event) = state.conn.poll_event() {
             match event {
                 Event::Reply(m) | Event::Input(m) => {
@@ -189,7 +192,10 @@ impl Handle {
             if state.ended.is_some() {
                 return Err(SendError::Closed);
             }
-            f(&mut state.conn)?
+            let result = f(&mut state.conn)?;
+            // A call can make events of its own (an acknowledgement that came early).
+            self.0.dispatch(&mut state);
+            result
         };
         self.0.to_write.notify_one();
         Ok(result)
@@ -373,21 +379,22 @@ pub fn spawn(
     capture: Option<Box<dyn Write + Send>>,
 ) -> (Driver, Handle, mpsc::UnboundedReceiver<Incoming>) {
     conn.set_tap(capture.is_some());
+    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         state: Mutex::new(State { conn, routes: HashMap::new(), ended: None, capture }),
         to_write: Notify::new(),
         to_read: Notify::new(),
         progress: Notify::new(),
         counters: Counters::default(),
+        incoming: tx,
     });
-    let (tx, rx) = mpsc::unbounded_channel();
     let (rd, wr) = tokio::io::split(io);
-    let reader = tokio::spawn(read_loop(shared.clone(), rd, tx));
+    let reader = tokio::spawn(read_loop(shared.clone(), rd));
     let writer = tokio::spawn(write_loop(shared.clone(), wr));
     (Driver { reader, writer: Some(writer) }, Handle(shared), rx)
 }
 
-async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin, incoming: mpsc::UnboundedSender<Incoming>) {
+async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     let mut buf = vec![0u8; READ_CHUNK];
     let why = loop {
         // Hold back while the application has not taken what it was given.
@@ -426,7 +433,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin, incoming
             // A capture that cannot be written must not stop the connection.
             let _ = capture.write_all(&frames);
         }
-        shared.dispatch(&mut state, &incoming);
+        shared.dispatch(&mut state);
         drop(state);
         shared.progress.notify_waiters();
         shared.to_write.notify_one();
@@ -435,7 +442,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin, incoming
         }
     };
     shared.end(why.clone());
-    let _ = incoming.send(Incoming::Ended(why));
+    let _ = shared.incoming.send(Incoming::Ended(why));
 }
 
 async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {

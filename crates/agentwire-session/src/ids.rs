@@ -61,8 +61,9 @@ impl IdAllocator {
 pub fn is_relay_slot(range: &Range<u32>) -> bool {
     (0..AGENT_RELAY_MAX_CLIENTS as u32).any(|s| {
         let start = s * AGENT_RELAY_ID_RANGE_STEP;
-        // Slot 0 may be named from 0 or from 1 (id 0 is never a client's).
-        (range.start == start || range.start == start.max(1)) && range.end == start + AGENT_RELAY_ID_RANGE_STEP
+        // A slot is [s·STEP + 1, (s+1)·STEP); a relay that names it from its
+        // multiple of STEP (as agentwire's did before 0.2) is understood too.
+        (range.start == start + 1 || range.start == start) && range.end == start + AGENT_RELAY_ID_RANGE_STEP
     })
 }
 
@@ -92,6 +93,7 @@ mod tests {
         assert!(is_relay_slot(&(0..step)));
         assert!(is_relay_slot(&(1..step)));
         assert!(is_relay_slot(&(step..2 * step)));
+        assert!(is_relay_slot(&(step + 1..2 * step)));
         assert!(!is_relay_slot(&(step..2 * step - 1)));
         assert!(!is_relay_slot(&(5..10)));
     }

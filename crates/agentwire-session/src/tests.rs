@@ -129,6 +129,7 @@ fn agent_handshake_times_out() {
     let err = agent.handle_timeout(now + Duration::from_secs(60)).unwrap_err();
     assert_eq!(err.to_string(), "no core.bootstrap within 60s");
     assert_eq!(agent.phase(), Phase::Closed);
+    assert!(matches!(&frames(agent.poll_transmit())[..], [Message { id: 0, payload: Payload::Error(_), .. }]));
 }
 
 #[test]
@@ -300,8 +301,8 @@ fn host_through_a_relay_uses_its_range() {
     assert!(!host.is_established());
     host.handle_input(&bytes[5..], now).unwrap();
     assert!(host.is_established());
-    assert_eq!(host.id_range(), 2 * AGENT_RELAY_ID_RANGE_STEP..3 * AGENT_RELAY_ID_RANGE_STEP);
-    assert_eq!(host.open(Ping {}).unwrap(), 2 * AGENT_RELAY_ID_RANGE_STEP);
+    assert_eq!(host.id_range(), 2 * AGENT_RELAY_ID_RANGE_STEP + 1..3 * AGENT_RELAY_ID_RANGE_STEP);
+    assert_eq!(host.open(Ping {}).unwrap(), 2 * AGENT_RELAY_ID_RANGE_STEP + 1);
     assert!(matches!(&events(&mut host)[..], [Event::Ready { .. }, Event::Ignored(_)]));
 }
 
@@ -414,4 +415,22 @@ fn a_host_discards_unknown_frames_on_the_runtime_id_quietly() {
     assert!(events(&mut host).is_empty(), "discarded without an event");
     host.handle_input(&other, now).unwrap();
     assert!(matches!(&events(&mut host)[..], [Event::Rejected(_)]), "on another id it is reported");
+}
+
+#[test]
+fn an_ack_before_init_resolved_counts_once_the_user_is_resolved() {
+    let now = Instant::now();
+    let mut agent = Connection::agent(Config::default(), now);
+    let early = wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck {})]);
+    agent.handle_input(&early, now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Bootstrap(_)]));
+    agent.init_resolved(user()).unwrap();
+    assert_eq!(events(&mut agent), vec![Event::InitAcked]);
+    agent.ready(Ready::default()).unwrap();
+    assert!(agent.is_established());
+    // A second early ack is not one: it is a startup failure.
+    let mut agent = Connection::agent(Config::default(), now);
+    let twice =
+        wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck {}), Message::new(0, InitAck {})]);
+    assert!(agent.handle_input(&twice, now).is_err());
 }

@@ -18,11 +18,12 @@ pub const AGENT_RELAY_MAX_CLIENTS: usize = 128;
 /// Width of each client's id range: `u32::MAX / 128`.
 pub const AGENT_RELAY_ID_RANGE_STEP: u32 = u32::MAX / AGENT_RELAY_MAX_CLIENTS as u32;
 
-/// The ids client `client` (0-based) owns: `client * STEP .. (client + 1) * STEP`.
+/// The ids client `client` (0-based) owns: `client * STEP + 1 .. (client + 1) * STEP`
+/// (a multiple of the step is never assigned, so neither is id 0).
 ///
 /// ```
 /// use agentwire::relay::{client_id_range, client_for_id, AGENT_RELAY_ID_RANGE_STEP as STEP};
-/// assert_eq!(client_id_range(1), Some(STEP..2 * STEP));
+/// assert_eq!(client_id_range(1), Some(STEP + 1..2 * STEP));
 /// assert_eq!(client_for_id(STEP + 5), Some(1));
 /// assert_eq!(client_id_range(128), None);
 /// ```
@@ -30,8 +31,9 @@ pub fn client_id_range(client: usize) -> Option<Range<u32>> {
     if client >= AGENT_RELAY_MAX_CLIENTS {
         return None;
     }
+    // The slot's first id, a multiple of the step, is never assigned (id 0 for slot 0).
     let start = client as u32 * AGENT_RELAY_ID_RANGE_STEP;
-    Some(start..start + AGENT_RELAY_ID_RANGE_STEP)
+    Some(start + 1..start + AGENT_RELAY_ID_RANGE_STEP)
 }
 
 /// The client that owns `id`, for routing a guest frame back; `None` for the
