@@ -101,11 +101,21 @@ struct Open {
 struct Handles {
     open: HashMap<u64, Open>,
     per_slot: HashMap<usize, usize>,
+    /// Directory entries the open directory handles hold, over the connection.
+    dir_entries: usize,
 }
+
+/// Directory entries one connection's open directory handles may hold
+/// between them (about 150 bytes each): 300 handles on a 20,000-entry
+/// directory would otherwise hold a gigabyte.
+const MAX_DIR_ENTRIES_HELD: usize = 100_000;
 
 impl Handles {
     fn remove(&mut self, n: u64) -> Option<Open> {
         let open = self.open.remove(&n)?;
+        if let Handle::Dir { entries, .. } = &open.handle {
+            self.dir_entries -= entries.len();
+        }
         if let Some(count) = self.per_slot.get_mut(&open.slot) {
             *count -= 1;
             if *count == 0 {
@@ -307,14 +317,21 @@ impl Fs {
     fn insert(&self, id: u32, what: &str, handle: Handle) -> Outcome {
         let slot = slot_of(id)?;
         let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-        let count = handles.per_slot.entry(slot).or_default();
-        if *count >= MAX_HANDLES_PER_SLOT {
+        if handles.per_slot.get(&slot).copied().unwrap_or(0) >= MAX_HANDLES_PER_SLOT {
             return Err(format!(
                 "{what}: refused: {MAX_HANDLES_PER_SLOT} handles are already open in this relay slot (the most \
                  there may be); close some first"
             ));
         }
-        *count += 1;
+        let held = if let Handle::Dir { entries, .. } = &handle { entries.len() } else { 0 };
+        if handles.dir_entries + held > MAX_DIR_ENTRIES_HELD {
+            return Err(format!(
+                "{what}: refused: its {held} entries would pass the {MAX_DIR_ENTRIES_HELD} that this connection's \
+                 open directory handles may hold; close some, or use List"
+            ));
+        }
+        *handles.per_slot.entry(slot).or_default() += 1;
+        handles.dir_entries += held;
         let n = self.next_handle.fetch_add(1, Ordering::Relaxed);
         handles.open.insert(n, Open { opener: id, slot, handle });
         Ok(Some(FsResponseData::Handle(n)))

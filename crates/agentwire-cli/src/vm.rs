@@ -281,7 +281,10 @@ pub async fn run(opts: Options) -> ExitCode {
     };
     if opts.boot_only {
         eprintln!("agentwire vm: QEMU ({:?}) booting; the agent's port is on {}", opts.machine, socket.display());
-        let status = qemu.wait().await;
+        let status = tokio::select! {
+            status = qemu.wait() => status,
+            signal = crate::terminated() => return interrupted(signal, &mut qemu).await,
+        };
         eprintln!("agentwire vm: QEMU ended: {status:?}; guest console:\n{}", console_tail(&console));
         if reference.is_some() && !matches!(&status, Ok(s) if s.success()) {
             eprintln!("virtiofsd:\n{}", console_tail(&tmp.path().join("virtiofsd.log")));
@@ -291,7 +294,11 @@ pub async fn run(opts: Options) -> ExitCode {
             _ => ExitCode::FAILURE,
         };
     }
-    match session(&opts, &socket, started, &mut qemu).await {
+    let outcome = tokio::select! {
+        outcome = session(&opts, &socket, started, &mut qemu) => outcome,
+        signal = crate::terminated() => Err(format!("{signal}: stopped")),
+    };
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentwire vm: {e}\nguest console:\n{}", console_tail(&console));
@@ -302,6 +309,14 @@ pub async fn run(opts: Options) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGINT or SIGTERM during `--boot-only`: QEMU is stopped, and the
+/// temporary directory is removed as the caller returns.
+async fn interrupted(signal: &str, qemu: &mut tokio::process::Child) -> ExitCode {
+    eprintln!("agentwire vm: {signal}: stopping QEMU");
+    let _ = qemu.kill().await;
+    ExitCode::FAILURE
 }
 
 async fn session(

@@ -107,3 +107,35 @@ async fn framed_next(
     let item = tokio::time::timeout(Duration::from_secs(20), framed.next()).await.expect("a frame within 20 s");
     item.expect("open").expect("intact").expect("decodes")
 }
+
+/// 30 directory handles on a directory of 20,000 entries (the attack used 300): the handles of a
+/// connection hold at most 100,000 entries between them; the rest are refused
+/// by name, and the agent stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_handles_hold_a_bounded_number_of_entries() {
+    use agentwire::payload::fs::{FsOp, FsResponseData};
+    let agent = Agent::start("mem-dirs");
+    let big = agent.root().join("big");
+    std::fs::create_dir(&big).unwrap();
+    for i in 0..20_000 {
+        std::fs::File::create(big.join(format!("entry-with-a-long-name-{i:06}"))).unwrap();
+    }
+    let stream = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    let client = agentwire_client::Client::connect(stream).await.unwrap();
+    let (mut opened, mut refused) = (0, 0);
+    for _ in 0..30 {
+        match client.fs(FsOp::OpenDir { path: "/big".into() }).await {
+            Ok(Some(FsResponseData::Handle(_))) => opened += 1,
+            Err(e) => {
+                assert!(e.to_string().contains("entries would pass"), "{e}");
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let agent_kib = peak_rss_kib(agent.child.id());
+    eprintln!("30 OpenDir of 20,000 entries: {opened} opened, {refused} refused, agent peak RSS {agent_kib} KiB");
+    assert_eq!((opened, refused), (5, 25));
+    assert!(agent_kib < 256 * 1024, "agent peak RSS {agent_kib} KiB");
+    client.ping().await.unwrap();
+}

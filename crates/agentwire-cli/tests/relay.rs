@@ -368,14 +368,14 @@ async fn the_relay_exits_1_and_closes_its_clients_when_the_agent_goes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_sigint_stop_the_relay_cleanly_and_remove_its_socket() {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    use nix::sys::signal::{Signal, kill};
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let mut relay = Relay::start("signal", None);
         let _client = relay.client().await;
         assert!(relay.socket.exists());
-        // SAFETY: kill(2) on a child this test started and has not reaped.
-        assert_eq!(unsafe { libc::kill(relay.relay.id() as i32, signal) }, 0);
-        assert_eq!(relay.wait_exit().code(), Some(0), "signal {signal}: {}", relay.log());
-        assert!(!relay.socket.exists(), "signal {signal}: the socket file is left behind");
+        kill(nix::unistd::Pid::from_raw(relay.relay.id() as i32), signal).unwrap();
+        assert_eq!(relay.wait_exit().code(), Some(0), "signal {signal:?}: {}", relay.log());
+        assert!(!relay.socket.exists(), "signal {signal:?}: the socket file is left behind");
     }
 }
 
