@@ -403,3 +403,37 @@ async fn a_connection_holds_at_most_1024_sessions_at_once() {
     let answered = next(&mut framed).await;
     assert!(matches!(&answered.payload, Payload::FsResponse(_)) && answered.id == 2000, "{answered:?}");
 }
+
+#[test]
+fn host_refuses_to_put_a_directory_and_a_closed_pipe_ends_it_quietly() {
+    let agent = Agent::start("host-bad-input");
+    let dir = agent.tmp.0.join("outside");
+    let out = agent.host(&["fs-put", dir.to_str().unwrap(), "/copy"], b"");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not a regular file"), "{}", text(&out.stderr));
+    assert!(!agent.root().join("copy").exists(), "no empty guest file is left");
+    // `host exec yes | head -1`: the reader goes away; the command ends without a word.
+    let mut child = Command::new(BIN)
+        .args(["host", "--connect", agent.socket.to_str().unwrap(), "exec", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"y\n");
+    drop(child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the host kept running after its reader left");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.is_empty(), "quietly: {err}");
+    assert_ne!(status.code(), Some(0), "the output was cut short");
+}

@@ -13,11 +13,17 @@ use common::{TempDir as Tmp, peak_rss_kib, wait_listening};
 const BIN: &str = env!("CARGO_BIN_EXE_agentwire");
 
 fn start(socket: &Path, root: &Path) -> Child {
+    start_with(socket, root, &[])
+}
+
+/// An agent with `extra` arguments.
+fn start_with(socket: &Path, root: &Path, extra: &[&str]) -> Child {
     Command::new(BIN)
         .args(["agent", "--listen"])
         .arg(socket)
         .arg("--root")
         .arg(root)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -170,38 +176,26 @@ fn headers_that_claim_4_mib_cost_what_arrived() {
     let _ = agent.wait();
 }
 
+/// Everything `stream` gives until the agent closes it (within its read timeout).
+fn read_until_closed(stream: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(stream, &mut got).unwrap_or_else(|e| panic!("the connection stayed open: {e}"));
+    got
+}
+
 /// A connection that never finishes its start-up exchange, and one that goes
 /// quiet, are closed by the agent after their (configurable) limits.
 #[test]
 fn handshake_and_idle_timeouts_close_quiet_connections() {
-    use std::io::Read;
     let tmp = Tmp::new("timeouts");
     let socket = tmp.0.join("agent.sock");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--listen"])
-        .arg(&socket)
-        .arg("--root")
-        .arg(&tmp.0)
-        .args(["--handshake-timeout", "1", "--idle-timeout", "1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = start_with(&socket, &tmp.0, &["--handshake-timeout", "1", "--idle-timeout", "1"]);
     wait_listening(&socket);
     let mut silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let started = Instant::now();
-    let mut buf = [0u8; 256];
     // The agent answers a missing bootstrap with core.error on id 0, then closes.
-    let mut got = 0;
-    loop {
-        match silent.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => panic!("the connection stayed open: {e}"),
-        }
-    }
+    let got = read_until_closed(&mut silent).len();
     assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
     assert!(got > 0, "an initialization_failed error came first");
     // A connection through its start-up exchange, then quiet: closed by the idle limit.
@@ -218,14 +212,7 @@ fn handshake_and_idle_timeouts_close_quiet_connections() {
         .unwrap();
     quiet.write_all(&frame(agentwire::Message::new(0, agentwire::payload::core::InitAck {}))).unwrap();
     let started = Instant::now();
-    let mut got = Vec::new();
-    loop {
-        match quiet.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("the quiet connection stayed open: {e}"),
-        }
-    }
+    let got = read_until_closed(&mut quiet);
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("core.ready") && !text.contains("core.error"), "ready came first: {text:?}");
     assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
