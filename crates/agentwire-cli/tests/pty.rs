@@ -243,10 +243,6 @@ fn host_exec_tty_allocates_a_terminal_without_a_local_one() {
 /// terminal's settings back afterwards.
 #[test]
 fn host_exec_tty_on_a_terminal_goes_raw_and_restores_it() {
-    if Process::new("timeout").arg("--version").output().is_err() {
-        eprintln!("no script(1): skipped");
-        return;
-    }
     let agent = RunningAgent::start("host-tty-raw");
     let inner = format!(
         "stty size; stty -a | grep -o -- '-\\?icanon' | head -1; \

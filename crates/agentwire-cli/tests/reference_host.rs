@@ -14,20 +14,16 @@ mod common;
 
 use common::TempDir as Tmp;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use microsandbox_agent_client::stream::StreamReceiver;
-use microsandbox_agent_client::{
-    AgentClient, AgentProtocol, AgentWireFormat, Delivery, ErrorKind, ExecController, TypedMessage,
-};
-use microsandbox_protocol::core::{CoreError, Ping};
+use microsandbox_agent_client::{AgentClient, AgentWireFormat, Delivery, ErrorKind, ExecController, TypedMessage};
+use microsandbox_protocol::core::Ping;
 use microsandbox_protocol::exec::{
-    ExecExited, ExecFailed, ExecFailureKind, ExecOutputAck, ExecRequest, ExecResize, ExecSignal, ExecStarted,
-    ExecStderr, ExecStdin, ExecStdinError, ExecStdout,
+    ExecExited, ExecFailureKind, ExecOutputAck, ExecResize, ExecSignal, ExecStderr, ExecStdin, ExecStdout,
 };
 use microsandbox_protocol::fs::{FS_CHUNK_SIZE, FsData, FsOp, FsOpenOptions, FsRequest, FsResponse, FsResponseData};
 use microsandbox_protocol::message::{FLAG_TERMINAL, Message as WireMessage, MessageType};
@@ -64,35 +60,9 @@ impl Relay {
             .unwrap();
         common::wait_listening(&agent_socket);
         let socket = tmp.0.join("relay.sock");
-        let mut relay = Command::new(BIN)
-            .args(["-v", "relay", "--agent"])
-            .arg(format!("unix:{}", agent_socket.display()))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(relay.stderr.take().unwrap());
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("is ready") {
-                    let _ = ready_tx.send(());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let this = Relay { agent, relay, socket, root, log, _tmp: tmp };
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            panic!("the relay did not become ready:\n{}", this.log());
-        }
-        this
+        let started = common::start_relay(&agent_socket, &socket, None, Duration::from_secs(20));
+        let (relay, log) = started.unwrap_or_else(|log| panic!("the relay did not become ready:\n{log}"));
+        Relay { agent, relay, socket, root, log, _tmp: tmp }
     }
 
     fn log(&self) -> String {
@@ -136,178 +106,10 @@ impl Drop for Relay {
 }
 
 /// `f`, which must finish within `secs`.
-async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f).await.unwrap_or_else(|_| panic!("{what} took over {secs} s"))
-}
+#[path = "common/their_client.rs"]
+mod their_client;
 
-async fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {secs} s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead already; the agent reaps its commands soon after.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn exec_request(cmd: &str, args: &[&str]) -> ExecRequest {
-    ExecRequest {
-        cmd: cmd.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: vec![],
-        cwd: None,
-        user: None,
-        tty: false,
-        rows: 24,
-        cols: 80,
-        rlimits: vec![],
-    }
-}
-
-/// What one execution produced.
-#[derive(Debug, Default)]
-struct Outcome {
-    pid: Option<u32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    exit: Option<i32>,
-    failed: Option<ExecFailed>,
-    stdin_errors: Vec<String>,
-    /// Wire names of anything else that arrived on the execution's id.
-    other: Vec<String>,
-}
-
-/// An execution in progress: its id and the receiving half of its stream.
-struct Exec {
-    id: u32,
-    rx: StreamReceiver<AgentProtocol>,
-    out: Outcome,
-    /// Output consumed so far, acknowledged when the agent meters output
-    /// (its `core.ready` has `exec_limits`; without them a host must not ack).
-    acked: ExecOutputAck,
-    metered: bool,
-}
-
-impl Exec {
-    async fn start(client: &AgentClient, request: &ExecRequest) -> Exec {
-        let stream =
-            within(20, "opening the execution", client.stream(TypedMessage::new(MessageType::ExecRequest, request)))
-                .await
-                .expect("core.exec.request goes out");
-        let id = stream.id();
-        let (_sender, rx) = stream.into_parts();
-        let metered = client.ready().agent.exec_limits.is_some();
-        Exec { id, rx, out: Outcome::default(), acked: ExecOutputAck::default(), metered }
-    }
-
-    /// Takes one message; false once the stream has ended (terminal frame).
-    async fn step(&mut self, client: &AgentClient) -> bool {
-        let message = match self.rx.recv().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return false,
-            Err(e) => panic!("the execution's stream failed: {e}; so far {:?}", self.out),
-        };
-        match message.t.as_str() {
-            "core.exec.started" => self.out.pid = Some(message.payload::<ExecStarted>().unwrap().pid),
-            "core.exec.stdout" | "core.exec.stderr" => {
-                let data = if message.t == "core.exec.stdout" {
-                    message.payload::<ExecStdout>().unwrap().data
-                } else {
-                    message.payload::<ExecStderr>().unwrap().data
-                };
-                let n = data.len();
-                if message.t == "core.exec.stdout" { &mut self.out.stdout } else { &mut self.out.stderr }
-                    .extend_from_slice(&data);
-                if self.metered {
-                    self.acked.consume(n).unwrap();
-                    let ack = TypedMessage::new(MessageType::ExecOutputAck, self.acked.clone());
-                    client.send(self.id, ack).await.expect("core.exec.output.ack goes out");
-                }
-            }
-            "core.exec.exited" => self.out.exit = Some(message.payload::<ExecExited>().unwrap().code),
-            "core.exec.failed" => self.out.failed = Some(message.payload::<ExecFailed>().unwrap()),
-            "core.exec.stdin.error" => self.out.stdin_errors.push(message.payload::<ExecStdinError>().unwrap().message),
-            "core.error" => {
-                let e = message.payload::<CoreError>().unwrap();
-                self.out.other.push(format!("core.error {:?}: {}", e.kind, e.message));
-            }
-            other => self.out.other.push(other.to_string()),
-        }
-        message.flags & FLAG_TERMINAL == 0
-    }
-
-    /// [`Exec::step`] without acknowledgements, giving the stream's end as an error.
-    async fn step_or_end(&mut self) -> Result<bool, String> {
-        match self.rx.recv().await {
-            Ok(Some(m)) => {
-                if m.t == "core.exec.exited" {
-                    self.out.exit = Some(m.payload::<ExecExited>().unwrap().code);
-                }
-                Ok(m.flags & FLAG_TERMINAL == 0)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Waits for `core.exec.started`; the pid.
-    async fn started(&mut self, client: &AgentClient) -> u32 {
-        within(20, "core.exec.started", async {
-            while self.out.pid.is_none() && self.out.failed.is_none() {
-                if !self.step(client).await {
-                    break;
-                }
-            }
-        })
-        .await;
-        self.out.pid.unwrap_or_else(|| panic!("no core.exec.started: {:?}", self.out))
-    }
-
-    /// Reads until the terminal frame.
-    async fn finish(mut self, client: &AgentClient) -> Outcome {
-        within(30, "the end of the execution", async { while self.step(client).await {} }).await;
-        self.out
-    }
-
-    async fn stdin(&self, client: &AgentClient, data: &[u8]) {
-        let m = TypedMessage::new(MessageType::ExecStdin, ExecStdin { data: data.to_vec() });
-        client.send(self.id, m).await.expect("core.exec.stdin goes out");
-    }
-}
-
-/// One filesystem request and its terminal response.
-async fn fs(client: &AgentClient, op: FsOp) -> FsResponse {
-    let what = format!("{op:?}");
-    let reply =
-        within(20, &what, client.request(TypedMessage::new(MessageType::FsRequest, FsRequest { op, bulk: None })))
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(reply.t, "core.fs.response", "{what}");
-    assert_ne!(reply.flags & FLAG_TERMINAL, 0, "{what}: core.fs.response is terminal");
-    reply.payload::<FsResponse>().unwrap()
-}
-
-async fn fs_ok(client: &AgentClient, op: FsOp) -> Option<FsResponseData> {
-    let what = format!("{op:?}");
-    let response = fs(client, op).await;
-    assert!(response.ok, "{what}: {:?}", response.error);
-    response.data
-}
-
-async fn open(client: &AgentClient, path: &str, options: FsOpenOptions) -> u64 {
-    match fs_ok(client, FsOp::OpenFile { path: path.into(), options }).await {
-        Some(FsResponseData::Handle(h)) => h,
-        other => panic!("OpenFile {path}: {other:?}"),
-    }
-}
-
-// ---------------------------------------------------------------------------
+use their_client::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn their_client_takes_our_prologue_and_pings() {

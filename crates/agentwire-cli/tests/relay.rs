@@ -7,7 +7,6 @@ mod common;
 
 use common::{TempDir as Tmp, agentwire, frame};
 
-use std::io::{BufRead, BufReader};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,34 +49,14 @@ impl Relay {
             .unwrap();
         common::wait_listening(&agent_socket);
         let socket = tmp.0.join("relay.sock");
-        let mut command = Command::new(BIN);
-        command.args(["-v", "relay", "--agent"]).arg(format!("unix:{}", agent_socket.display()));
-        command.arg("--listen").arg(format!("unix:{}", socket.display()));
-        if let Some(json) = bootstrap {
+        let bootstrap_file = bootstrap.map(|json| {
             let path = tmp.0.join("bootstrap.json");
             std::fs::write(&path, json).unwrap();
-            command.arg("--bootstrap").arg(path);
-        }
-        // Plain log lines, to look for words in them.
-        command.env("NO_COLOR", "1").env_remove("RUST_LOG");
-        let mut relay = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(relay.stderr.take().unwrap());
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("is ready") {
-                    let _ = ready_tx.send(());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
+            path
         });
-        let this = Relay { agent, relay, socket, log, _tmp: tmp };
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            panic!("the relay did not become ready: {}", this.log());
-        }
-        this
+        let started = common::start_relay(&agent_socket, &socket, bootstrap_file.as_deref(), Duration::from_secs(20));
+        let (relay, log) = started.unwrap_or_else(|log| panic!("the relay did not become ready: {log}"));
+        Relay { agent, relay, socket, log, _tmp: tmp }
     }
 
     fn log(&self) -> String {

@@ -676,25 +676,25 @@ fn vm_says_plainly_what_is_missing() {
 /// Our agent as PID 1 of a VM, `agentwire relay` in front of its port, and the
 /// reference host client on the relay's socket. The helpers are those of
 /// tests/reference_host.rs, which runs the same client against a host agent.
+#[path = "common/their_client.rs"]
+mod shared_client;
+
 mod their_client {
-    use std::io::{BufRead, BufReader};
+
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use microsandbox_agent_client::stream::StreamReceiver;
-    use microsandbox_agent_client::{AgentClient, AgentProtocol, TypedMessage};
-    use microsandbox_protocol::core::{CoreError, Ping};
-    use microsandbox_protocol::exec::{
-        ExecExited, ExecFailed, ExecFailureKind, ExecOutputAck, ExecRequest, ExecSignal, ExecStarted, ExecStderr,
-        ExecStdin, ExecStdinError, ExecStdout,
-    };
+    use microsandbox_agent_client::{AgentClient, TypedMessage};
+    use microsandbox_protocol::core::Ping;
+    use microsandbox_protocol::exec::{ExecFailureKind, ExecSignal};
     use microsandbox_protocol::fs::{
         FS_CHUNK_SIZE, FsData, FsOp, FsOpenOptions, FsRequest, FsResponse, FsResponseData,
     };
     use microsandbox_protocol::message::{FLAG_TERMINAL, Message as WireMessage, MessageType};
 
+    use super::shared_client::{Exec, exec_request, fs, fs_ok, open, run};
     use super::{WAIT, common, image_dir, require_vm, within};
 
     /// `agentwire vm --boot-only` and `agentwire relay` on its port; both killed on drop.
@@ -719,44 +719,6 @@ mod their_client {
     impl RelayedVm {
         fn log(&self) -> String {
             self.log.lock().unwrap().clone()
-        }
-    }
-
-    /// The relay: `Ok` once it says the agent is ready, `Err(log)` if it ends first.
-    fn start_relay(agent: &std::path::Path, socket: &std::path::Path) -> Result<(Child, Arc<Mutex<String>>), String> {
-        let mut relay = Command::new(env!("CARGO_BIN_EXE_agentwire"))
-            .args(["-v", "relay", "--agent"])
-            .arg(format!("unix:{}", agent.display()))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(relay.stderr.take().unwrap());
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("is ready") {
-                    let _ = tx.send(true);
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-            let _ = tx.send(false);
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok(true) => Ok((relay, log)),
-            _ => {
-                let _ = relay.kill();
-                let _ = relay.wait();
-                let text = log.lock().unwrap().clone();
-                Err(text)
-            }
         }
     }
 
@@ -787,7 +749,7 @@ mod their_client {
                 assert!(started.elapsed() < WAIT, "{machine}: no socket from QEMU within {WAIT:?}");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            match start_relay(&agent, &socket) {
+            match common::start_relay(&agent, &socket, None, WAIT) {
                 Ok(r) => break r,
                 Err(log) if log.contains("cannot connect") && started.elapsed() < WAIT => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -801,147 +763,6 @@ mod their_client {
         };
         let ready = started.elapsed();
         (RelayedVm { vm, relay, socket, log, _tmp: tmp }, ready)
-    }
-
-    fn exec_request(cmd: &str, args: &[&str]) -> ExecRequest {
-        ExecRequest {
-            cmd: cmd.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            env: vec![],
-            cwd: None,
-            user: None,
-            tty: false,
-            rows: 24,
-            cols: 80,
-            rlimits: vec![],
-        }
-    }
-
-    /// What one execution produced.
-    #[derive(Debug, Default)]
-    struct Outcome {
-        pid: Option<u32>,
-        stdout: Vec<u8>,
-        stderr: Vec<u8>,
-        exit: Option<i32>,
-        failed: Option<ExecFailed>,
-        stdin_errors: Vec<String>,
-        /// Wire names of anything else that arrived on the execution's id.
-        other: Vec<String>,
-    }
-
-    /// An execution in progress: its id and the receiving half of its stream.
-    struct Exec {
-        id: u32,
-        rx: StreamReceiver<AgentProtocol>,
-        out: Outcome,
-        /// Output consumed so far, acknowledged when the agent meters output.
-        acked: ExecOutputAck,
-        metered: bool,
-    }
-
-    impl Exec {
-        async fn start(client: &AgentClient, request: &ExecRequest) -> Exec {
-            let open = client.stream(TypedMessage::new(MessageType::ExecRequest, request));
-            let stream = within("opening the execution", open).await.expect("core.exec.request goes out");
-            let id = stream.id();
-            let (_sender, rx) = stream.into_parts();
-            let metered = client.ready().agent.exec_limits.is_some();
-            Exec { id, rx, out: Outcome::default(), acked: ExecOutputAck::default(), metered }
-        }
-
-        /// Takes one message; false once the stream has ended (terminal frame).
-        async fn step(&mut self, client: &AgentClient) -> bool {
-            let message = match self.rx.recv().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return false,
-                Err(e) => panic!("the execution's stream failed: {e}; so far {:?}", self.out),
-            };
-            match message.t.as_str() {
-                "core.exec.started" => self.out.pid = Some(message.payload::<ExecStarted>().unwrap().pid),
-                "core.exec.stdout" | "core.exec.stderr" => {
-                    let data = if message.t == "core.exec.stdout" {
-                        message.payload::<ExecStdout>().unwrap().data
-                    } else {
-                        message.payload::<ExecStderr>().unwrap().data
-                    };
-                    let n = data.len();
-                    if message.t == "core.exec.stdout" { &mut self.out.stdout } else { &mut self.out.stderr }
-                        .extend_from_slice(&data);
-                    if self.metered {
-                        self.acked.consume(n).unwrap();
-                        let ack = TypedMessage::new(MessageType::ExecOutputAck, self.acked.clone());
-                        client.send(self.id, ack).await.expect("core.exec.output.ack goes out");
-                    }
-                }
-                "core.exec.exited" => self.out.exit = Some(message.payload::<ExecExited>().unwrap().code),
-                "core.exec.failed" => self.out.failed = Some(message.payload::<ExecFailed>().unwrap()),
-                "core.exec.stdin.error" => {
-                    self.out.stdin_errors.push(message.payload::<ExecStdinError>().unwrap().message)
-                }
-                "core.error" => {
-                    let e = message.payload::<CoreError>().unwrap();
-                    self.out.other.push(format!("core.error {:?}: {}", e.kind, e.message));
-                }
-                other => self.out.other.push(other.to_string()),
-            }
-            message.flags & FLAG_TERMINAL == 0
-        }
-
-        /// Waits for `core.exec.started`; the pid.
-        async fn started(&mut self, client: &AgentClient) -> u32 {
-            within("core.exec.started", async {
-                while self.out.pid.is_none() && self.out.failed.is_none() {
-                    if !self.step(client).await {
-                        break;
-                    }
-                }
-            })
-            .await;
-            self.out.pid.unwrap_or_else(|| panic!("no core.exec.started: {:?}", self.out))
-        }
-
-        /// Reads until the terminal frame.
-        async fn finish(mut self, client: &AgentClient) -> Outcome {
-            within("the end of the execution", async { while self.step(client).await {} }).await;
-            self.out
-        }
-
-        async fn stdin(&self, client: &AgentClient, data: &[u8]) {
-            let m = TypedMessage::new(MessageType::ExecStdin, ExecStdin { data: data.to_vec() });
-            client.send(self.id, m).await.expect("core.exec.stdin goes out");
-        }
-    }
-
-    /// Runs `argv` to its end, with no stdin.
-    async fn run(client: &AgentClient, argv: &[&str]) -> Outcome {
-        let exec = Exec::start(client, &exec_request(argv[0], &argv[1..])).await;
-        exec.stdin(client, b"").await;
-        exec.finish(client).await
-    }
-
-    /// One filesystem request and its terminal response.
-    async fn fs(client: &AgentClient, op: FsOp) -> FsResponse {
-        let what = format!("{op:?}");
-        let request = client.request(TypedMessage::new(MessageType::FsRequest, FsRequest { op, bulk: None }));
-        let reply = within(&what, request).await.unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(reply.t, "core.fs.response", "{what}");
-        assert_ne!(reply.flags & FLAG_TERMINAL, 0, "{what}: core.fs.response is terminal");
-        reply.payload::<FsResponse>().unwrap()
-    }
-
-    async fn fs_ok(client: &AgentClient, op: FsOp) -> Option<FsResponseData> {
-        let what = format!("{op:?}");
-        let response = fs(client, op).await;
-        assert!(response.ok, "{what}: {:?}", response.error);
-        response.data
-    }
-
-    async fn open(client: &AgentClient, path: &str, options: FsOpenOptions) -> u64 {
-        match fs_ok(client, FsOp::OpenFile { path: path.into(), options }).await {
-            Some(FsResponseData::Handle(h)) => h,
-            other => panic!("OpenFile {path}: {other:?}"),
-        }
     }
 
     async fn ping(client: &AgentClient) {

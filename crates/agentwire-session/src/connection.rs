@@ -16,7 +16,7 @@ use agentwire::{
     Direction, EncodeError, Flags, FrameCodec, Message, MessageCodec, MessageType, PROTOCOL_VERSION, Payload,
     RawMessage, RawMessageCodec, Rejected, StreamError, TypeName,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
 use crate::ids::{IdAllocator, is_relay_slot};
@@ -486,11 +486,26 @@ impl Connection {
         partial.extend_from_slice(data);
         while let Some(head) = partial.get(..4) {
             let len = 4 + u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if len > 4 + self.config.max_frame_len {
+                // The decoder skips an oversized frame as it arrives; so does the
+                // tap, rather than hold what its header claims.
+                let held = partial.len().min(len);
+                partial.advance(held);
+                self.tap_skip = len - held;
+                let rest = partial.split();
+                return self.tap(&rest);
+            }
             if partial.len() < len {
                 break;
             }
             whole.extend_from_slice(&partial.split_to(len));
         }
+    }
+
+    /// Bytes the tap holds of a frame not yet whole.
+    #[cfg(test)]
+    pub(crate) fn tap_held(&self) -> usize {
+        self.tapped.as_ref().map_or(0, |(_, partial)| partial.len())
     }
 
     /// Turns on copying every whole frame received, for a capture of the

@@ -434,3 +434,21 @@ fn an_ack_before_init_resolved_counts_once_the_user_is_resolved() {
         wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck {}), Message::new(0, InitAck {})]);
     assert!(agent.handle_input(&twice, now).is_err());
 }
+
+#[test]
+fn the_tap_skips_an_oversized_frame_as_the_decoder_does() {
+    let now = Instant::now();
+    let config = Config { max_frame_len: 128, ..Config::default() };
+    let mut host = Connection::host(config, GuestBootstrap::default(), now);
+    host.set_tap(true);
+    let ready = wire(&[Message::new(0, Ready::default())]);
+    // A frame claiming 1,000 bytes, delivered in pieces, then a valid one.
+    let mut big = 1_000u32.to_be_bytes().to_vec();
+    big.extend(std::iter::repeat_n(0u8, 1_000));
+    for piece in big.chunks(100) {
+        host.handle_input(piece, now).unwrap();
+        assert!(host.tap_held() <= 100, "the tap holds no more than a piece");
+    }
+    host.handle_input(&ready, now).unwrap();
+    assert_eq!(&host.take_tapped()[..], &ready[..], "only the valid frame is tapped");
+}

@@ -101,3 +101,51 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
     line.split_whitespace().next().unwrap().parse().unwrap()
 }
+
+/// What a process wrote on standard error, line by line, as it runs.
+pub type Log = std::sync::Arc<std::sync::Mutex<String>>;
+
+/// Starts `agentwire -v relay --agent unix:AGENT --listen unix:SOCKET` (with
+/// `--bootstrap FILE` when given) and waits up to `wait` until it says it is
+/// ready. Its standard error is collected in the returned log; when it does
+/// not become ready it is stopped and the error is its log.
+pub fn start_relay(
+    agent: &std::path::Path,
+    socket: &std::path::Path,
+    bootstrap: Option<&std::path::Path>,
+    wait: std::time::Duration,
+) -> Result<(std::process::Child, Log), String> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentwire"));
+    command.args(["-v", "relay", "--agent"]).arg(format!("unix:{}", agent.display()));
+    command.arg("--listen").arg(format!("unix:{}", socket.display()));
+    if let Some(path) = bootstrap {
+        command.arg("--bootstrap").arg(path);
+    }
+    // Plain log lines, to look for words in them.
+    command.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    let mut relay = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let log = Log::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(relay.stderr.take().unwrap());
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("is ready") {
+                let _ = tx.send(true);
+            }
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+        let _ = tx.send(false);
+    });
+    match rx.recv_timeout(wait) {
+        Ok(true) => Ok((relay, log)),
+        _ => {
+            let _ = relay.kill();
+            let _ = relay.wait();
+            let text = log.lock().unwrap().clone();
+            Err(text)
+        }
+    }
+}
