@@ -262,7 +262,6 @@ impl Agent {
                 Incoming::Event(Event::PeerError { id, error }) => {
                     tracing::warn!(id, kind = %error.kind, "the host reports: {}", error.message)
                 }
-                Incoming::Event(Event::Rejected(r)) => tracing::debug!("rejected: {r}"),
                 Incoming::Event(other) => tracing::trace!("{other:?}"),
                 Incoming::Ended(why) => {
                     break if why == "the peer closed the connection" { Ok(Ended::Closed) } else { Err(why) };

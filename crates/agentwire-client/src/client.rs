@@ -125,10 +125,6 @@ fn log(item: Incoming) {
         Incoming::Event(Event::PeerError { id, error }) => {
             tracing::warn!(id, kind = %error.kind, "core.error from the agent: {}", error.message)
         }
-        Incoming::Event(Event::Rejected(r)) => tracing::warn!("a frame from the agent was rejected: {r}"),
-        Incoming::Event(Event::Ignored(m)) => {
-            tracing::debug!(id = m.id, "ignored {} for no open session", m.message_type())
-        }
         Incoming::Ended(why) => tracing::debug!("connection ended: {why}"),
         other => tracing::debug!("{other:?}"),
     }

@@ -4,7 +4,10 @@
 //! frame of a session to that session's [`Route`]; a writer task writes what
 //! the connection has to send. Both share the connection behind one lock,
 //! held only between awaits. Every other [`Event`] reaches the application
-//! through the [`Incoming`] channel that [`spawn`] returns.
+//! through the [`Incoming`] channel that [`spawn`] returns, except frames
+//! the connection ignored or rejected (and has answered where it owes an
+//! answer): those are logged, so that the channel never holds what a peer
+//! sends.
 //!
 //! Memory is bounded in bytes on both paths: a route's unread frames count
 //! against the connection's limits ([`Connection::wants_input`]), so the
@@ -71,7 +74,7 @@ pub enum Incoming {
         /// The session's frames, and where its replies go.
         route: Route,
     },
-    /// Any other event of the connection.
+    /// Any other event of the connection (not `Ignored` or `Rejected`: those are logged).
     Event(Event),
     /// The connection ended, and why; nothing follows.
     Ended(String),
@@ -159,6 +162,13 @@ impl Shared {
                     }
                     let _ = incoming.send(Incoming::Event(Event::ClientDisconnected { ids, sessions }));
                 }
+                // Logged here, not queued: they carry what a peer sent (up to a
+                // frame each), and nothing is owed for them beyond what the
+                // connection has already answered.
+                Event::Ignored(m) => {
+                    tracing::debug!(id = m.id, "ignored {} for no open session", m.message_type())
+                }
+                Event::Rejected(r) => tracing::debug!("a frame was rejected: {r}"),
                 other => {
                     let _ = incoming.send(Incoming::Event(other));
                 }
