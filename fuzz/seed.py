@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes the seed corpus under fuzz/corpus/<target>/ from tests/vectors.
 
-Seeds: every golden frame (both generations), every malformed input, a stream
+Seeds: every golden frame (golden.jsonl, generations 7 and 3, and
+golden-gen10.jsonl, raw bulk records included), every malformed input, a stream
 of all golden frames of one type after another, and for the payload target the
-payload (`p`) of every golden frame. Run again after the vectors change.
+payload (`p`) of every golden frame (for a raw bulk record, its whole body).
+Run again after the vectors change.
 """
 import hashlib
 import json
@@ -49,22 +51,28 @@ def write(target, data):
     (d / hashlib.sha1(data).hexdigest()[:16]).write_bytes(data)
 
 
-golden = [json.loads(l) for l in (vectors / "golden.jsonl").read_text().splitlines() if l.strip()]
+golden = [
+    json.loads(l)
+    for name in ("golden.jsonl", "golden-gen10.jsonl")
+    for l in (vectors / name).read_text().splitlines()
+    if l.strip()
+]
 malformed = [json.loads(l) for l in (vectors / "malformed.jsonl").read_text().splitlines() if l.strip()]
 frames = [bytes.fromhex(g["frame"]) for g in golden]
 bad = [bytes.fromhex(m["hex"]) for m in malformed]
 
-for f in frames:
+for g, f in zip(golden, frames):
     for t in ("frame", "message", "roundtrip", "split", "differential"):
         write(t, f)
-    write("payload", payload_of(f))
+    # A raw bulk record has no envelope: its body is what the payload decoder reads.
+    write("payload", f[9:] if g["type"] == "bulk.record" else payload_of(f))
 for b in bad:
     for t in ("frame", "message", "split", "differential"):
         write(t, b)
 by_type = {}
 for g, f in zip(golden, frames):
-    by_type.setdefault(g["type"], b"")
-    by_type[g["type"]] += f
+    by_type.setdefault((g["gen"] >= 10, g["type"]), b"")
+    by_type[(g["gen"] >= 10, g["type"])] += f
 for stream in by_type.values():
     for t in ("message", "split", "differential"):
         write(t, stream)

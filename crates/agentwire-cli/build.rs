@@ -4,8 +4,15 @@
 //! test is `ignored` in `cargo test`'s summary. Only binds, never connects:
 //! nothing is sent to a hypervisor (CID 2) or anywhere else.
 //!
+//! Also detects whether this user can make its own user, network and mount
+//! namespaces and bring loopback up in them (`unshare -rnm ip link set lo
+//! up`): then the test that counts DNS packets in such a namespace runs
+//! (`cfg(user_namespaces)`, tests/dns.rs); otherwise it is `ignored`. The
+//! namespace is thrown away at once; nothing outside it is touched.
+//!
 //! Detected when the build script runs (at the first build, or when this file
-//! changes): `cargo clean -p agentwire-cli` after loading `vsock_loopback`.
+//! changes): `cargo clean -p agentwire-cli` after loading `vsock_loopback`,
+//! or after allowing unprivileged user namespaces.
 
 use std::os::fd::AsRawFd;
 
@@ -23,10 +30,28 @@ fn vsock_loopback() -> bool {
     bind(fd.as_raw_fd(), &VsockAddr::new(CID_LOCAL, PORT_ANY)).is_ok()
 }
 
+/// Whether `unshare -rnm` works here and `ip` brings loopback up inside.
+fn user_namespaces() -> bool {
+    use std::process::{Command, Stdio};
+    ["ip", "/usr/sbin/ip", "/sbin/ip"].iter().any(|ip| {
+        Command::new("unshare")
+            .args(["-rnm", "--", ip, "link", "set", "lo", "up"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rustc-check-cfg=cfg(vsock_loopback)");
+    println!("cargo::rustc-check-cfg=cfg(user_namespaces)");
     if vsock_loopback() {
         println!("cargo::rustc-cfg=vsock_loopback");
+    }
+    if user_namespaces() {
+        println!("cargo::rustc-cfg=user_namespaces");
     }
 }

@@ -1,18 +1,25 @@
 //! The same bytes to this codec's `MessageCodec` and to the deployed reference
-//! decoders (`microsandbox-protocol` 0.6.14, generation 7, and 0.7.13,
-//! generation 10), frame by frame: both must accept the same frames, decode
-//! them to the same values, and reject the same frames, except where the spec
-//! makes us differ on purpose. Each such exception is a [`Why`] below, named in
+//! decoders, frame by frame: both must accept the same frames, decode them to
+//! the same values, and reject the same frames, except where the spec makes us
+//! differ on purpose. Each such exception is a [`Why`] below, named in
 //! FUZZING.md ("Known differences"); anything else is a finding.
 //!
+//! Two pairs are compared on every input:
+//!
+//! - generation 10: our codec as it starts (negotiated generation 10) against
+//!   `microsandbox-protocol` 0.7.13, raw bulk records included;
+//! - generation 7: our codec after `set_peer_generation(7)` against 0.6.14.
+//!
 //! The reference model is what its agent does with a frame: its codec splits
-//! the frame and decodes the envelope into its closed list of types (a failure
-//! there ends the agent loop), the agent compares the whole flags byte with the
-//! type's flags (section 10.9), then decodes the payload into the type's struct.
+//! the frame and decodes the envelope into its closed list of types, or (0.7.13)
+//! a frame with the `BULK` flag into a raw record; a failure there ends the
+//! agent loop. The agent then compares the whole flags byte with the type's
+//! flags (section 10.9) and decodes the payload into the type's struct.
 
 #![no_main]
 
-use agentwire::{MAX_FRAME_SIZE, Message, MessageCodec, Payload, RejectKind};
+use agentwire::payload::fs::FsOp;
+use agentwire::{MAX_FRAME_SIZE, Message, MessageCodec, MessageType, Payload, RejectKind, TypeName};
 use bytes::BytesMut;
 use ciborium::Value;
 use libfuzzer_sys::fuzz_target;
@@ -23,15 +30,20 @@ use tokio_util::codec::Decoder;
 /// Our nesting limit (`agentwire::MAX_NESTING_DEPTH`); ciborium's is 256.
 const OUR_DEPTH: usize = agentwire::MAX_NESTING_DEPTH;
 
-/// What the reference does with one frame.
+/// The raw bulk record's limits (spec 7.1), written out here rather than taken
+/// from the codec, so that the harness checks the codec against the spec.
+const BULK: u8 = 0x08;
+const MIN_BULK_LEN: usize = 5 + 12 + 1;
+const MAX_BULK_DATA: usize = 3 * 1024 * 1024;
+
+/// What a reference does with one frame.
 #[derive(Debug)]
 enum Ref {
-    /// The envelope does not decode (unknown type, not an envelope, ...): the agent stops.
+    /// The frame does not decode (unknown type, not an envelope, a broken bulk
+    /// record, ...): the agent stops.
     Fatal(String),
     /// 0.7.13: a raw bulk record (flags exactly `0x08`), decoded.
-    Bulk,
-    /// 0.7.13: a type of generation 8 or later.
-    Newer(&'static str),
+    Bulk(ref7::bulk::BulkRecord),
     /// The flags byte is not exactly the type's flags: `core.error` `invalid_flags`.
     Flags,
     /// The payload does not decode into the type's struct.
@@ -60,13 +72,14 @@ enum Why {
     /// derived field names accept it, so the reference reads it as the key; we
     /// require text keys in the envelope (section 2: "keys as text strings").
     ByteKey,
-    /// Reserved flag bits (`0x10`-`0x80`, and `0x08`, which generation 7 does not
-    /// know) with the right meaningful bits: we ignore them (section 1, gen-7
-    /// rule); the reference agent answers `invalid_flags`.
+    /// Reserved flag bits (`0x10`-`0x80`) with the right meaningful bits on a
+    /// CBOR frame: we ignore them (section 1, gen-7 rule); the reference agent
+    /// answers `invalid_flags`.
     ReservedFlags,
     /// An enum name outside the spec's list in `CoreErrorKind`, `ExecFailureKind`
-    /// or `BootstrapSecurityProfile`: kept as `Unknown` by our open enums, refused
-    /// by the reference's closed ones.
+    /// or `BootstrapSecurityProfile` (and, for 0.6.14, the two `CoreErrorKind`
+    /// names of later generations): kept by our open enums, refused by the
+    /// reference's closed ones.
     OpenEnum,
     /// `core.shutdown` with an empty payload: receivers accept it (section 3); the
     /// reference's `()` does not read zero bytes.
@@ -74,17 +87,28 @@ enum Why {
     /// An envelope error or unknown type is an error of that frame for us
     /// (section 3) and the end of the stream for the reference (section 10.9).
     PerFrame,
-    /// 0.7.13 only: types of generations 8-10 and raw bulk records (`0x08`), which
-    /// our generation-7 codec does not know.
+    /// 0.6.14 only: a type of generations 8-10 or a raw bulk record, which our
+    /// codec knows and refuses at negotiated generation 7
+    /// (`unsupported_protocol_generation`, or `invalid_flags` first), and which
+    /// 0.6.14 does not know (the end of its stream).
     Newer,
+    /// 0.6.14 only: a key that generation 7 does not have and 0.6.14 skips, but
+    /// our (generation-10) reader reads at any negotiated generation: a value of
+    /// the wrong type there is an error of the payload for us (section 4 defines
+    /// the key), and 0.6.14 never reads it. The values are compared with ours
+    /// restricted to generation 7.
+    LaterField,
+    /// 0.6.14 only: a frame with the `BULK` bit and other bits, or a broken
+    /// bulk record, loses the stream for us (sections 1 and 7.1, generation 8);
+    /// 0.6.14 reads it as a CBOR frame.
+    BulkStream,
 }
 
 /// The dispatch from a reference type to its payload struct, per version.
 macro_rules! payload_table {
     ($name:ident, $krate:ident, { $($variant:ident => $ty:ty,)* }) => {
-        /// The reference's typed reading of `p`, written back to CBOR; `None` for
-        /// a type that generation 7 does not have.
-        fn $name(t: $krate::message::MessageType, p: &[u8]) -> Option<Result<Vec<u8>, String>> {
+        /// The reference's typed reading of `p`, written back to CBOR.
+        fn $name(t: $krate::message::MessageType, p: &[u8]) -> Result<Vec<u8>, String> {
             use $krate::message::MessageType as T;
             fn typed<R: DeserializeOwned + Serialize>(p: &[u8]) -> Result<Vec<u8>, String> {
                 let m = $krate::message::Message::new(T::Ping, 0, p.to_vec());
@@ -94,16 +118,14 @@ macro_rules! payload_table {
                 Ok(out)
             }
             match t {
-                $( T::$variant => Some(typed::<$ty>(p)), )*
-                #[allow(unreachable_patterns)]
-                _ => None,
+                $( T::$variant => typed::<$ty>(p), )*
             }
         }
     };
 }
 
-macro_rules! gen7_payloads {
-    ($name:ident, $k:ident) => {
+macro_rules! payloads {
+    ($name:ident, $k:ident, { $($later:tt)* }) => {
         payload_table!($name, $k, {
             Ready => $k::core::Ready,
             InitResolved => $k::core::InitResolved,
@@ -137,13 +159,29 @@ macro_rules! gen7_payloads {
             TcpClosed => $k::tcp::TcpClosed,
             TcpFailed => $k::tcp::TcpFailed,
             Bootstrap => $k::bootstrap::GuestBootstrap,
+            $($later)*
         });
     };
 }
-gen7_payloads!(payload6, ref6);
-gen7_payloads!(payload7, ref7);
+payloads!(payload6, ref6, {});
+payloads!(payload7, ref7, {
+    WorkloadFreeze => ref7::core::WorkloadFreeze,
+    WorkloadFrozen => ref7::core::WorkloadFrozen,
+    WorkloadThaw => ref7::core::WorkloadThaw,
+    WorkloadThawed => ref7::core::WorkloadThawed,
+    WorkloadTransportCredit => ref7::core::WorkloadTransportCredit,
+    RootDiskPrepare => ref7::core::RootDiskGrow,
+    RootDiskGrow => ref7::core::RootDiskGrow,
+    RootDiskState => ref7::core::RootDiskState,
+    BulkAccepted => ref7::bulk::BulkAccepted,
+    BulkCredit => ref7::bulk::BulkCredit,
+    BulkFinish => ref7::bulk::BulkFinish,
+    BulkCancel => ref7::bulk::BulkCancel,
+    ExecOutputAck => ref7::exec::ExecOutputAck,
+    ExecStdinAck => ref7::exec::ExecStdinAck,
+});
 
-/// Reads one whole frame (length prefix included) the way the agent does.
+/// Reads one whole frame (length prefix included) the way the 0.6.14 agent does.
 fn reference6(frame: &[u8]) -> Ref {
     let mut buf = frame.to_vec();
     let m = match ref6::codec::try_decode_from_buf(&mut buf) {
@@ -151,33 +189,45 @@ fn reference6(frame: &[u8]) -> Ref {
         Ok(None) => unreachable!("a whole frame"),
         Err(e) => return Ref::Fatal(e.to_string()),
     };
-    let t = m.t.as_str();
     if m.flags != m.t.flags() {
         return Ref::Flags;
     }
-    match payload6(m.t, &m.p).expect("every 0.6.14 type is a generation-7 type") {
-        Ok(p) => Ref::Value { v: m.v, id: m.id, flags: m.flags, t, p },
+    match payload6(m.t, &m.p) {
+        Ok(p) => Ref::Value { v: m.v, id: m.id, flags: m.flags, t: m.t.as_str(), p },
         Err(e) => Ref::Payload(e),
     }
 }
 
+/// Reads one whole frame the way the 0.7.13 agent does.
 fn reference7(frame: &[u8]) -> Ref {
     let mut buf = BytesMut::from(frame);
     let m = match ref7::codec::try_decode_frame_from_bytes(&mut buf) {
         Ok(Some(ref7::codec::DecodedFrame::Control(m))) => m,
-        Ok(Some(ref7::codec::DecodedFrame::Bulk(_))) => return Ref::Bulk,
+        Ok(Some(ref7::codec::DecodedFrame::Bulk(r))) => return Ref::Bulk(r),
         Ok(None) => unreachable!("a whole frame"),
         Err(e) => return Ref::Fatal(e.to_string()),
     };
-    let t = m.t.as_str();
-    let Some(payload) = payload7(m.t, &m.p) else { return Ref::Newer(t) };
     if m.flags != m.t.flags() {
         return Ref::Flags;
     }
-    match payload {
-        Ok(p) => Ref::Value { v: m.v, id: m.id, flags: m.flags, t, p },
+    match payload7(m.t, &m.p) {
+        Ok(p) => Ref::Value { v: m.v, id: m.id, flags: m.flags, t: m.t.as_str(), p },
         Err(e) => Ref::Payload(e),
     }
+}
+
+/// Whether a frame with the `BULK` bit keeps every rule of spec section 7.1.
+fn bulk_record_is_valid(frame: &[u8]) -> bool {
+    let len = frame.len() - 4;
+    if frame[8] != BULK || len < MIN_BULK_LEN || frame[11..13] != [0, 0] {
+        return false;
+    }
+    let n = len - 5 - 12;
+    let offset = u64::from_be_bytes(frame[13..21].try_into().unwrap());
+    (1..=2).contains(&frame[9])
+        && (1..=2).contains(&frame[10])
+        && n <= MAX_BULK_DATA
+        && offset.checked_add(n as u64).is_some()
 }
 
 /// One CBOR item at the start of `b`, walked without recursion.
@@ -234,6 +284,12 @@ fn walk(b: &[u8]) -> Option<Walk> {
     }
 }
 
+/// The `p` of a frame's envelope as ciborium reads it, if it is a byte string.
+fn payload_bytes(frame: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Value::Map(entries)) = ciborium::from_reader::<Value, _>(&frame[9..]) else { return None };
+    entries.into_iter().find(|(k, _)| k.as_text() == Some("p")).and_then(|(_, v)| v.into_bytes().ok())
+}
+
 /// The named reasons that this frame's body and payload give for a difference.
 fn reasons(frame: &[u8]) -> Vec<Why> {
     let body = &frame[9..];
@@ -280,17 +336,98 @@ fn reasons(frame: &[u8]) -> Vec<Why> {
     why
 }
 
-/// Whether our value holds a name only our open enums keep.
-fn open_enum(p: &Payload) -> bool {
+/// Whether our value holds a name only our open enums keep (for a reference of `generation`).
+fn open_enum(p: &Payload, generation: u8) -> bool {
     use agentwire::payload::{
         bootstrap::BootstrapSecurityProfile as S, core::CoreErrorKind as C, exec::ExecFailureKind as E,
     };
     match p {
-        Payload::Error(e) => matches!(e.kind, C::Unknown(_)),
+        Payload::Error(e) => match e.kind {
+            C::Unknown(_) => true,
+            C::InitializationFailed | C::CapabilityUnavailable => generation < 10,
+            _ => false,
+        },
         Payload::ExecFailed(e) => matches!(e.kind, E::Unknown(_)),
         Payload::Bootstrap(b) => matches!(b.security_profile, S::Unknown(_)),
         _ => false,
     }
+}
+
+/// Our value restricted to generation 7: every field added later cleared
+/// (`Why::LaterField`), which is what 0.6.14 reads of the same bytes.
+fn gen7_value(p: &Payload) -> Payload {
+    let mut p = p.clone();
+    match &mut p {
+        Payload::Ready(r) => r.capabilities = None,
+        Payload::InitAck(a) => a.failure = false,
+        Payload::RelayClientDisconnected(d) => d.incarnation = None,
+        Payload::Error(e) => {
+            e.init_failure = None;
+            e.workload_failure = None;
+        }
+        Payload::FsRequest(r) => {
+            r.bulk = None;
+            match &mut r.op {
+                FsOp::Symlink { user, .. } | FsOp::Mkdir { user, .. } => *user = None,
+                FsOp::OpenFile { options, .. } => options.user = None,
+                _ => {}
+            }
+        }
+        Payload::TcpConnect(c) => c.bulk = None,
+        Payload::Bootstrap(b) => {
+            b.init_failure_ack = false;
+            b.exec_limits = None;
+        }
+        _ => {}
+    }
+    p
+}
+
+/// Removes `keys` from a map value.
+fn strip(v: &mut Value, keys: &[&str]) {
+    if let Value::Map(entries) = v {
+        entries.retain(|(k, _)| !k.as_text().is_some_and(|k| keys.contains(&k)));
+    }
+}
+
+/// The entry `key` of a map value.
+fn entry<'a>(v: &'a mut Value, key: &str) -> Option<&'a mut Value> {
+    let Value::Map(entries) = v else { return None };
+    entries.iter_mut().find(|(k, _)| k.as_text() == Some(key)).map(|(_, v)| v)
+}
+
+/// `Why::LaterField`: whether our reader takes the frame's payload once the
+/// keys that generation 7 does not have are taken out of it.
+fn later_field_explains(frame: &[u8], t: MessageType) -> bool {
+    let Some(p) = payload_bytes(frame) else { return false };
+    let Ok(mut v) = ciborium::from_reader::<Value, _>(&p[..]) else { return false };
+    match t {
+        MessageType::Ready => strip(
+            &mut v,
+            &["bulk_transport", "relay_lease", "local_transport", "workload_transport_barrier_version", "exec_limits"],
+        ),
+        MessageType::InitAck => strip(&mut v, &["failure"]),
+        MessageType::RelayClientDisconnected => strip(&mut v, &["incarnation"]),
+        MessageType::Error => strip(&mut v, &["init_failure", "workload_failure"]),
+        MessageType::TcpConnect => strip(&mut v, &["bulk"]),
+        MessageType::Bootstrap => strip(&mut v, &["init_failure_ack", "exec_limits"]),
+        MessageType::FsRequest => {
+            strip(&mut v, &["bulk"]);
+            if let Some(op) = entry(&mut v, "op") {
+                for variant in ["Symlink", "Mkdir"] {
+                    if let Some(fields) = entry(op, variant) {
+                        strip(fields, &["user"]);
+                    }
+                }
+                if let Some(options) = entry(op, "OpenFile").and_then(|open| entry(open, "options")) {
+                    strip(options, &["user"]);
+                }
+            }
+        }
+        _ => return false,
+    }
+    let mut stripped = Vec::new();
+    ciborium::into_writer(&v, &mut stripped).is_ok() && t.decode_payload_slice(&stripped).is_ok()
 }
 
 fn explained(frame: &[u8], allowed: &[Why], what: &str, reference: &str, ours: &dyn std::fmt::Debug) {
@@ -302,63 +439,91 @@ fn explained(frame: &[u8], allowed: &[Why], what: &str, reference: &str, ours: &
     );
 }
 
-/// Compares our answer for one frame with the reference's; whether the reference reads on.
-fn compare(frame: &[u8], ours: &Result<Message, agentwire::Rejected>, theirs: Ref, reference: &str) -> bool {
-    // Why our reader may refuse an envelope that the reference reads.
-    const ENVELOPE: &[Why] = &[Why::Trailing, Why::PNotBytes, Why::Depth, Why::ByteKey];
+/// Why our reader may refuse an envelope that the reference reads.
+const ENVELOPE: &[Why] = &[Why::Trailing, Why::PNotBytes, Why::Depth, Why::ByteKey];
+
+const REF6: &str = "microsandbox-protocol 0.6.14";
+const REF7: &str = "microsandbox-protocol 0.7.13";
+
+/// The answers that do not depend on the generation: flags and payload errors.
+/// `None` when the pair is not one of them.
+fn compare_common(
+    frame: &[u8],
+    ours: &Result<Message, agentwire::Rejected>,
+    theirs: &Ref,
+    reference: &str,
+    generation: u8,
+) -> Option<bool> {
     let flags = frame[8];
     match (theirs, ours) {
-        (Ref::Fatal(e), Err(r)) => {
-            // Per-frame for us, fatal for them (Why::PerFrame).
-            let envelope = matches!(r.kind, RejectKind::MalformedMessage | RejectKind::UnsupportedMessageType);
-            if !envelope {
-                // The envelope was fine for us: only our liberal reading (or bulk) explains it.
-                if flags & 0x08 == 0 || reference.contains("0.6.14") {
-                    explained(frame, &[Why::Indefinite], "an envelope", reference, &(e, r));
-                }
-            }
-            false
-        }
-        (Ref::Fatal(e), Ok(m)) => {
-            if flags & 0x08 != 0 && reference.contains("0.7.13") {
-                return false; // Why::Newer: a broken bulk record for 0.7.13.
-            }
-            explained(frame, &[Why::Indefinite], "an envelope", reference, &(e, m));
-            false
-        }
-        (Ref::Bulk, _) => true,          // Why::Newer
-        (Ref::Newer(_), Err(_)) => true, // Why::Newer: unknown to us, an error of that frame
-        (Ref::Newer(t), Ok(m)) => panic!("we decoded {t}, a type of a later generation, as {m:?}"),
         (Ref::Flags, Err(r)) => {
             match r.kind {
                 RejectKind::InvalidFlags => {}
                 // Why::ReservedFlags: our flags check passed; the frame failed later.
-                RejectKind::InvalidPayload => assert_ne!(flags & 0xf8, 0, "{reference}: flags; ours {r:?}"),
+                RejectKind::InvalidPayload => assert_ne!(flags & 0xf0, 0, "{reference}: flags; ours {r:?}"),
                 _ => {
                     assert_eq!(r.kind, RejectKind::MalformedMessage, "{reference}: flags; ours {r:?}");
                     explained(frame, ENVELOPE, "flags", reference, r);
                 }
             }
-            true
+            Some(true)
         }
         (Ref::Flags, Ok(m)) => {
-            // Why::ReservedFlags: only bits that generation 7 does not define differ.
-            assert_eq!(flags & 0x07, m.message_type().flags().bits(), "{reference}: we took wrong flags {m:?}");
-            assert_ne!(flags & 0xf8, 0);
-            true
+            // Why::ReservedFlags: only the reserved bits differ.
+            assert_eq!(flags & 0x0f, m.message_type().flags().bits(), "{reference}: we took wrong flags {m:?}");
+            assert_ne!(flags & 0xf0, 0);
+            Some(true)
         }
         (Ref::Payload(e), Err(r)) => {
             if r.kind != RejectKind::InvalidPayload {
                 assert_eq!(r.kind, RejectKind::MalformedMessage, "{reference}: payload {e}; ours {r:?}");
                 explained(frame, ENVELOPE, "a payload", reference, r);
             }
-            true
+            Some(true)
         }
         (Ref::Payload(e), Ok(m)) => {
-            if !open_enum(&m.payload) {
+            if !open_enum(&m.payload, generation) {
                 explained(frame, &[Why::Indefinite, Why::EmptyShutdown], "a payload", reference, &(e, m));
             }
-            true
+            Some(true)
+        }
+        _ => None,
+    }
+}
+
+/// Generation 10: our answer for one frame against 0.7.13's; whether 0.7.13 reads on.
+fn compare7(frame: &[u8], ours: &Result<Message, agentwire::Rejected>, theirs: Ref) -> bool {
+    let flags = frame[8];
+    if flags & BULK != 0 {
+        // A valid record (a broken one lost both streams before this frame).
+        let Ref::Bulk(r) = theirs else {
+            panic!("{REF7} does not read the record {frame:02x?} ({theirs:?}); ours {ours:?}")
+        };
+        let m = ours.as_ref().unwrap_or_else(|e| panic!("we refuse the record {frame:02x?} that {REF7} reads: {e}"));
+        let Payload::BulkRecord(record) = &m.payload else { panic!("we read the record {frame:02x?} as {m:?}") };
+        assert_eq!(m.flags.bits(), BULK);
+        assert_eq!(
+            (m.id, record.kind.to_wire(), record.flow.to_wire(), record.offset, &record.data),
+            (r.id, r.kind as u8, r.flow as u8, r.offset, &r.payload),
+            "{REF7} and we read the record {frame:02x?} differently"
+        );
+        return true;
+    }
+    if let Some(read_on) = compare_common(frame, ours, &theirs, REF7, 10) {
+        return read_on;
+    }
+    match (theirs, ours) {
+        (Ref::Fatal(e), Err(r)) => {
+            // Why::PerFrame: an error of that frame for us, fatal for them.
+            if !matches!(r.kind, RejectKind::MalformedMessage | RejectKind::UnsupportedMessageType) {
+                // The envelope was fine for us: only our liberal reading explains it.
+                explained(frame, &[Why::Indefinite], "an envelope", REF7, &(e, r));
+            }
+            false
+        }
+        (Ref::Fatal(e), Ok(m)) => {
+            explained(frame, &[Why::Indefinite], "an envelope", REF7, &(e, m));
+            false
         }
         (Ref::Value { .. }, Err(r)) => {
             let allowed: &[Why] = match r.kind {
@@ -366,33 +531,102 @@ fn compare(frame: &[u8], ours: &Result<Message, agentwire::Rejected>, theirs: Re
                 RejectKind::InvalidPayload => &[Why::Trailing, Why::Depth],
                 _ => &[],
             };
-            explained(frame, allowed, "a frame the reference accepts", reference, r);
+            explained(frame, allowed, "a frame the reference accepts", REF7, r);
             true
         }
         (Ref::Value { v, id, flags, t, p }, Ok(m)) => {
-            assert_eq!(
-                (m.version, m.id, m.flags.bits(), m.message_type().wire_name()),
-                (v, id, flags, t),
-                "{reference}"
-            );
+            assert_eq!((m.version, m.id, m.flags.bits(), m.message_type().wire_name()), (v, id, flags, t), "{REF7}");
             // The reference's value, written by ciborium, read by us: our value.
             let theirs = m.message_type().decode_payload_slice(&p).unwrap_or_else(|e| {
-                panic!("{reference}'s value {p:02x?} does not read back in our types: {e}\n ours {m:?}")
+                panic!("{REF7}'s value {p:02x?} does not read back in our types: {e}\n ours {m:?}")
             });
-            assert_eq!(theirs, m.payload, "{reference} and we decode {frame:02x?} to different values");
+            assert_eq!(theirs, m.payload, "{REF7} and we decode {frame:02x?} to different values");
             true
         }
+        (Ref::Bulk(_), _) | (Ref::Flags | Ref::Payload(_), _) => unreachable!(),
     }
 }
 
-fuzz_target!(|data: &[u8]| {
-    // Ours: one item per whole frame, in order, until the stream ends or is lost.
-    let mut codec = MessageCodec::new();
-    let mut src = BytesMut::from(data);
-    let mut ours = Vec::new();
-    while let Ok(Some(item)) = codec.decode_eof(&mut src) {
-        ours.push(item);
+/// Generation 7: our answer (negotiated generation 7) against 0.6.14's; whether 0.6.14 reads on.
+fn compare6(frame: &[u8], ours: &Result<Message, agentwire::Rejected>, theirs: Ref) -> bool {
+    let flags = frame[8];
+    if flags & BULK != 0 {
+        // Why::Newer: a valid raw record, which generation 7 may not send.
+        let r = ours.as_ref().expect_err("a raw record at generation 7");
+        assert_eq!(r.kind, RejectKind::UnsupportedProtocolGeneration, "{r:?}");
+        assert_eq!(r.type_name, Some(TypeName::Known(MessageType::BulkRecord)));
+        return !matches!(theirs, Ref::Fatal(_));
     }
+    if let Some(read_on) = compare_common(frame, ours, &theirs, REF6, 7) {
+        return read_on;
+    }
+    match (theirs, ours) {
+        (Ref::Fatal(e), Err(r)) => {
+            let newer = matches!(&r.type_name, Some(TypeName::Known(t)) if t.generation() > 7);
+            if newer {
+                // Why::Newer: the type's flags are checked first, then its generation.
+                assert!(
+                    matches!(r.kind, RejectKind::UnsupportedProtocolGeneration | RejectKind::InvalidFlags),
+                    "{r:?}"
+                );
+            } else if !matches!(r.kind, RejectKind::MalformedMessage | RejectKind::UnsupportedMessageType) {
+                // Why::PerFrame covers the rest of the envelope errors.
+                explained(frame, &[Why::Indefinite], "an envelope", REF6, &(e, r));
+            }
+            false
+        }
+        (Ref::Fatal(e), Ok(m)) => {
+            explained(frame, &[Why::Indefinite], "an envelope", REF6, &(e, m));
+            false
+        }
+        (Ref::Value { .. }, Err(r)) => {
+            let allowed: &[Why] = match r.kind {
+                RejectKind::MalformedMessage => ENVELOPE,
+                RejectKind::InvalidPayload => {
+                    let t = match &r.type_name {
+                        Some(TypeName::Known(t)) => *t,
+                        other => panic!("{other:?}"),
+                    };
+                    if later_field_explains(frame, t) {
+                        return true; // Why::LaterField
+                    }
+                    &[Why::Trailing, Why::Depth]
+                }
+                _ => &[],
+            };
+            explained(frame, allowed, "a frame the reference accepts", REF6, r);
+            true
+        }
+        (Ref::Value { v, id, flags, t, p }, Ok(m)) => {
+            assert_eq!((m.version, m.id, m.flags.bits(), m.message_type().wire_name()), (v, id, flags, t), "{REF6}");
+            // 0.6.14's value read by us: ours restricted to generation 7 (Why::LaterField).
+            let theirs = m.message_type().decode_payload_slice(&p).unwrap_or_else(|e| {
+                panic!("{REF6}'s value {p:02x?} does not read back in our types: {e}\n ours {m:?}")
+            });
+            assert_eq!(theirs, gen7_value(&m.payload), "{REF6} and we decode {frame:02x?} to different values");
+            true
+        }
+        (Ref::Bulk(_), _) | (Ref::Flags | Ref::Payload(_), _) => unreachable!(),
+    }
+}
+
+/// Our items for a stream: one per whole frame, in order, until it ends or is lost.
+fn our_items(data: &[u8], peer_generation: Option<u8>) -> Vec<Result<Message, agentwire::Rejected>> {
+    let mut codec = MessageCodec::new();
+    if let Some(g) = peer_generation {
+        codec.set_peer_generation(g);
+    }
+    let mut src = BytesMut::from(data);
+    let mut items = Vec::new();
+    while let Ok(Some(item)) = codec.decode_eof(&mut src) {
+        items.push(item);
+    }
+    items
+}
+
+fuzz_target!(|data: &[u8]| {
+    let ours10 = our_items(data, None);
+    let ours7 = our_items(data, Some(7));
     // The frames themselves, split by hand: both sides split by the same `len` rule.
     let mut frames = Vec::new();
     let mut at = 0usize;
@@ -404,17 +638,35 @@ fuzz_target!(|data: &[u8]| {
         frames.push(&data[at..at + 4 + len]);
         at += 4 + len;
     }
-    assert_eq!(ours.len(), frames.len(), "we returned one item per whole frame");
+    // We return one item per whole frame up to the first broken bulk record,
+    // which loses the stream (spec 7.1); so does 0.7.13.
+    let broken = frames.iter().position(|f| f[8] & BULK != 0 && !bulk_record_is_valid(f));
+    let whole = broken.unwrap_or(frames.len());
+    assert_eq!(ours10.len(), whole, "we returned one item per whole frame before a broken record");
+    assert_eq!(ours7.len(), whole, "the same at negotiated generation 7");
+    if let Some(b) = broken {
+        if let Ref::Bulk(_) | Ref::Value { .. } = reference7(frames[b]) {
+            panic!("{REF7} reads the broken record {:02x?}", frames[b]);
+        }
+    }
     let (mut read6, mut read7) = (true, true);
-    for (frame, ours) in frames.iter().zip(&ours) {
+    for (i, frame) in frames[..whole].iter().enumerate() {
+        // Our two codecs differ only in the generation gate.
+        let (o10, o7) = (&ours10[i], &ours7[i]);
+        if o10 != o7 {
+            let r = o7.as_ref().expect_err("only generation 7 refuses more");
+            assert_eq!(r.kind, RejectKind::UnsupportedProtocolGeneration, "{o10:?} / {o7:?}");
+        }
         if read6 {
-            read6 = compare(frame, ours, reference6(frame), "microsandbox-protocol 0.6.14");
+            read6 = compare6(frame, o7, reference6(frame));
         }
         if read7 {
-            read7 = compare(frame, ours, reference7(frame), "microsandbox-protocol 0.7.13");
+            read7 = compare7(frame, o10, reference7(frame));
         }
         if !read6 && !read7 {
             break;
         }
     }
+    // Why::BulkStream: 0.6.14 reads a broken record as a CBOR frame; we have lost
+    // the stream there, so nothing of it is compared.
 });

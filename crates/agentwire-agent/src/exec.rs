@@ -1,21 +1,34 @@
 //! `core.exec.*`: a real child process on pipes or a pseudo-terminal, its
 //! output streamed as it comes.
+//!
+//! An execution is *controlled* (generation 10, spec section 8) when the
+//! bootstrap set an [`ExecLimits`] policy and the request's envelope says
+//! `v >= 10`: it is admitted only while fewer than `max_executions` are held,
+//! its output goes in chunks of at most `output_chunk_size`, each charged
+//! `len + 256` against `output_limit` until the host acknowledges it with
+//! `core.exec.output.ack` (reading from the child stops while the allowance
+//! is used up, so the child blocks on its pipe), its exit is reported once all
+//! of its output is acknowledged, its stdin is bounded by `stdin_chunk_size`
+//! and `input_limit`, and what reaches the child is acknowledged with
+//! `core.exec.stdin.ack`. Any other execution is *legacy* (generation 7):
+//! 4096-byte output chunks and no acknowledgements.
 
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use agentwire::payload::exec::{
-    ExecExited, ExecFailed, ExecFailureKind, ExecRequest, ExecStarted, ExecStderr, ExecStdinError, ExecStdout,
+    EXEC_OUTPUT_EVENT_OVERHEAD, ExecExited, ExecFailed, ExecFailureKind, ExecLimits, ExecRequest, ExecStarted,
+    ExecStderr, ExecStdinAck, ExecStdinError, ExecStdout,
 };
 use agentwire::{Message, Payload};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use agentwire_session::driver::{MAX_PENDING_WRITE, Route, RouteSender};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::{Defaults, Service, SessionTask, sys};
 
@@ -31,8 +44,9 @@ pub struct ExecService;
 impl Service for ExecService {
     fn serve(&self, request: Message, route: Route, defaults: Arc<Defaults>) -> SessionTask {
         Box::pin(async move {
+            let version = request.version;
             if let Payload::ExecRequest(req) = request.payload {
-                run(*req, defaults, route).await
+                run(*req, version, defaults, route).await
             }
         })
     }
@@ -51,16 +65,126 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Largest chunk of output in one frame.
-const OUTPUT_CHUNK: usize = 64 * 1024;
+/// Largest chunk of output in one frame of a legacy execution, as the
+/// generation-7 agent sends them (spec 10.10).
+pub(crate) const LEGACY_OUTPUT_CHUNK: usize = 4096;
 
-/// Stdin bytes an execution may have accepted but not yet written into its
-/// child. Beyond it, `core.exec.stdin` frames are dropped and answered with
-/// `core.exec.stdin.error`: the session loop never waits for the child.
+/// The lowest request generation (`v`) whose execution is controlled (spec 8).
+pub(crate) const CONTROLLED_FROM: u8 = 10;
+
+/// Stdin bytes a legacy execution may have accepted but not yet written
+/// into its child. Beyond it, `core.exec.stdin` frames are dropped and
+/// answered with `core.exec.stdin.error`: the session loop never waits for
+/// the child. (A controlled execution has the policy's `input_limit`.)
 pub(crate) const STDIN_QUEUE_LIMIT: usize = 1024 * 1024;
 
-/// Tasks of one execution (output pumps, stdin feeder), aborted when the
-/// execution's task is dropped (the agent aborts it, the connection ends).
+/// [`EXEC_OUTPUT_EVENT_OVERHEAD`]: what each output chunk costs besides its bytes.
+const OVERHEAD: u64 = EXEC_OUTPUT_EVENT_OVERHEAD;
+
+/// The executions one connection holds (running, or ended with output not
+/// yet acknowledged), counted for the admission of controlled requests
+/// (spec 8). Clones count together.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    /// A slot, held until it is dropped; `None` when `max` are held already.
+    fn take(&self, max: usize) -> Option<Slot> {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(self.0.clone()))
+    }
+
+    /// How many are held now.
+    fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One held execution; dropped when its task ends (however it ends).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The output allowance of a controlled execution (spec 8): the charge of
+/// the chunks published (`len + 256` each, stdout and stderr together) and
+/// not yet acknowledged never passes `limit`.
+struct Allowance {
+    limit: u64,
+    charge: std::sync::Mutex<Charge>,
+    /// An acknowledgement freed some of the allowance.
+    freed: Notify,
+}
+
+/// Cumulative charges of one execution's output.
+#[derive(Debug, Default)]
+struct Charge {
+    /// Of every chunk published (or about to be: charged first).
+    published: u64,
+    /// What the host has acknowledged.
+    acked: u64,
+}
+
+impl Allowance {
+    fn new(limit: u64) -> Allowance {
+        Allowance { limit, charge: std::sync::Mutex::new(Charge::default()), freed: Notify::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Charge> {
+        self.charge.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until at least `n` of the allowance is free and returns what is
+    /// free; with `take`, charges `n` at once (under the same lock, so that
+    /// two output streams cannot both take the last of it).
+    async fn wait(&self, n: u64, take: bool) -> u64 {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut c = self.lock();
+                let free = self.limit.saturating_sub(c.published - c.acked);
+                if free >= n {
+                    if take {
+                        c.published += n;
+                    }
+                    return free;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// Takes the host's cumulative `consumed`; false (and nothing changes)
+    /// when it is below the previous one or above what was published.
+    fn ack(&self, consumed: u64) -> bool {
+        let mut c = self.lock();
+        if consumed < c.acked || consumed > c.published {
+            return false;
+        }
+        let freed = consumed > c.acked;
+        c.acked = consumed;
+        drop(c);
+        if freed {
+            self.freed.notify_waiters();
+        }
+        true
+    }
+
+    /// Whether every published chunk has been acknowledged.
+    fn settled(&self) -> bool {
+        let c = self.lock();
+        c.published == c.acked
+    }
+}
+
+/// Tasks of one execution (stdin feeder, stdin acknowledgements), aborted
+/// when the execution's task is dropped (the agent aborts it, the
+/// connection ends).
 struct Tasks(Vec<JoinHandle<()>>);
 
 impl Drop for Tasks {
@@ -78,10 +202,35 @@ enum StdinSink {
 }
 
 impl StdinSink {
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// Writes some of `data`, waiting while the pipe or terminal is full.
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         match self {
-            StdinSink::Pipe(w) => w.write_all(data).await,
-            StdinSink::Pty(m) => m.write_all(data).await,
+            StdinSink::Pipe(w) => w.write(data).await,
+            StdinSink::Pty(m) => m.write(data).await,
+        }
+    }
+}
+
+/// Where output comes from: one of the child's pipes, or its terminal.
+enum Source {
+    Stdout(tokio::process::ChildStdout),
+    Stderr(tokio::process::ChildStderr),
+    Pty(Arc<pty::Master>),
+}
+
+impl Source {
+    /// Appends at most `max` bytes that the command wrote to `buf`; 0 at the end.
+    async fn read(&mut self, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
+        match self {
+            Source::Stdout(r) => r.take(max as u64).read_buf(buf).await,
+            Source::Stderr(r) => r.take(max as u64).read_buf(buf).await,
+            Source::Pty(m) => {
+                let start = buf.len();
+                buf.resize(start + max, 0);
+                let read = m.read(&mut buf[start..]).await;
+                buf.truncate(start + *read.as_ref().unwrap_or(&0));
+                read
+            }
         }
     }
 }
@@ -90,8 +239,14 @@ impl StdinSink {
 /// taking a frame never waits.
 struct StdinQueue {
     tx: Option<mpsc::UnboundedSender<Bytes>>,
-    /// Accepted and not yet written into the child (the feeder subtracts).
-    queued: Arc<AtomicUsize>,
+    /// Bytes accepted so far.
+    accepted: u64,
+    /// Bytes written into the child so far (the feeder counts).
+    written: watch::Receiver<u64>,
+    /// Accepted bytes not yet written that may wait.
+    limit: u64,
+    /// The largest frame taken (a controlled execution's `stdin_chunk_size`).
+    max_chunk: Option<u64>,
     /// Whether the host ended it with an empty frame (pipe mode).
     ended: bool,
 }
@@ -103,18 +258,25 @@ impl StdinQueue {
             return Err("stdin data after its end (an empty core.exec.stdin) is dropped".into());
         }
         let Some(tx) = &self.tx else {
-            // The feeder stopped: the child closed its end, which was reported once.
+            // The feeder stopped: the child closed its end, which was reported
+            // once, or the command has ended.
             return Ok(());
         };
-        let len = data.len();
-        let queued = self.queued.load(Ordering::Acquire);
-        if queued + len > STDIN_QUEUE_LIMIT {
+        let len = data.len() as u64;
+        if let Some(max) = self.max_chunk
+            && len > max
+        {
+            return Err(format!("stdin frame of {len} bytes dropped: above the stdin_chunk_size of {max}"));
+        }
+        let waiting = self.accepted - *self.written.borrow();
+        if waiting + len > self.limit {
+            let limit = self.limit;
             return Err(format!(
-                "stdin frame of {len} bytes dropped: {queued} bytes wait for the command to read them \
-                 (at most {STDIN_QUEUE_LIMIT})"
+                "stdin frame of {len} bytes dropped: {waiting} bytes wait for the command to read them \
+                 (at most {limit})"
             ));
         }
-        self.queued.fetch_add(len, Ordering::AcqRel);
+        self.accepted += len;
         if tx.send(data).is_err() {
             self.tx = None;
         }
@@ -125,6 +287,12 @@ impl StdinQueue {
     fn close(&mut self) {
         self.tx = None;
         self.ended = true;
+    }
+
+    /// The command has ended: what is queued is still written (to what it
+    /// left behind), and later frames are dropped without a word.
+    fn finish(&mut self) {
+        self.tx = None;
     }
 }
 
@@ -143,10 +311,23 @@ fn report_now(route: &Route, payload: impl Into<Payload>) {
     }
 }
 
-/// Runs one `core.exec.request` to its `core.exec.exited` or `core.exec.failed`.
-async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
+/// Runs one `core.exec.request` (whose envelope said `v = version`) to its
+/// `core.exec.exited` or `core.exec.failed`.
+async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: Route) {
     let out = route.sender();
     let id = route.id();
+    // Controlled (spec 8) only with a policy, a request of generation 10 and
+    // a connection at 10, on which the host can send its acknowledgements.
+    let negotiated = route.handle().with(|c| c.negotiated());
+    let policy: Option<ExecLimits> =
+        defaults.exec_limits.filter(|_| version >= CONTROLLED_FROM && negotiated >= CONTROLLED_FROM);
+    let max = policy.map_or(usize::MAX, |l| l.max_executions as usize);
+    let Some(_slot) = defaults.executions.take(max) else {
+        let held = defaults.executions.count();
+        let message = format!("{held} executions are held, at most {max} (max_executions); {} is not started", req.cmd);
+        let _ = out.send(failure(ExecFailureKind::ResourceLimit, None, message, "execution_admission")).await;
+        return;
+    };
     let mut command = match prepare(&req, &defaults) {
         Ok(c) => c,
         Err(failed) => {
@@ -193,18 +374,20 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
         untrack_after_kill(child, group).await;
         return;
     }
-    let mut output = Tasks(Vec::new());
+    let allowance = policy.map(|l| Arc::new(Allowance::new(l.output_limit.into())));
+    let chunk = policy.map_or(LEGACY_OUTPUT_CHUNK, |l| l.output_chunk_size as usize);
+    let mut pumps = JoinSet::new();
     let sink = match &master {
         Some(m) => {
-            output.0.push(tokio::spawn(pump_pty(m.clone(), out.clone())));
+            pumps.spawn(pump(Source::Pty(m.clone()), out.clone(), stdout_frame, chunk, allowance.clone()));
             Some(StdinSink::Pty(m.clone()))
         }
         None => {
-            for task in [
-                child.stdout.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStdout { data }.into()))),
-                child.stderr.take().map(|r| tokio::spawn(pump(r, out.clone(), |data| ExecStderr { data }.into()))),
-            ] {
-                output.0.extend(task);
+            if let Some(r) = child.stdout.take() {
+                pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone()));
+            }
+            if let Some(r) = child.stderr.take() {
+                pumps.spawn(pump(Source::Stderr(r), out.clone(), stderr_frame, chunk, allowance.clone()));
             }
             child.stdin.take().map(StdinSink::Pipe)
         }
@@ -212,13 +395,35 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
     // stdin is written by its own task from a queue bounded in bytes, so that
     // a child that does not read can stop neither this loop nor the connection.
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<Bytes>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let feeder =
-        Tasks(sink.map(|s| tokio::spawn(feed_stdin(s, stdin_rx, queued.clone(), out.clone()))).into_iter().collect());
-    let mut stdin = StdinQueue { tx: Some(stdin_tx), queued, ended: false };
-    let status = loop {
+    let (written_tx, written) = watch::channel(0u64);
+    let mut tasks = Tasks(Vec::new());
+    tasks.0.extend(sink.map(|s| tokio::spawn(feed_stdin(s, stdin_rx, written_tx, out.clone()))));
+    // What the last core.exec.stdin.ack said (controlled executions only).
+    let stdin_acked = Arc::new(AtomicU64::new(0));
+    let acker = policy.map(|_| tokio::spawn(ack_stdin(written.clone(), stdin_acked.clone(), out.clone())));
+    let mut stdin = StdinQueue {
+        tx: Some(stdin_tx),
+        accepted: 0,
+        written: written.clone(),
+        limit: policy.map_or(STDIN_QUEUE_LIMIT as u64, |l| l.input_limit.into()),
+        max_chunk: policy.map(|l| l.stdin_chunk_size.into()),
+        ended: false,
+    };
+    let mut status = None;
+    loop {
+        // The end: the command has exited, its output is all out (in pipe
+        // mode both pipes reached their end), and all of it acknowledged.
+        if status.is_some() && pumps.is_empty() && allowance.as_ref().is_none_or(|a| a.settled()) {
+            break;
+        }
         tokio::select! {
-            status = child.wait() => break status,
+            exited = child.wait(), if status.is_none() => {
+                // Reaped: its pid is no longer the orphan reaper's concern.
+                untrack(pid);
+                stdin.finish();
+                status = Some(exited);
+            }
+            Some(_) = pumps.join_next(), if !pumps.is_empty() => {}
             next = route.recv() => match next.map(|m| m.payload) {
                 // On a terminal an empty frame closes nothing: the host sends 0x04.
                 Some(Payload::ExecStdin(s)) if s.data.is_empty() => {
@@ -229,6 +434,15 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
                 Some(Payload::ExecStdin(s)) => {
                     if let Err(message) = stdin.push(s.data) {
                         report_now(&route, ExecStdinError { errno: None, errno_name: None, message });
+                    }
+                }
+                Some(Payload::ExecOutputAck(ack)) => {
+                    // Below the previous one or above what was sent: ignored,
+                    // without an answer (spec 8). A legacy execution has no allowance.
+                    if let Some(a) = &allowance
+                        && !a.ack(ack.consumed)
+                    {
+                        tracing::debug!("id {id}: output ack of {} ignored", ack.consumed);
                     }
                 }
                 Some(Payload::ExecSignal(s)) => {
@@ -250,32 +464,48 @@ async fn run(req: ExecRequest, defaults: Arc<Defaults>, mut route: Route) {
                 // the output. The whole group is killed (the guard), and nothing
                 // more is sent.
                 None => {
-                    drop(output);
-                    drop(feeder);
-                    untrack_after_kill(child, group).await;
+                    drop(pumps);
+                    drop(tasks);
+                    if status.is_none() {
+                        untrack_after_kill(child, group).await;
+                    }
                     return;
                 }
             },
         }
-    };
-    drop(stdin);
-    // All output is sent before the exit status, so the host sees it complete.
-    for task in &mut output.0 {
-        let _ = task.await;
     }
-    drop(feeder);
+    drop(stdin);
+    drop(tasks);
+    // The last count of stdin written goes out before the exit, if the
+    // coalescing task had not sent it yet.
+    if let Some(acker) = acker {
+        acker.abort();
+        let _ = acker.await;
+        let consumed = *written.borrow();
+        if consumed != stdin_acked.load(Ordering::Acquire) {
+            let _ = out.send(ExecStdinAck { consumed }).await;
+        }
+    }
     let code = match status {
         // Killed by a signal: no exit status, and -1 as the reference agent says (spec 10.6).
-        Ok(s) => s.code().unwrap_or(-1),
-        Err(e) => {
+        Some(Ok(s)) => s.code().unwrap_or(-1),
+        Some(Err(e)) => {
             tracing::warn!("waiting for pid {pid} (id {id}): {e}");
             -1
         }
+        None => -1,
     };
-    untrack(pid);
     // It ended on its own: what it left running in its group may go on (as a daemon would).
     group.0 = None;
     let _ = out.send(ExecExited { code }).await;
+}
+
+fn stdout_frame(data: Bytes) -> Payload {
+    ExecStdout { data }.into()
+}
+
+fn stderr_frame(data: Bytes) -> Payload {
+    ExecStderr { data }.into()
 }
 
 /// Kills the command's whole group (dropping the guard) and collects its status.
@@ -435,54 +665,69 @@ fn spawn_failure(req: &ExecRequest, e: &std::io::Error) -> ExecFailed {
     failure(kind, errno, format!("{}: {e}", req.cmd), "spawn")
 }
 
-/// Streams one output pipe as frames of at most [`OUTPUT_CHUNK`] bytes, each as soon as it is read.
-async fn pump(mut r: impl AsyncRead + Unpin, out: RouteSender, frame: fn(Bytes) -> Payload) {
+/// Streams one output (a pipe, or the terminal) as frames of at most
+/// `chunk` bytes, each as soon as it is read, until its end. With an
+/// allowance (a controlled execution) each chunk is charged `len + 256`
+/// before it goes out, and nothing is read while the allowance is used up:
+/// the command then blocks on its pipe, and the agent holds at most one
+/// chunk of it.
+async fn pump(
+    mut source: Source,
+    out: RouteSender,
+    frame: fn(Bytes) -> Payload,
+    chunk: usize,
+    allowance: Option<Arc<Allowance>>,
+) {
     let mut buf = BytesMut::new();
     loop {
-        buf.reserve(OUTPUT_CHUNK);
-        match (&mut r).take(OUTPUT_CHUNK as u64).read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
+        let max = match &allowance {
+            Some(a) => {
+                let free = a.wait(OVERHEAD + 1, false).await;
+                chunk.min(usize::try_from(free - OVERHEAD).unwrap_or(usize::MAX))
+            }
+            None => chunk,
+        };
+        buf.reserve(max);
+        match source.read(&mut buf, max).await {
+            Ok(0) => return,
+            Ok(n) => {
+                // The other stream may have taken some meanwhile: this chunk waits for its charge.
+                if let Some(a) = &allowance {
+                    a.wait(n as u64 + OVERHEAD, true).await;
+                }
                 if out.send(frame(buf.split().freeze())).await.is_err() {
                     return;
                 }
             }
-        }
-    }
-}
-
-/// Streams a terminal's output as `core.exec.stdout` frames until every
-/// slave descriptor is closed (the master then reads EIO: the end).
-async fn pump_pty(master: Arc<pty::Master>, out: RouteSender) {
-    let mut buf = vec![0u8; OUTPUT_CHUNK];
-    loop {
-        match master.read(&mut buf).await {
-            Ok(0) => return,
-            Ok(n) => {
-                if out.send(ExecStdout { data: Bytes::copy_from_slice(&buf[..n]) }).await.is_err() {
-                    return;
-                }
-            }
             Err(e) => {
-                tracing::debug!("reading the terminal (id {}): {e}", out.id());
+                tracing::debug!("reading the command's output (id {}): {e}", out.id());
                 return;
             }
         }
     }
 }
 
-/// Writes queued stdin into the child as it reads; closing the channel
-/// closes its stdin (a pipe; a terminal stays open).
+/// Writes queued stdin into the child as it reads, counting in `written`
+/// what went in; closing the channel closes its stdin (a pipe; a terminal
+/// stays open).
 async fn feed_stdin(
     mut sink: StdinSink,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queued: Arc<AtomicUsize>,
+    written: watch::Sender<u64>,
     out: RouteSender,
 ) {
     while let Some(data) = rx.recv().await {
-        let written = sink.write_all(&data).await;
-        queued.fetch_sub(data.len(), Ordering::AcqRel);
-        if let Err(e) = written {
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let e = match sink.write(rest).await {
+                Ok(0) => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                Ok(n) => {
+                    rest = &rest[n..];
+                    written.send_modify(|w| *w += n as u64);
+                    continue;
+                }
+                Err(e) => e,
+            };
             let errno = e.raw_os_error();
             let report = ExecStdinError {
                 errno,
@@ -492,5 +737,84 @@ async fn feed_stdin(
             let _ = out.send(report).await;
             return;
         }
+    }
+}
+
+/// Sends `core.exec.stdin.ack` with the count of stdin bytes written into
+/// the child whenever it has changed (a controlled execution, spec 8).
+/// Coalesced: what the feeder writes while an ack waits to go out, or
+/// before this task runs again, goes in the next one. `acked` is the count
+/// of the last one sent.
+async fn ack_stdin(mut written: watch::Receiver<u64>, acked: Arc<AtomicU64>, out: RouteSender) {
+    while written.changed().await.is_ok() {
+        // Lets the feeder and the session loop go on first.
+        tokio::task::yield_now().await;
+        let consumed = *written.borrow_and_update();
+        if consumed != acked.load(Ordering::Acquire) {
+            if out.send(ExecStdinAck { consumed }).await.is_err() {
+                return;
+            }
+            // In the same poll as the send (no await between): an abort finds the two consistent.
+            acked.store(consumed, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn admission_counts_held_executions() {
+        let held = Held::default();
+        let (a, b) = (held.take(2).unwrap(), held.take(2).unwrap());
+        assert!(held.take(2).is_none(), "a third beyond max_executions 2");
+        assert_eq!(held.count(), 2);
+        drop(a);
+        let c = held.take(2).expect("a slot was freed");
+        drop((b, c));
+        assert_eq!(held.count(), 0);
+        // Legacy executions are counted but never refused.
+        let many: Vec<Slot> = (0..5).map(|_| held.take(usize::MAX).unwrap()).collect();
+        assert_eq!(held.count(), many.len());
+    }
+
+    #[tokio::test]
+    async fn output_acks_free_the_allowance_and_invalid_ones_are_ignored() {
+        let a = Allowance::new(1000);
+        assert_eq!(a.wait(600, true).await, 1000);
+        assert_eq!(a.wait(1, false).await, 400);
+        assert!(!a.settled());
+        assert!(!a.ack(601), "above what was published");
+        assert!(a.ack(100));
+        assert!(!a.ack(99), "below the previous one");
+        assert!(a.ack(100), "a repeated ack is valid and frees nothing");
+        assert_eq!(a.wait(1, false).await, 500);
+        // A charge that does not fit waits for an ack that frees enough.
+        let waiting = a.wait(700, true);
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(Duration::from_millis(50), waiting.as_mut()).await.is_err());
+        assert!(a.ack(500));
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap(), 900);
+        assert!(a.ack(1300) && a.settled());
+    }
+
+    #[test]
+    fn stdin_is_bounded_by_chunk_allowance_and_its_end() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (written_tx, written) = watch::channel(0u64);
+        let mut q = StdinQueue { tx: Some(tx), accepted: 0, written, limit: 4096, max_chunk: Some(1024), ended: false };
+        assert!(q.push(Bytes::from(vec![0; 1025])).unwrap_err().contains("stdin_chunk_size"));
+        for _ in 0..4 {
+            q.push(Bytes::from(vec![0; 1024])).unwrap();
+        }
+        assert!(q.push(Bytes::from(vec![0; 1])).unwrap_err().contains("4096"), "accepted − written at the limit");
+        written_tx.send_replace(1000);
+        q.push(Bytes::from(vec![0; 1000])).expect("what was written frees the allowance");
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 5, "refused frames are not queued");
+        q.close();
+        assert!(q.push(Bytes::from_static(b"late")).unwrap_err().contains("after its end"));
     }
 }

@@ -23,7 +23,18 @@
 //! refused by its type (looked at through an `O_PATH` fd first, and every
 //! real open carries `O_NONBLOCK | O_NOCTTY`, so nothing a guest puts in the
 //! root can block a worker). Handles belong to the relay slot of the id that
-//! opened them, at most [`MAX_HANDLES_PER_SLOT`] per slot.
+//! opened them, at most [`MAX_HANDLES_PER_SLOT`] per slot and
+//! [`MAX_HANDLES_PER_CONNECTION`] over all slots of a connection.
+//!
+//! A streamed write that ends without its reply (the host went away, or its
+//! relay client left, in the middle of the chunks) is not dropped silently:
+//! a warning names the file, the offset and the bytes written. When the
+//! handle's own `OpenFile` created the file (it did not exist before) and no
+//! write on that handle has finished yet (completed, or answered), the file
+//! is removed, since nobody was ever told it exists; otherwise it is left as
+//! it is, holding a partial write. A write that fails while the host is
+//! there is answered with an error that says it is partial: how many bytes
+//! of the stream were written, from which offset.
 
 mod resolve;
 
@@ -39,9 +50,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use agentwire::payload::fs::{FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsResponse, FsResponseData, FsSetAttrs};
+use agentwire::payload::bulk::{
+    BulkAccepted, BulkCancel, BulkCancelReason, BulkFlow, BulkKind, BulkOffer, DEFAULT_BULK_WINDOW,
+};
+use agentwire::payload::fs::{
+    FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsRequest, FsResponse, FsResponseData, FsSetAttrs,
+};
 use agentwire::relay::client_for_id;
 use agentwire::{Message, Payload};
+use agentwire_session::bulk::{BulkOperation, BulkReceiver, BulkSender, BulkViolation};
 use agentwire_session::driver::Route;
 use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps, UTIME_OMIT};
@@ -51,6 +68,12 @@ use crate::{Defaults, Service, SessionTask};
 
 /// The most handles the ids of one relay slot may hold open at once.
 pub const MAX_HANDLES_PER_SLOT: usize = 1024;
+
+/// The most handles one connection may hold open at once, over all its relay
+/// slots (each handle is a file descriptor of the agent): 128 slots of 1024
+/// would otherwise let one connection take 131,072 descriptors, beyond most
+/// `RLIMIT_NOFILE`s, and every other connection's opens would fail.
+pub const MAX_HANDLES_PER_CONNECTION: usize = 4096;
 
 /// How deep `RemoveDir { recursive: true }` descends (one fd held per level).
 const MAX_REMOVE_DEPTH: usize = 1024;
@@ -72,7 +95,8 @@ impl Service for FsService {
         let fs = self.0.clone();
         Box::pin(async move {
             if let Payload::FsRequest(req) = request.payload {
-                run(fs, req.op, route).await
+                let FsRequest { op, bulk } = *req;
+                run(fs, op, bulk.map(|offer| (offer, request.version)), route).await
             }
         })
     }
@@ -84,8 +108,29 @@ impl Service for FsService {
 
 /// What a handle is open on.
 enum Handle {
-    File { file: Arc<File>, path: String },
+    File(OpenedFile),
     Dir { dir: OwnedFd, path: String, entries: Vec<FsEntryInfo>, next: usize },
+}
+
+/// A file handle: the file, its guest path, and whether its open created it.
+#[derive(Clone, Debug)]
+struct OpenedFile {
+    file: Arc<File>,
+    path: String,
+    /// Set when the `OpenFile` of this handle created the file.
+    created: Option<Arc<Created>>,
+}
+
+/// A file that a handle's `OpenFile` created: it did not exist before.
+#[derive(Debug)]
+struct Created {
+    /// The file's identity, to remove it only if its name still names it.
+    dev: u64,
+    ino: u64,
+    /// Set once a write on the handle has finished: completed whole, or
+    /// answered (the host was told what the file holds). From then on the
+    /// file is the host's, and never removed by the agent.
+    kept: std::sync::atomic::AtomicBool,
 }
 
 /// A handle and whom it belongs to.
@@ -285,7 +330,22 @@ impl Fs {
     /// through an `O_PATH` fd first, so a FIFO or device is refused without
     /// being opened; the real open is non-blocking and looked at again.
     fn open_served(&self, p: &GuestPath<'_>, flags: OFlags, mode: Mode, dirs: bool) -> Result<(File, Stat), String> {
+        self.open_served_created(p, flags, mode, dirs).map(|(file, st, _)| (file, st))
+    }
+
+    /// [`Fs::open_served`], and whether this open created the file. With
+    /// `O_CREAT` and no file there, the open is tried with `O_EXCL` first, so
+    /// that "created" is the kernel's word, not a guess: a file another
+    /// process creates meanwhile is opened as it is, and counts as existing.
+    fn open_served_created(
+        &self,
+        p: &GuestPath<'_>,
+        flags: OFlags,
+        mode: Mode,
+        dirs: bool,
+    ) -> Result<(File, Stat, bool), String> {
         let what = p.given;
+        let mut absent = false;
         let (parent, name) = p.split_last();
         let (parent, name) = match name {
             Some(name) => (self.open(what, &parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?, name),
@@ -303,20 +363,40 @@ impl Fs {
                 if e == Errno::XDEV {
                     return Err(fail(what, e));
                 }
+                absent = true;
             }
             Err(e) => return Err(fail(what, e)),
         }
-        let fd =
-            resolve::open_beneath(parent.as_fd(), OsStr::new(name), flags | SAFE, mode).map_err(|e| fail(what, e))?;
+        let open = |flags: OFlags| {
+            resolve::open_beneath(parent.as_fd(), OsStr::new(name), flags | SAFE, mode).map_err(|e| fail(what, e))
+        };
+        let exclusive = OFlags::CREATE | OFlags::EXCL;
+        let (fd, created) = if flags.contains(exclusive) {
+            (open(flags)?, true)
+        } else if absent {
+            match resolve::open_beneath(parent.as_fd(), OsStr::new(name), flags | exclusive | SAFE, mode) {
+                Ok(fd) => (fd, true),
+                Err(Errno::EXIST) => (open(flags)?, false),
+                Err(e) => return Err(fail(what, e)),
+            }
+        } else {
+            (open(flags)?, false)
+        };
         let st = rustix::fs::fstat(&fd).map_err(|e| fail(what, e))?;
         served(what, &st, dirs)?;
-        Ok((File::from(fd), st))
+        Ok((File::from(fd), st, created))
     }
 
     /// Keeps `handle` for the slot of `id`, within the slot's limit.
     fn insert(&self, id: u32, what: &str, handle: Handle) -> Outcome {
         let slot = slot_of(id)?;
         let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if handles.open.len() >= MAX_HANDLES_PER_CONNECTION {
+            return Err(format!(
+                "{what}: refused: {MAX_HANDLES_PER_CONNECTION} handles are already open on this connection, over \
+                 all its relay slots (the most one connection may hold); close some first"
+            ));
+        }
         if handles.per_slot.get(&slot).copied().unwrap_or(0) >= MAX_HANDLES_PER_SLOT {
             return Err(format!(
                 "{what}: refused: {MAX_HANDLES_PER_SLOT} handles are already open in this relay slot (the most \
@@ -348,12 +428,33 @@ impl Fs {
         }
     }
 
-    /// The file of handle `n` and its guest path.
-    fn file(&self, id: u32, n: u64) -> Result<(Arc<File>, String), String> {
+    /// The file of handle `n`, its guest path and whether its open created it.
+    fn file(&self, id: u32, n: u64) -> Result<OpenedFile, String> {
         self.with_handle(id, n, |h| match h {
-            Handle::File { file, path } => Ok((file.clone(), path.clone())),
+            Handle::File(f) => Ok(f.clone()),
             Handle::Dir { path, .. } => Err(format!("handle {n} is the directory {path}")),
         })
+    }
+
+    /// Removes the file `opened` created, if its guest path still names
+    /// that very file (same device and inode, not following a link). The
+    /// parent is resolved beneath the root again, so this stays inside it.
+    fn remove_created(&self, opened: &OpenedFile, created: &Created) -> Result<bool, String> {
+        let path = &opened.path;
+        let p = GuestPath::parse(path)?;
+        let (parent, name) = self.parent(&p, "removed")?;
+        let st = match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(fail(path, e)),
+        };
+        #[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+        let named = (st.st_dev as u64, st.st_ino as u64);
+        if named != (created.dev, created.ino) {
+            return Ok(false);
+        }
+        rustix::fs::unlinkat(&parent, name, AtFlags::empty()).map_err(|e| fail(path, e))?;
+        Ok(true)
     }
 
     /// Closes every handle opened by an id in `ids` (a relay client left).
@@ -422,13 +523,13 @@ impl Fs {
                 let target = rustix::fs::readlinkat(&parent, name, Vec::new()).map_err(|e| fail(&path, e))?;
                 Ok(Some(FsResponseData::Path(target.to_string_lossy().into_owned())))
             }
-            FsOp::Symlink { target, link_path } => {
+            FsOp::Symlink { target, link_path, .. } => {
                 let p = GuestPath::parse(&link_path)?;
                 let (parent, name) = self.parent(&p, "replaced by a link")?;
                 rustix::fs::symlinkat(target.as_str(), &parent, name).map_err(|e| fail(&link_path, e))?;
                 Ok(None)
             }
-            FsOp::Mkdir { path, mode } => {
+            FsOp::Mkdir { path, mode, .. } => {
                 let p = GuestPath::parse(&path)?;
                 let (parent, name) = self.parent(&p, "created")?;
                 let mode = Mode::from_raw_mode(mode.unwrap_or(0o755));
@@ -465,8 +566,15 @@ impl Fs {
             FsOp::OpenFile { path, options: o } => {
                 let p = GuestPath::parse(&path)?;
                 let flags = open_flags(&path, o.read, o.write, o.append, o.create, o.truncate, o.create_new)?;
-                let (file, _) = self.open_served(&p, flags, Mode::from_raw_mode(o.mode.unwrap_or(0o644)), true)?;
-                self.insert(id, &path, Handle::File { file: Arc::new(file), path: p.shown() })
+                let mode = Mode::from_raw_mode(o.mode.unwrap_or(0o644));
+                let (file, st, created) = self.open_served_created(&p, flags, mode, true)?;
+                #[allow(clippy::unnecessary_cast)] // the field types differ between architectures
+                let created = created.then(|| {
+                    let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+                    Arc::new(Created { dev, ino, kept: Default::default() })
+                });
+                let opened = OpenedFile { file: Arc::new(file), path: p.shown(), created };
+                self.insert(id, &path, Handle::File(opened))
             }
             FsOp::OpenDir { path } => {
                 let p = GuestPath::parse(&path)?;
@@ -490,14 +598,14 @@ impl Fs {
             }),
             FsOp::FStat { handle } => self.with_handle(id, handle, |h| {
                 let (path, st) = match h {
-                    Handle::File { file, .. } => (String::new(), rustix::fs::fstat(&**file)),
+                    Handle::File(f) => (String::new(), rustix::fs::fstat(&*f.file)),
                     Handle::Dir { dir, path, .. } => (path.clone(), rustix::fs::fstat(&*dir)),
                 };
                 Ok(Some(FsResponseData::Stat(entry(path, &st.map_err(|e| fail("fstat", e))?))))
             }),
             FsOp::FSetStat { handle, attrs } => {
-                let (file, path) = self.file(id, handle)?;
-                set_attrs(&file, &attrs).map_err(|e| io_fail(&path, e))?;
+                let f = self.file(id, handle)?;
+                set_attrs(&f.file, &attrs).map_err(|e| io_fail(&f.path, e))?;
                 Ok(None)
             }
             FsOp::Read { .. } | FsOp::Write { .. } => Err("a streamed operation reached the wrong path".into()),
@@ -733,44 +841,59 @@ fn set_link_attrs(parent: BorrowedFd<'_>, name: &str, attrs: &FsSetAttrs) -> std
     Ok(())
 }
 
-/// Runs one `core.fs.request` to its `core.fs.response`.
-async fn run(fs: Arc<Fs>, op: FsOp, mut route: Route) {
+/// Runs one `core.fs.request` to its `core.fs.response`. A bulk offer (with
+/// the request's `v`) moves a `Read`'s or `Write`'s data as raw records
+/// (spec 7); it is refused on any other operation and below generation 8.
+async fn run(fs: Arc<Fs>, op: FsOp, offer: Option<(BulkOffer, u8)>, mut route: Route) {
     let id = route.id();
+    let bulk = match (&op, offer) {
+        (_, None) => None,
+        (_, Some((_, v))) if v < 8 => {
+            let why = format!("a bulk offer needs generation 8; the request is generation {v}");
+            return drop(route.send(FsResponse::failure(why)).await);
+        }
+        (FsOp::Read { .. }, Some((offer, _))) => Some(BulkOperation::FileRead.accept(&offer)),
+        (FsOp::Write { .. }, Some((offer, _))) => Some(BulkOperation::FileWrite.accept(&offer)),
+        (_, Some(_)) => {
+            let why = "a bulk offer is only for Read and Write".to_string();
+            return drop(route.send(FsResponse::failure(why)).await);
+        }
+    };
+    let bulk = match bulk.transpose() {
+        Ok(accepted) => accepted,
+        // The deployed agent leaves an invalid offer unanswered; say why instead.
+        Err(why) => return drop(route.send(FsResponse::failure(why)).await),
+    };
     let outcome = match op {
-        FsOp::Read { handle, offset, len } => read(&fs, id, handle, offset, len, &route).await,
-        FsOp::Write { handle, offset, len } => match write(&fs, id, handle, offset, len, &mut route).await {
-            Some(outcome) => outcome,
-            // The connection went away in the middle of the transfer.
-            None => return,
+        FsOp::Read { handle, offset, len } => match bulk {
+            Some(accepted) => read_bulk(&fs, handle, offset, len, accepted, &mut route).await,
+            None => read(&fs, id, handle, offset, len, &route).await,
         },
+        FsOp::Write { handle, offset, len } => return write(fs, handle, offset, len, bulk, route).await,
         op => {
             let fs = fs.clone();
             tokio::task::spawn_blocking(move || fs.operate(op, id)).await.unwrap_or_else(|e| Err(e.to_string()))
         }
     };
-    let response = match outcome {
+    let _ = route.send(response(outcome)).await;
+}
+
+fn response(outcome: Outcome) -> FsResponse {
+    match outcome {
         Ok(data) => FsResponse::success(data),
         Err(message) => FsResponse::failure(message),
-    };
-    let _ = route.send(response).await;
+    }
 }
 
 /// A streamed read: `core.fs.data` chunks of at most `FS_CHUNK_SIZE`, then the response.
 async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out: &Route) -> Outcome {
-    let (file, path) = fs.file(id, handle)?;
+    let OpenedFile { file, path, .. } = fs.file(id, handle)?;
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
     while at < end {
         // Sized by what is left and the chunk limit, never by a length the request only claims.
         let want = (end - at).min(FS_CHUNK_SIZE as u64) as usize;
-        let f = file.clone();
-        // The chunk is read only once the connection's budget has room for it,
-        // and its share is returned once the connection has taken it.
-        let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
-        let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{path}: read at {at}: {e}"))?;
+        let (chunk, permit) = read_chunk(fs, &file, &path, want, at).await?;
         if chunk.is_empty() {
             break;
         }
@@ -783,6 +906,91 @@ async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out:
         }
     }
     Ok(None)
+}
+
+/// A streamed read over raw records (spec 7.4): `core.bulk.accepted`, records
+/// within the host's credit, `core.bulk.finish`, then the response. Records
+/// are read from the file only as credit allows, so the agent holds at most
+/// one record's data for the read.
+async fn read_bulk(
+    fs: &Fs,
+    handle: u64,
+    offset: u64,
+    len: Option<u64>,
+    accepted: BulkAccepted,
+    route: &mut Route,
+) -> Outcome {
+    let OpenedFile { file, path, .. } = fs.file(route.id(), handle)?;
+    route.send(accepted).await.map_err(|_| "connection closed")?;
+    let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
+    let mut tx = BulkSender::new(kind, flow, accepted.max_record_payload, accepted.guest_to_host_credit_limit);
+    let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
+    let mut at = offset;
+    while at < end {
+        // What the host said meanwhile: credit, or a cancel. Without credit, wait for it.
+        loop {
+            let waiting = tx.window() == 0;
+            let message = if waiting { route.recv().await } else { route.try_recv() };
+            let Some(message) = message else {
+                if waiting {
+                    return Err("connection closed".into());
+                }
+                break;
+            };
+            match message.payload {
+                Payload::BulkCredit(c) => {
+                    if let Err(v) = tx.credit(&c) {
+                        return Err(violation(route, v).await);
+                    }
+                }
+                Payload::BulkCancel(c) => return Err(c.message),
+                _ => {}
+            }
+        }
+        let want = (end - at).min(tx.window() as u64) as usize;
+        let (chunk, permit) = read_chunk(fs, &file, &path, want, at).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        at += chunk.len() as u64;
+        let short = chunk.len() < want;
+        let record = tx.record(chunk).map_err(|v| v.to_string())?;
+        route.send(record).await.map_err(|_| "connection closed")?;
+        drop(permit);
+        if short {
+            break;
+        }
+    }
+    route.send(tx.finish()).await.map_err(|_| "connection closed")?;
+    Ok(None)
+}
+
+/// The peer broke a bulk rule: `core.bulk.cancel` (protocol violation) goes
+/// out, and the reason becomes the failed response that follows it.
+pub(crate) async fn violation(route: &Route, v: BulkViolation) -> String {
+    let message = v.to_string();
+    let cancel = BulkCancel { kind: v.kind, reason: BulkCancelReason::ProtocolViolation, message: message.clone() };
+    let _ = route.send(cancel).await;
+    message
+}
+
+/// Reads up to `want` bytes at `at`, once the connection's read budget has
+/// room for them; the budget's share comes back when the permit is dropped
+/// (after the connection has taken the chunk).
+async fn read_chunk<'a>(
+    fs: &'a Fs,
+    file: &Arc<File>,
+    path: &str,
+    want: usize,
+    at: u64,
+) -> Result<(Bytes, tokio::sync::SemaphorePermit<'a>), String> {
+    let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
+    let f = file.clone();
+    let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{path}: read at {at}: {e}"))?;
+    Ok((chunk, permit))
 }
 
 fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
@@ -800,38 +1008,204 @@ fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// A streamed write: chunks until the empty one. On an error the rest of the
-/// chunks are still taken, so that the session ends with one response and no
-/// stray frames. `None` when the connection closed first.
-async fn write(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, input: &mut Route) -> Option<Outcome> {
-    let mut outcome = fs.file(id, handle);
+/// A streamed write: chunks until the empty one, then the response. On an
+/// error the rest of the chunks are still taken, so that the session ends
+/// with one response and no stray frames; the error says how much of the
+/// stream was written, and where. When the host goes away first, the
+/// [`Abandoned`] guard says so in the log (and removes a file the handle's
+/// open created, if no write on it had finished).
+async fn write(
+    fs: Arc<Fs>,
+    handle: u64,
+    offset: u64,
+    len: Option<u64>,
+    accepted: Option<BulkAccepted>,
+    mut route: Route,
+) {
+    let id = route.id();
+    let (mut outcome, mut guard): (Outcome, _) = match fs.file(id, handle) {
+        Ok(opened) => {
+            (Ok(None), Some(Abandoned { fs: fs.clone(), opened, offset, progress: Default::default(), done: false }))
+        }
+        Err(e) => (Err(e), None),
+    };
+    // With a bulk offer accepted, records replace `core.fs.data` (spec 7.4):
+    // the acceptance goes first, and credit follows what reaches the file.
+    let mut bulk = match (accepted, &outcome) {
+        (Some(accepted), Ok(_)) => {
+            if route.send(accepted).await.is_err() {
+                return;
+            }
+            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::HostToGuest);
+            let limit = accepted.host_to_guest_credit_limit;
+            Some(BulkReceiver::new(kind, flow, accepted.max_record_payload, limit, DEFAULT_BULK_WINDOW))
+        }
+        (Some(_), Err(e)) => return drop(route.send(FsResponse::failure(e.clone())).await),
+        (None, _) => None,
+    };
     let mut at = offset;
     loop {
-        let data = match input.recv().await?.payload {
-            Payload::FsData(d) => d.data,
+        let Some(message) = route.recv().await else {
+            // The guard, dropped here, says what is left behind.
+            return;
+        };
+        let data = match (message.payload, &mut bulk) {
+            (Payload::FsData(d), None) if d.data.is_empty() => break,
+            (Payload::FsData(d), None) => d.data,
+            (Payload::BulkRecord(r), Some(rx)) => match rx.record(&r) {
+                Ok(()) => r.data,
+                Err(v) => {
+                    outcome = Err(violation(&route, v).await);
+                    break;
+                }
+            },
+            (Payload::BulkFinish(f), Some(rx)) => match rx.finish(&f) {
+                Ok(_) => break,
+                Err(v) => {
+                    outcome = Err(violation(&route, v).await);
+                    break;
+                }
+            },
+            (Payload::BulkCancel(c), Some(_)) => {
+                outcome = Err(c.message);
+                break;
+            }
+            (Payload::FsData(_), Some(_)) => {
+                let (kind, flow) = (BulkKind::Filesystem, BulkFlow::HostToGuest);
+                let reason = "core.fs.data on a write whose data goes as bulk records".to_string();
+                outcome = Err(violation(&route, BulkViolation { kind, flow, reason }).await);
+                break;
+            }
             _ => continue,
         };
-        if data.is_empty() {
-            break;
-        }
-        if let Ok((file, path)) = &outcome {
-            let (f, n) = (file.clone(), data.len() as u64);
-            let written = tokio::task::spawn_blocking(move || f.write_all_at(&data, at)).await;
-            match written {
-                Ok(Ok(())) => at += n,
-                Ok(Err(e)) => outcome = Err(format!("{path}: write at {at}: {e}")),
-                Err(e) => outcome = Err(e.to_string()),
+        if let (Ok(_), Some(g)) = (&outcome, &mut guard) {
+            let (f, n, progress) = (g.opened.file.clone(), data.len() as u64, g.progress.clone());
+            progress.writing.store(n, Ordering::Relaxed);
+            // Counted by the thread that writes, so that a task aborted while
+            // it waits (the host went away) still knows what reached the file.
+            let written = tokio::task::spawn_blocking(move || {
+                let written = f.write_all_at(&data, at);
+                if written.is_ok() {
+                    progress.written.fetch_add(n, Ordering::Relaxed);
+                }
+                progress.writing.store(0, Ordering::Relaxed);
+                written
+            })
+            .await;
+            // A chunk that fails part-way is not counted: some of it may be on disk.
+            let failed = match written {
+                Ok(Ok(())) => {
+                    at += n;
+                    if let Some(credit) = bulk.as_mut().and_then(|rx| rx.consumed(n as usize))
+                        && route.send(credit).await.is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            outcome = Err(format!(
+                "{}: write at {at}: {failed}; the file holds a partial write: {} bytes of this stream were \
+                 written, at offsets {offset}..{at}; from offset {at} on, not (or not completely)",
+                g.opened.path,
+                at - offset
+            ));
+            if bulk.is_some() {
+                // Records stop here: the host is told at once rather than sending the rest.
+                let message = outcome.clone().err().unwrap_or_default();
+                let cancel =
+                    BulkCancel { kind: BulkKind::Filesystem, reason: BulkCancelReason::DestinationIo, message };
+                let _ = route.send(cancel).await;
+                break;
             }
         }
     }
     let written = at - offset;
-    Some(match (outcome, len) {
+    let outcome = match (outcome, len) {
         (Err(e), _) => Err(e),
-        (Ok(_), Some(len)) if len != written => Err(format!("the request announced {len} bytes but {written} came")),
+        (Ok(_), Some(len)) if len != written => Err(format!(
+            "the request announced {len} bytes but {written} came; the file holds a partial write: those {written} \
+             bytes, at offsets {offset}..{at}"
+        )),
         (Ok(_), _) => Ok(None),
-    })
+    };
+    // Whole, the file is not partial, whether or not the reply gets out.
+    if outcome.is_ok()
+        && let Some(g) = &mut guard
+    {
+        g.finished();
+    }
+    if route.send(response(outcome)).await.is_ok()
+        && let Some(g) = &mut guard
+    {
+        // Answered: the host knows what the file holds.
+        g.finished();
+    }
 }
 
+/// A streamed write in progress. Dropped before its response went out (the
+/// task returns or is aborted when the host goes away), it logs a warning
+/// naming the file, the offset and the bytes written, and removes the file
+/// if this handle's open created it and no write on the handle had finished.
+struct Abandoned {
+    fs: Arc<Fs>,
+    opened: OpenedFile,
+    /// Where the stream started.
+    offset: u64,
+    progress: Arc<Progress>,
+    /// The write completed, or its response went out: nothing to say.
+    done: bool,
+}
+
+impl Abandoned {
+    /// The write completed, or its outcome was answered: the file is the host's.
+    fn finished(&mut self) {
+        if let Some(c) = &self.opened.created {
+            c.kept.store(true, Ordering::Relaxed);
+        }
+        self.done = true;
+    }
+}
+
+/// How far a streamed write got, kept by the threads that write.
+#[derive(Default)]
+struct Progress {
+    /// Bytes written, from the stream's offset on.
+    written: AtomicU64,
+    /// Bytes of the chunk being written (its thread finishes it regardless).
+    writing: AtomicU64,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (path, offset) = (&self.opened.path, self.offset);
+        let written = self.progress.written.load(Ordering::Relaxed);
+        let writing = match self.progress.writing.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(" (and a chunk of {n} bytes was being written)"),
+        };
+        let fate = match &self.opened.created {
+            Some(c) if !c.kept.load(Ordering::Relaxed) => match self.fs.remove_created(&self.opened, c) {
+                Ok(true) => "its open had created the file and no write on it had finished: the file is removed".into(),
+                Ok(false) => {
+                    "its open had created the file, but the name no longer names it: nothing is removed".into()
+                }
+                Err(e) => format!("the file its open created could not be removed ({e}): it holds a partial write"),
+            },
+            _ => "the file is left holding a partial write".to_string(),
+        };
+        tracing::warn!(
+            "core.fs write to {path} abandoned: the host went away (connection closed or relay client left) after \
+             {written} bytes written at offsets {offset}..{}{writing}; {fate}",
+            offset + written
+        );
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -862,6 +1236,47 @@ mod tests {
             let e = GuestPath::parse(bad).err().unwrap();
             assert!(e.starts_with(bad) && e.contains("outside the root"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_abandoned_write_removes_only_a_file_its_own_open_created_and_nobody_was_told_of() {
+        let dir = std::env::temp_dir().join(format!("agentwire-abandoned-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("existing"), "before").unwrap();
+        let fs = Arc::new(Fs::new(dir.clone()));
+        let id = 1;
+        let open = |path: &str| {
+            let options = agentwire::payload::fs::FsOpenOptions { write: true, create: true, ..Default::default() };
+            match fs.operate(FsOp::OpenFile { path: path.into(), options }, id) {
+                Ok(Some(FsResponseData::Handle(h))) => fs.file(id, h).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let abandon = |opened: OpenedFile| {
+            let progress = Arc::new(Progress::default());
+            progress.written.store(3, Ordering::Relaxed);
+            drop(Abandoned { fs: fs.clone(), opened, offset: 0, progress, done: false });
+        };
+        let created = open("/created");
+        assert!(created.created.is_some() && dir.join("created").exists());
+        abandon(created);
+        assert!(!dir.join("created").exists(), "a file its open created stays");
+        let existing = open("/existing");
+        assert!(existing.created.is_none());
+        abandon(existing);
+        assert_eq!(std::fs::read(dir.join("existing")).unwrap(), b"before");
+        // Created, but a write on it was answered: the host knows it.
+        let answered = open("/answered");
+        answered.created.as_ref().unwrap().kept.store(true, Ordering::Relaxed);
+        abandon(answered);
+        assert!(dir.join("answered").exists());
+        // Created, then replaced by another file of the same name: that one is not removed.
+        let replaced = open("/replaced");
+        std::fs::remove_file(dir.join("replaced")).unwrap();
+        std::fs::write(dir.join("replaced"), "someone else's").unwrap();
+        abandon(replaced);
+        assert_eq!(std::fs::read(dir.join("replaced")).unwrap(), b"someone else's");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use agentwire::Message;
 use agentwire::MessageType;
 use agentwire::payload::bootstrap::GuestBootstrap;
-use agentwire::payload::core::{Ready, ResolvedUser};
-use agentwire::payload::exec::ExecRlimit;
+use agentwire::payload::core::{Ready, ReadyCapabilities, ResolvedUser};
+use agentwire::payload::exec::{ExecLimits, ExecRlimit};
 use agentwire_session::driver::{self, Incoming, Route};
 use agentwire_session::{Connection, Event};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -101,6 +101,11 @@ pub struct Defaults {
     pub user: Option<String>,
     /// Resource limits of every command (a request's own come after).
     pub rlimits: Vec<ExecRlimit>,
+    /// The execution flow-control policy (generation 10, spec 8), advertised
+    /// in `core.ready`; `None`: every execution is legacy.
+    pub exec_limits: Option<ExecLimits>,
+    /// The executions the connection holds, for the policy's admission.
+    pub(crate) executions: exec::Held,
 }
 
 impl Defaults {
@@ -111,6 +116,8 @@ impl Defaults {
             env: b.default_env.iter().map(|e| (e.key.clone(), e.value.clone())).collect(),
             user: b.user.clone(),
             rlimits: b.rlimits.clone(),
+            exec_limits: b.exec_limits,
+            executions: exec::Held::default(),
         }
     }
 }
@@ -220,10 +227,13 @@ impl Agent {
                         tracing::warn!("hostname {name:?}: {e}");
                     }
                     defaults = Arc::new(Defaults::from_bootstrap(&b));
-                    let sent = match resolve_user(b.user.as_deref()) {
+                    // An invalid execution policy is a startup failure (spec 8).
+                    let valid =
+                        b.exec_limits.as_ref().map_or(Ok(()), ExecLimits::validate).map_err(|e| ("bootstrap", e));
+                    let sent = match valid.and_then(|()| resolve_user(b.user.as_deref()).map_err(|e| ("user", e))) {
                         Ok(user) => handle.send_now(|c| c.init_resolved(user)),
-                        Err(cause) => handle.send_now(|c| {
-                            c.init_failed("user", &cause);
+                        Err((stage, cause)) => handle.send_now(|c| {
+                            c.init_failed(stage, &cause);
                             Ok(())
                         }),
                     };
@@ -233,12 +243,15 @@ impl Agent {
                 }
                 Incoming::Event(Event::InitAcked) => {
                     let init_ns = started.elapsed().as_nanos() as u64;
-                    let ready = Ready {
+                    let mut ready = Ready {
                         boot_time_ns: self.config.boot_time_ns,
                         init_time_ns: self.config.init_time_ns + init_ns,
                         ready_time_ns: sys::boottime_ns(),
                         agent_version: self.config.agent_version.clone(),
+                        capabilities: None,
                     };
+                    let exec_limits = defaults.exec_limits;
+                    ready.set_capabilities(ReadyCapabilities { exec_limits, ..ReadyCapabilities::NONE });
                     if let Err(e) = handle.send_now(|c| c.ready(ready)) {
                         break Err(format!("start-up: {e}"));
                     }

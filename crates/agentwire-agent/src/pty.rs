@@ -78,19 +78,19 @@ impl Master {
         }
     }
 
-    /// Writes all of `data` as the command's terminal input, waiting while
-    /// the line discipline is full.
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
+    /// Writes some of `data` as the command's terminal input, waiting while
+    /// the line discipline is full; how much went in.
+    pub async fn write(&self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        loop {
             let mut ready = self.0.writable().await?;
             match ready.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), data)?)) {
-                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) => return Err(e),
+                Ok(result) => return result,
                 Err(_would_block) => continue,
             }
         }
-        Ok(())
     }
 
     /// Sets the window size (the foreground process group gets `SIGWINCH`).

@@ -6,12 +6,16 @@ use std::time::Duration;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use agentwire::payload::bulk::{BulkAccepted, BulkFlow, BulkKind, DEFAULT_BULK_WINDOW};
 use agentwire::payload::tcp::{TcpClosed, TcpConnect, TcpConnected, TcpData, TcpEof, TcpFailed};
 use agentwire::{Message, Payload};
+use agentwire_session::bulk::{BulkOperation, BulkReceiver, BulkSender, BulkViolation};
 use agentwire_session::driver::Route;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use crate::fs::violation;
 use crate::{Defaults, Service, SessionTask};
 
 /// `core.tcp.*`: connections to loopback destinations, or anywhere with `allow_net`.
@@ -26,7 +30,7 @@ impl Service for TcpService {
         let allow_net = self.allow_net;
         Box::pin(async move {
             if let Payload::TcpConnect(req) = request.payload {
-                run(req, allow_net, route).await
+                run(*req, request.version, allow_net, route).await
             }
         })
     }
@@ -65,8 +69,13 @@ async fn destinations(host: &str, port: u16, allow_net: bool) -> Result<Vec<Sock
 
 /// Runs one `core.tcp.connect` to its end: `core.tcp.closed` once both
 /// halves are closed, `core.tcp.failed`, or nothing after the host's
-/// `core.tcp.close` (as the deployed agent).
-async fn run(req: TcpConnect, allow_net: bool, mut route: Route) {
+/// `core.tcp.close` (as the deployed agent). `version` is the request's `v`:
+/// a bulk offer needs 8.
+async fn run(req: TcpConnect, version: u8, allow_net: bool, mut route: Route) {
+    if req.bulk.is_some() && version < 8 {
+        let error = format!("a bulk offer needs generation 8; the request is generation {version}");
+        return drop(route.send(TcpFailed { error }).await);
+    }
     let end: Payload = match relay(&req, allow_net, &mut route).await {
         Ok(true) => TcpClosed {}.into(),
         Ok(false) => return,
@@ -97,6 +106,11 @@ async fn relay(req: &TcpConnect, allow_net: bool, route: &mut Route) -> Result<b
     if route.send(TcpConnected {}).await.is_err() {
         return Ok(false);
     }
+    if let Some(offer) = &req.bulk {
+        // An offer is checked once the connection is up, as the deployed agent does.
+        let accepted = BulkOperation::Tcp.accept(offer).map_err(|e| format!("{target}: {e}"))?;
+        return relay_bulk(stream, accepted, &target, route).await;
+    }
     let (mut rd, mut wr) = stream.into_split();
     let out = route.sender();
     let (mut their_eof, mut our_eof) = (false, false);
@@ -119,6 +133,84 @@ async fn relay(req: &TcpConnect, allow_net: bool, route: &mut Route) -> Result<b
                 Some(Payload::TcpEof(_)) => {
                     our_eof = true;
                     wr.shutdown().await.map_err(|e| format!("{target}: {e}"))?;
+                }
+                Some(Payload::TcpClose(_)) | None => return Ok(false),
+                Some(_) => {}
+            },
+        }
+    }
+    Ok(true)
+}
+
+/// [`relay`] over raw records (spec 7.4): `core.bulk.accepted`, records and
+/// credits both ways, each side's `core.bulk.finish` in place of `core.tcp.eof`.
+/// The socket is read only as far as the host's credit allows, and the
+/// host's records are credited as they are written to the socket.
+async fn relay_bulk(
+    stream: TcpStream,
+    accepted: BulkAccepted,
+    target: &str,
+    route: &mut Route,
+) -> Result<bool, String> {
+    if route.send(accepted).await.is_err() {
+        return Ok(false);
+    }
+    let kind = BulkKind::Tcp;
+    let max = accepted.max_record_payload;
+    let mut tx = BulkSender::new(kind, BulkFlow::GuestToHost, max, accepted.guest_to_host_credit_limit);
+    let window = DEFAULT_BULK_WINDOW;
+    let mut rx = BulkReceiver::new(kind, BulkFlow::HostToGuest, max, accepted.host_to_guest_credit_limit, window);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut scratch = vec![0u8; max as usize];
+    let (mut their_eof, mut our_eof) = (false, false);
+    while !(their_eof && our_eof) {
+        let window = tx.window();
+        tokio::select! {
+            read = rd.read(&mut scratch[..window.max(1)]), if !their_eof && window > 0 => {
+                match read.map_err(|e| format!("{target}: {e}"))? {
+                    0 => {
+                        their_eof = true;
+                        if route.send(tx.finish()).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                    n => {
+                        let record = tx.record(Bytes::copy_from_slice(&scratch[..n])).map_err(|v| v.to_string())?;
+                        if route.send(record).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+            next = route.recv() => match next.map(|m| m.payload) {
+                Some(Payload::BulkRecord(r)) => {
+                    if let Err(v) = rx.record(&r) {
+                        return Err(violation(route, v).await);
+                    }
+                    wr.write_all(&r.data).await.map_err(|e| format!("{target}: {e}"))?;
+                    if let Some(credit) = rx.consumed(r.data.len())
+                        && route.send(credit).await.is_err()
+                    {
+                        return Ok(false);
+                    }
+                }
+                Some(Payload::BulkCredit(c)) => {
+                    if let Err(v) = tx.credit(&c) {
+                        return Err(violation(route, v).await);
+                    }
+                }
+                Some(Payload::BulkFinish(f)) => {
+                    if let Err(v) = rx.finish(&f) {
+                        return Err(violation(route, v).await);
+                    }
+                    our_eof = true;
+                    wr.shutdown().await.map_err(|e| format!("{target}: {e}"))?;
+                }
+                // The host's cancel ends it with the failure carrying its message.
+                Some(Payload::BulkCancel(c)) => return Err(c.message),
+                Some(Payload::TcpData(_) | Payload::TcpEof(_)) => {
+                    let reason = "CBOR tcp data on a connection whose data goes as bulk records".to_string();
+                    return Err(violation(route, BulkViolation { kind, flow: BulkFlow::HostToGuest, reason }).await);
                 }
                 Some(Payload::TcpClose(_)) | None => return Ok(false),
                 Some(_) => {}

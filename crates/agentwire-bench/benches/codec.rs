@@ -132,6 +132,7 @@ fn ready(c: &mut Criterion) {
         init_time_ns: 45_678_901,
         ready_time_ns: 1_300_000_000,
         agent_version: "agentwire 0.1.0".into(),
+        capabilities: None,
     };
     encode_decode(&mut g, value, SMALL_BATCH, &[]);
     g.finish();
@@ -193,6 +194,80 @@ fn fs_data_1m(c: &mut Criterion) {
 
 fn fs_data_3m(c: &mut Criterion) {
     bulk(c, "fs_data_3m", 3 * 1024 * 1024, |data| FsData { data });
+}
+
+/// Raw bulk records (generation 8) of 16 KiB, 256 KiB and 3 MiB against the
+/// reference 0.7.13's own bulk codec in the same run, and memcpy of the data:
+/// encode whole (header and one copy of the data), encode of the header alone
+/// (for a vectored write that copies nothing), and decode (a view of the
+/// frame: its cost must not grow with the data).
+fn bulk_record(c: &mut Criterion) {
+    use agentwire::codec::bulk_record_header;
+    use agentwire::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
+    for (name, size) in [("bulk_record_16k", 16 * 1024), ("bulk_record_256k", 256 * 1024), ("bulk_record_3m", 3 << 20)]
+    {
+        let mut g = c.benchmark_group(name);
+        g.throughput(criterion::Throughput::Bytes(size as u64));
+        let data = Bytes::from((0..size).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let record = BulkRecord::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 1 << 40, data.clone());
+        let message = Message::new(7, record.clone());
+        let theirs = ref7::bulk::BulkRecord {
+            id: 7,
+            kind: ref7::bulk::BulkKind::Filesystem,
+            flow: ref7::bulk::BulkFlow::GuestToHost,
+            offset: 1 << 40,
+            payload: data.clone(),
+        };
+        let frame = wire(&message);
+        let mut reference = Vec::new();
+        ref7::codec::encode_bulk_to_buf(&theirs, &mut reference).unwrap();
+        assert_eq!(&reference[..], &frame[..], "the reference writes the same bytes");
+
+        let mut copy = vec![0u8; size];
+        g.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&data))));
+        let mut codec = MessageCodec::new();
+        let mut dst = BytesMut::with_capacity(frame.len() * 2);
+        g.bench_function("encode/agentwire", |b| {
+            b.iter(|| {
+                dst.clear();
+                codec.encode_message(black_box(&message), &mut dst).unwrap();
+            })
+        });
+        let mut vec = Vec::with_capacity(frame.len() * 2);
+        g.bench_function("encode/reference", |b| {
+            b.iter(|| {
+                vec.clear();
+                ref7::codec::encode_bulk_to_buf(black_box(&theirs), &mut vec).unwrap();
+            })
+        });
+        g.bench_function("encode_header/agentwire", |b| {
+            b.iter(|| bulk_record_header(7, black_box(&record), agentwire::MAX_FRAME_SIZE).unwrap())
+        });
+        g.bench_function("encode_header/reference", |b| {
+            b.iter(|| ref7::codec::encode_bulk_header(black_box(&theirs)).unwrap())
+        });
+        g.bench_function("decode/agentwire", |b| {
+            b.iter_batched(
+                || fresh_input(&frame),
+                |mut src| {
+                    let m = codec.decode(&mut src).unwrap().unwrap().unwrap();
+                    (src, m)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("decode/reference", |b| {
+            b.iter_batched(
+                || fresh_input(&frame),
+                |mut src| {
+                    let m = ref7::codec::try_decode_frame_from_bytes(&mut src).unwrap().unwrap();
+                    (src, m)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.finish();
+    }
 }
 
 /// Decoding a buffer of `frames` stdout frames of 100 bytes each, to typed payloads.
@@ -302,6 +377,6 @@ fn relay(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = ready, stdout_64k, fs_data_1m, fs_data_3m, stream, relay, exited, exec_request
+    targets = ready, stdout_64k, fs_data_1m, fs_data_3m, stream, relay, exited, exec_request, bulk_record
 }
 criterion_main!(benches);

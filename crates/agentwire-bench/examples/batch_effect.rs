@@ -56,6 +56,7 @@ fn main() {
         init_time_ns: 45_678_901,
         ready_time_ns: 1_300_000_000,
         agent_version: "agentwire 0.1.0".into(),
+        capabilities: None,
     };
     let mut frame = BytesMut::new();
     MessageCodec::new().encode_message(&Message::new(7, ready), &mut frame).expect("encodes");

@@ -53,6 +53,7 @@ fn main() {
         init_time_ns: 45_678_901,
         ready_time_ns: 1_300_000_000,
         agent_version: "agentwire 0.1.0".into(),
+        capabilities: None,
     };
     let message = Message::new(7, ready.clone());
     let mut ours = MessageCodec::new();

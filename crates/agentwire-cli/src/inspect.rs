@@ -1,9 +1,17 @@
 //! `agentwire inspect`: a dissector for captured byte streams.
+//!
+//! Every frame of generations 3 to 10 is shown, raw bulk records (generation 8,
+//! flags `BULK`, a binary body without an envelope) included: in JSON a record
+//! has no `v` and its payload is `{"kind", "flow", "offset", "data"}` with the
+//! wire integers, the shape of the vectors' `bulk.record` lines and of what
+//! `encode` reads.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
+use agentwire::payload::as_generation;
+use agentwire::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
 use agentwire::{Message, MessageCodec, Payload, Rejected, StreamError};
 use bytes::BytesMut;
 use serde_json::json;
@@ -28,7 +36,7 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
     let size = path.and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
     let progress = size > PROGRESS_ABOVE && std::io::stderr().is_terminal();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut printer = Printer { json, out: &mut out, failed: false, decoded: 0 };
+    let mut printer = Printer { json, out: &mut out, failed: false, decoded: 0, broken_bulk: false };
     let mut first_bytes: Vec<u8> = Vec::new();
     let mut codec = MessageCodec::new();
     let mut buf = BytesMut::with_capacity(READ_SIZE);
@@ -82,12 +90,14 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
             eprint!("\r{:>5.1}% of {} MiB", read_total as f64 * 100.0 / size as f64, size >> 20);
         }
     };
-    let decoded = printer.decoded;
+    let (decoded, broken_bulk) = (printer.decoded, printer.broken_bulk);
     if progress {
         eprintln!();
     }
     let _ = out.flush();
-    if outcome == 1 && decoded == 0 {
+    // A broken bulk record had a frame's length and header: the stream is a
+    // capture, one whose record breaks the layout (its line says how).
+    if outcome == 1 && decoded == 0 && !broken_bulk {
         let shown: Vec<String> = first_bytes.iter().map(|b| format!("{b:02x}")).collect();
         eprintln!(
             "agentwire: {} does not look like a capture of this protocol: not one frame decoded; it starts {} (a capture starts with a frame's 4-byte big-endian length, at most {})",
@@ -99,8 +109,11 @@ pub(crate) fn run(path: Option<&Path>, json: bool) -> ExitCode {
     ExitCode::from(outcome)
 }
 
+/// Reports a fault that loses the stream (a length out of range, a frame cut
+/// short, a bulk record that breaks the layout) at the offset of its frame.
 fn break_fatal(printer: &mut Printer<'_>, codec: &MessageCodec, e: StreamError) {
     let offset = e.offset().unwrap_or_else(|| codec.frame_codec().stream_offset());
+    printer.broken_bulk |= matches!(e, StreamError::BrokenBulkRecord { .. });
     printer.fatal(offset, &e.to_string());
 }
 
@@ -110,6 +123,8 @@ struct Printer<'a> {
     failed: bool,
     /// Frames that decoded.
     decoded: u64,
+    /// The stream was lost on a bulk record that breaks the layout.
+    broken_bulk: bool,
 }
 
 impl Printer<'_> {
@@ -125,12 +140,20 @@ impl Printer<'_> {
     }
 
     fn message(&mut self, offset: u64, m: &Message) -> std::io::Result<()> {
-        let t = m.message_type().wire_name();
+        let message_type = m.message_type();
+        let t = message_type.wire_name();
         if self.json {
-            let record = json!({
-                "offset": offset, "id": m.id, "flags": m.flags.bits(), "v": m.version, "t": t,
-                "payload": serde_json::to_value(&m.payload).unwrap_or(serde_json::Value::Null),
-            });
+            // As a writer of the frame's generation renders it (the vectors' `payload`):
+            // e.g. the fs `user` keys are absent below generation 10 and `null` from it.
+            let payload =
+                as_generation(m.version, || serde_json::to_value(&m.payload)).unwrap_or(serde_json::Value::Null);
+            let mut record =
+                json!({ "offset": offset, "id": m.id, "flags": m.flags.bits(), "t": t, "payload": payload });
+            // A raw bulk record has no envelope, so no `v` of its own (its
+            // `version` is only the generation the decoder had negotiated).
+            if message_type.has_envelope() {
+                record["v"] = json!(m.version);
+            }
             writeln!(self.out, "{record}")
         } else {
             writeln!(
@@ -138,7 +161,7 @@ impl Printer<'_> {
                 "{offset:>10}  id={:<10} {:<24} {t:<32} {}",
                 m.id,
                 m.flags.to_string(),
-                summary(&m.payload)
+                summary(m.version, &m.payload)
             )
         }
     }
@@ -178,31 +201,52 @@ impl Printer<'_> {
 }
 
 /// A short description of a payload for a person: size and a printable preview
-/// for data, the fields for the rest.
-fn summary(payload: &Payload) -> String {
+/// for data, kind, flow, offset and size for a bulk record, the fields (as a
+/// writer of generation `version` renders them) for the rest.
+fn summary(version: u8, payload: &Payload) -> String {
     let data = match payload {
-        Payload::ExecStdin(p) => Some(&p.data),
-        Payload::ExecStdout(p) => Some(&p.data),
-        Payload::ExecStderr(p) => Some(&p.data),
-        Payload::FsData(p) => Some(&p.data),
-        Payload::TcpData(p) => Some(&p.data),
-        _ => None,
-    };
-    match data {
-        Some(d) => {
-            let preview: String =
-                d.iter().take(48).map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
-            let more = if d.len() > 48 { "…" } else { "" };
-            format!("{} bytes \"{preview}{more}\"", d.len())
-        }
-        None => {
-            let mut text = serde_json::to_string(payload).unwrap_or_default();
+        Payload::ExecStdin(p) => &p.data,
+        Payload::ExecStdout(p) => &p.data,
+        Payload::ExecStderr(p) => &p.data,
+        Payload::FsData(p) => &p.data,
+        Payload::TcpData(p) => &p.data,
+        Payload::BulkRecord(r) => return bulk_summary(r),
+        _ => {
+            let mut text = as_generation(version, || serde_json::to_string(payload)).unwrap_or_default();
             if text.len() > 160 {
                 let cut = (0..=157).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
                 text.truncate(cut);
                 text.push('…');
             }
-            text
+            return text;
         }
-    }
+    };
+    preview(data)
+}
+
+/// `kind=filesystem(1) flow=guest-to-host(2) offset=N 5 bytes "hello"`.
+fn bulk_summary(r: &BulkRecord) -> String {
+    let kind = match r.kind {
+        BulkKind::Filesystem => "filesystem",
+        BulkKind::Tcp => "tcp",
+    };
+    let flow = match r.flow {
+        BulkFlow::HostToGuest => "host-to-guest",
+        BulkFlow::GuestToHost => "guest-to-host",
+    };
+    format!(
+        "kind={kind}({}) flow={flow}({}) offset={} {}",
+        r.kind.to_wire(),
+        r.flow.to_wire(),
+        r.offset,
+        preview(&r.data)
+    )
+}
+
+/// The size of `data` and its first bytes, printable ones as they are.
+fn preview(d: &[u8]) -> String {
+    let shown: String =
+        d.iter().take(48).map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
+    let more = if d.len() > 48 { "…" } else { "" };
+    format!("{} bytes \"{shown}{more}\"", d.len())
 }

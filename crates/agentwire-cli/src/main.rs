@@ -27,7 +27,7 @@ use std::time::Duration;
 use agentwire_agent::sys;
 use clap::{Parser, Subcommand};
 
-/// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 7),
+/// Inspect and craft byte streams of the microVM host <-> guest agent protocol (generation 10),
 /// and run a real agent and host that speak it.
 #[derive(Parser)]
 #[command(name = "agentwire", version)]
@@ -44,9 +44,14 @@ struct Cli {
 enum Command {
     /// Decode a captured byte stream: one line a frame.
     ///
+    /// Raw bulk records (generation 8) are shown with their kind, flow, offset
+    /// and size; with --json as `{"offset","id","flags","t":"bulk.record","payload":
+    /// {"kind","flow","offset","data"}}` (no "v": a record has no envelope).
+    ///
     /// Exit status: 0 when the stream ends at a frame boundary (even if some
-    /// frames were rejected), 1 when it fails (length out of range, or it ends
-    /// inside a frame), 2 for usage errors and unreadable files.
+    /// frames were rejected), 1 when it fails (length out of range, a bulk
+    /// record that breaks the record layout, or it ends inside a frame), 2 for
+    /// usage errors and unreadable files.
     Inspect {
         /// The capture; standard input when `-` or absent.
         file: Option<PathBuf>,
@@ -55,7 +60,10 @@ enum Command {
         json: bool,
     },
     /// Write frames from JSON lines `{"id": N, "t": "wire.name", "payload": VALUE}`
-    /// (optional `"v"`, default the current generation, and `"flags"`, default the type's).
+    /// (optional `"v"`, default the current generation, `"flags"`, default the type's,
+    /// and `"offset"`, ignored, so that `inspect --json` output can be fed back).
+    /// A raw bulk record is `{"id": N, "t": "bulk.record", "payload": {"kind", "flow",
+    /// "offset", "data": [bytes]}}`, without "v".
     ///
     /// Exit status 1 if any line was bad (each is reported with its number and nothing is
     /// written for it), 2 for unreadable or unwritable files.
@@ -72,6 +80,12 @@ enum Command {
     /// with mode 0600), a loopback TCP address (`127.0.0.1:PORT`, `[::1]:PORT`;
     /// any other is refused), `vsock:PORT`, or inside a VM a virtio-serial port
     /// by name (`port:NAME`) or a serial device (`serial:PATH`, e.g. /dev/hvc0).
+    ///
+    /// Each connection holds at most 1024 sessions, and at most 1024 open file
+    /// handles per relay client and 4096 in all; one more is refused with an
+    /// error naming the limit. A file write cut off by the host going away is
+    /// logged (file, bytes written), and the file is removed if its handle
+    /// created it and no write on it had finished.
     Agent {
         /// Where to listen.
         #[arg(long)]
@@ -79,7 +93,9 @@ enum Command {
         /// The directory that `core.fs.*` paths are confined to.
         #[arg(long, default_value = ".")]
         root: PathBuf,
-        /// Let `core.tcp.connect` reach addresses beyond loopback.
+        /// Let `core.tcp.connect` reach addresses beyond loopback, and resolve
+        /// names by DNS. Without it only loopback addresses and `localhost` are
+        /// served, and no DNS query is sent.
         #[arg(long)]
         allow_net: bool,
         /// Seconds a connection may take for its start-up exchange (bootstrap, ack).
@@ -116,8 +132,12 @@ enum Command {
     /// Clients connect with `via_relay` (agentwire-client) and send no
     /// core.clock.sync of their own: it is an id-0 frame.
     ///
-    /// Up to 8 MiB wait for each client: when a client does not read, the relay
-    /// stops reading from the agent, which holds up every client until it does.
+    /// The relay never stops reading the agent for one client. A client is
+    /// disconnected (a warning is logged and the agent is told, as when a
+    /// client leaves) rather than holding up the agent's connection and with it
+    /// every other client, when more than 8 MiB wait for it and it takes
+    /// nothing for 5 s, when 40 MiB would wait for it, or when 256 MiB would
+    /// wait for all clients together.
     ///
     /// Exit status: 0 on SIGINT or SIGTERM (the socket file is removed); 1 when
     /// the agent cannot be reached, its start-up exchange fails or its connection

@@ -21,13 +21,20 @@
 //!
 //! Every buffer is bounded in bytes:
 //!
-//! - each client's outgoing queue holds at most [`CLIENT_QUEUE_BYTES`]. When a
-//!   frame from the agent does not fit in its client's queue, the relay stops
-//!   reading from the agent until the client has taken enough: backpressure
-//!   reaches the agent (and, through it, the commands it runs). The price of
-//!   this choice is that one client that does not read holds up every client
-//!   of the relay; the alternative, dropping frames or the client, would lose
-//!   data that a slow but healthy client wants;
+//! - frames from the agent for a client wait in that client's queue; the
+//!   relay never stops reading the agent for one client, because the agent's
+//!   connection is shared: waiting for one client to read would hold up every
+//!   client of the relay (their pings, their commands). A client is
+//!   disconnected instead (a warning in the log, then, as for any client that
+//!   leaves, `core.relay.client.disconnected` for its range, so the agent ends
+//!   its sessions) when it has more than [`CLIENT_STALL_BYTES`] waiting and
+//!   has taken nothing for [`CLIENT_STALL_TIMEOUT`] (it does not read), or when
+//!   a frame would take its queue past [`CLIENT_QUEUE_BYTES`], or all queues
+//!   together past [`ALL_CLIENT_QUEUES_BYTES`]. A client that reads slowly
+//!   keeps its connection: what it may have in flight is what it granted
+//!   (bulk credit up to 32 MiB a transfer, the exec output allowance), and
+//!   with generation 7's unmetered output it must read about as fast as the
+//!   agent sends;
 //! - frames from all clients to the agent wait in one queue of at most
 //!   [`AGENT_QUEUE_BYTES`]; a client whose frames do not fit is not read from
 //!   until they do, so an agent that does not read holds its clients back;
@@ -35,12 +42,13 @@
 //!   codec's limit, which is enforced strictly: a longer frame ends the stream)
 //!   and one read.
 //!
-//! In all, at most 128 × ([`CLIENT_QUEUE_BYTES`] + one frame and one read)
-//! plus [`AGENT_QUEUE_BYTES`] and the agent's read buffer.
+//! In all, at most [`ALL_CLIENT_QUEUES_BYTES`] + 128 × (one frame and one
+//! read) plus [`AGENT_QUEUE_BYTES`] and the agent's read buffer.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,14 +60,29 @@ use agentwire_session::{Config, Connection, Event};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::Decoder;
 
 use crate::addr::{self, Addr, Listener, Stream};
 
-/// The most bytes of frames that wait for one client to read them.
-pub const CLIENT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// The most bytes of frames that wait for one client to read them. A frame
+/// from the agent that would take a client's queue past this disconnects
+/// that client, instead of holding up the agent's connection, which every
+/// client shares. The largest bulk window a client may grant (32 MiB, spec
+/// 7.3) and a few of the largest frames fit.
+pub const CLIENT_QUEUE_BYTES: usize = 40 * 1024 * 1024;
+
+/// Above this many bytes waiting, a client that takes nothing for
+/// [`CLIENT_STALL_TIMEOUT`] is disconnected: it does not read.
+pub const CLIENT_STALL_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long a client with more than [`CLIENT_STALL_BYTES`] waiting may take nothing.
+pub const CLIENT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The most bytes waiting for all clients together; the client whose frame
+/// would pass it is disconnected.
+pub const ALL_CLIENT_QUEUES_BYTES: usize = 256 * 1024 * 1024;
 
 /// The most bytes of client frames that wait to be written to the agent.
 pub const AGENT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
@@ -129,6 +152,7 @@ pub async fn run(opts: Options) -> ExitCode {
         to_agent,
         agent_room: Arc::new(Semaphore::new(AGENT_QUEUE_BYTES)),
         notices,
+        all_client_room: Arc::new(Semaphore::new(ALL_CLIENT_QUEUES_BYTES)),
         ready,
     });
     let _ = shared.to_agent.send(ToAgent { bytes: clock_sync, _room: None });
@@ -250,7 +274,7 @@ async fn start_up(stream: &mut Stream, bootstrap: GuestBootstrap) -> Result<Star
     let mut notices = Vec::with_capacity(AGENT_RELAY_MAX_CLIENTS);
     for slot in 0..AGENT_RELAY_MAX_CLIENTS {
         let ids = client_id_range(slot).expect("a slot below the maximum");
-        conn.send(0, RelayClientDisconnected { id_start: ids.start, id_end_exclusive: ids.end })
+        conn.send(0, RelayClientDisconnected { id_start: ids.start, id_end_exclusive: ids.end, incarnation: None })
             .map_err(|e| format!("core.relay.client.disconnected: {e}"))?;
         notices.push(conn.poll_transmit());
     }
@@ -267,6 +291,8 @@ struct Shared {
     agent_room: Arc<Semaphore>,
     /// `core.relay.client.disconnected` of each slot.
     notices: Vec<Bytes>,
+    /// Bytes all client queues together may still take.
+    all_client_room: Arc<Semaphore>,
     /// The agent's `core.ready`.
     ready: Frame,
 }
@@ -285,12 +311,15 @@ enum Slot {
 struct ClientQueue {
     tx: mpsc::UnboundedSender<ToClient>,
     room: Arc<Semaphore>,
+    /// Told when the queue overflowed: the client is to be disconnected.
+    overflowed: Arc<Notify>,
 }
 
 struct ToClient {
     head: Bytes,
     body: Bytes,
     _room: OwnedSemaphorePermit,
+    _all: Option<OwnedSemaphorePermit>,
 }
 
 struct ToAgent {
@@ -319,12 +348,13 @@ fn admit(shared: &Arc<Shared>, stream: Stream, clients: &mut JoinSet<()>) {
     let room = Arc::new(Semaphore::new(CLIENT_QUEUE_BYTES));
     let (tx, rx) = mpsc::unbounded_channel();
     let permit = room.clone().try_acquire_many_owned(prologue.len() as u32).expect("an empty queue has room");
-    let _ = tx.send(ToClient { head: prologue.freeze(), body: Bytes::new(), _room: permit });
-    slots[slot] = Slot::Client(ClientQueue { tx, room: room.clone() });
+    let _ = tx.send(ToClient { head: prologue.freeze(), body: Bytes::new(), _room: permit, _all: None });
+    let overflowed = Arc::new(Notify::new());
+    slots[slot] = Slot::Client(ClientQueue { tx, room: room.clone(), overflowed: overflowed.clone() });
     drop(slots);
     let ids = handshake.client_ids();
     tracing::info!(slot, ?ids, "client connected");
-    clients.spawn(serve_client(shared.clone(), slot, ids, stream, rx, room));
+    clients.spawn(serve_client(shared.clone(), slot, ids, stream, rx, room, overflowed));
 }
 
 /// Serves one client until it leaves or breaks a rule, then tells the agent.
@@ -335,13 +365,17 @@ async fn serve_client(
     stream: Stream,
     rx: mpsc::UnboundedReceiver<ToClient>,
     room: Arc<Semaphore>,
+    overflowed: Arc<Notify>,
 ) {
     let (read, write) = tokio::io::split(stream);
     // Either side may end first; frames for the agent are queued whole, so
     // stopping the reader at any point leaves no partial frame behind.
+    let taken = AtomicU64::new(0);
     let why = tokio::select! {
         why = read_client(read, &ids, &shared) => why,
-        why = write_client(write, rx) => why,
+        why = write_client(write, rx, &taken) => why,
+        why = stalled(&room, &taken) => why,
+        () = overflowed.notified() => "disconnected: it does not read fast enough (its queue, or all queues together, would pass their limit)".into(),
     };
     tracing::info!(slot, "client left: {why}");
     lock(&shared.slots)[slot] = Slot::Leaving;
@@ -423,7 +457,11 @@ async fn queue_for_agent(shared: &Shared, batch: &mut BytesMut) {
 }
 
 /// Writes a client's queue to it; ends when a write fails.
-async fn write_client(write: WriteHalf<Stream>, mut rx: mpsc::UnboundedReceiver<ToClient>) -> String {
+async fn write_client(
+    write: WriteHalf<Stream>,
+    mut rx: mpsc::UnboundedReceiver<ToClient>,
+    taken: &AtomicU64,
+) -> String {
     let mut write = tokio::io::BufWriter::with_capacity(READ_CHUNK, write);
     while let Some(mut item) = rx.recv().await {
         loop {
@@ -434,6 +472,7 @@ async fn write_client(write: WriteHalf<Stream>, mut rx: mpsc::UnboundedReceiver<
             if let Err(e) = written.await {
                 return format!("writing: {e}");
             }
+            taken.fetch_add((item.head.len() + item.body.len()) as u64, Ordering::Relaxed);
             match rx.try_recv() {
                 Ok(next) => item = next,
                 Err(_) => break,
@@ -444,6 +483,28 @@ async fn write_client(write: WriteHalf<Stream>, mut rx: mpsc::UnboundedReceiver<
         }
     }
     "the relay closed its queue".to_string()
+}
+
+/// Ends (with the reason) once the client has had more than
+/// [`CLIENT_STALL_BYTES`] waiting and taken nothing for [`CLIENT_STALL_TIMEOUT`].
+async fn stalled(room: &Semaphore, taken: &AtomicU64) -> String {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let (mut last, mut since) = (taken.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tick.tick().await;
+        let now = taken.load(Ordering::Relaxed);
+        let waiting = CLIENT_QUEUE_BYTES.saturating_sub(room.available_permits());
+        if now != last || waiting <= CLIENT_STALL_BYTES {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= CLIENT_STALL_TIMEOUT {
+            let what = format!("{waiting} bytes wait for it and it took none for {CLIENT_STALL_TIMEOUT:?}");
+            tracing::warn!(
+                "a client does not read: {what}; it is disconnected and its sessions ended, so that the other \
+                 clients go on"
+            );
+            return format!("disconnected: it does not read: {what}");
+        }
+    }
 }
 
 /// Writes the queued frames to the agent in order; a failure is fatal.
@@ -475,7 +536,7 @@ async fn read_agent(
     let why = loop {
         let broken = loop {
             match codec.decode(&mut buf) {
-                Ok(Some(Ok(frame))) => route(&shared, frame).await,
+                Ok(Some(Ok(frame))) => route(&shared, frame),
                 Ok(Some(Err(oversized))) => break Some(format!("a frame of {} bytes", oversized.len)),
                 Ok(None) => break None,
                 Err(e) => break Some(e.to_string()),
@@ -495,28 +556,55 @@ async fn read_agent(
     let _ = fatal.send(why);
 }
 
-/// Hands one frame of the agent to its client, waiting while the client's queue is full.
-async fn route(shared: &Shared, frame: Frame) {
+/// Hands one frame of the agent to its client; never waits. A frame that
+/// does not fit in the client's queue disconnects the client (see
+/// [`CLIENT_QUEUE_BYTES`]) and is dropped, with every later frame for it.
+fn route(shared: &Shared, frame: Frame) {
     let id = frame.id;
     if id == 0 || id == u32::MAX {
         tracing::debug!(id, flags = %frame.flags, "a control frame of the agent, for no client; dropped");
         return;
     }
     let queue = client_for_id(id).and_then(|slot| match &lock(&shared.slots)[slot] {
-        Slot::Client(q) => Some(q.clone()),
+        Slot::Client(q) => Some((slot, q.clone())),
         _ => None,
     });
-    let Some(queue) = queue else {
+    let Some((slot, queue)) = queue else {
         tracing::debug!(id, flags = %frame.flags, "a frame for no connected client; dropped");
         return;
     };
-    // Waits while the client is behind: the agent is not read meanwhile.
-    let Ok(room) = queue.room.acquire_many_owned(frame.wire_len() as u32).await else {
-        tracing::debug!(id, "the client left while its frame waited; dropped");
-        return;
+    let len = frame.wire_len();
+    let overflow = |what: String| {
+        tracing::warn!(
+            slot,
+            id,
+            "a client does not read fast enough: {what}; it is disconnected and its sessions ended, so that the other \
+             clients go on"
+        );
+        // Later frames for it are dropped; its task ends and tells the agent.
+        queue.room.close();
+        queue.overflowed.notify_one();
+    };
+    let room = match queue.room.clone().try_acquire_many_owned(len as u32) {
+        Ok(room) => room,
+        Err(TryAcquireError::Closed) => {
+            tracing::debug!(id, "a frame for a client that is leaving; dropped");
+            return;
+        }
+        Err(TryAcquireError::NoPermits) => {
+            let waiting = CLIENT_QUEUE_BYTES - queue.room.available_permits();
+            return overflow(format!(
+                "{waiting} bytes wait for it and a frame of {len} more would pass {CLIENT_QUEUE_BYTES}"
+            ));
+        }
+    };
+    let Ok(all) = shared.all_client_room.clone().try_acquire_many_owned(len as u32) else {
+        return overflow(format!(
+            "a frame of {len} bytes for it would take all clients' queues past {ALL_CLIENT_QUEUES_BYTES}"
+        ));
     };
     let head = Bytes::copy_from_slice(&frame.header());
-    let _ = queue.tx.send(ToClient { head, body: frame.body, _room: room });
+    let _ = queue.tx.send(ToClient { head, body: frame.body, _room: room, _all: Some(all) });
 }
 
 fn stopped(signal: &str) -> ExitCode {

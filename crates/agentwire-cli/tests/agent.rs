@@ -39,7 +39,7 @@ impl Agent {
         let mut framed = Framed::new(UnixStream::connect(&self.socket).await.unwrap(), MessageCodec::new());
         framed.send(Message::new(0, GuestBootstrap::default())).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.init.resolved");
-        framed.send(Message::new(0, InitAck {})).await.unwrap();
+        framed.send(Message::new(0, InitAck::default())).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.ready");
         framed
     }
@@ -185,7 +185,8 @@ async fn a_frame_the_agent_cannot_decode_gets_core_error_and_the_connection_stay
         let pong = next(&mut framed).await;
         assert!(matches!(pong.payload, Payload::Pong(_)) && pong.id == 100 + id, "{pong:?}");
     }
-    assert_eq!(CoreErrorKind::KNOWN.len(), 6);
+    // Every kind a frame can earn; initialization_failed and capability_unavailable are not a frame's.
+    assert_eq!(CoreErrorKind::KNOWN.len(), 8);
 }
 
 #[tokio::test]
@@ -293,7 +294,7 @@ async fn set_stat_without_following_acts_on_the_link_not_its_target() {
     let mut framed = agent.connect().await;
     let mut set_stat = async |id, attrs| {
         let op = FsOp::SetStat { path: "/link".into(), follow_symlink: false, attrs };
-        framed.send(Message::new(id, FsRequest { op })).await.unwrap();
+        framed.send(Message::new(id, FsRequest::new(op))).await.unwrap();
         match next(&mut framed).await.payload {
             Payload::FsResponse(r) => r,
             other => panic!("{other:?}"),
@@ -325,7 +326,7 @@ async fn set_stat_without_following_acts_on_the_link_not_its_target() {
         follow_symlink: true,
         attrs: FsSetAttrs { mode: Some(0o600), mtime: Some(2_000_000_000), ..FsSetAttrs::default() },
     };
-    framed.send(Message::new(4, FsRequest { op })).await.unwrap();
+    framed.send(Message::new(4, FsRequest::new(op))).await.unwrap();
     assert!(matches!(next(&mut framed).await.payload, Payload::FsResponse(r) if r.ok));
     let t = std::fs::metadata(&target).unwrap();
     assert_eq!((t.mtime(), t.permissions().mode() & 0o777), (2_000_000_000, 0o600));
@@ -387,7 +388,7 @@ async fn a_connection_holds_at_most_1024_sessions_at_once() {
     let agent = Agent::start("limit");
     let mut framed = agent.connect().await;
     // A streamed write stays open until its last chunk: 1024 of them, no process each.
-    let write = |id| Message::new(id, FsRequest { op: FsOp::Write { handle: 999, offset: 0, len: None } });
+    let write = |id| Message::new(id, FsRequest::new(FsOp::Write { handle: 999, offset: 0, len: None }));
     for id in 1..=1024 {
         framed.feed(write(id)).await.unwrap();
     }
@@ -436,4 +437,22 @@ fn host_refuses_to_put_a_directory_and_a_closed_pipe_ends_it_quietly() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.is_empty(), "quietly: {err}");
     assert_ne!(status.code(), Some(0), "the output was cut short");
+}
+
+#[test]
+fn agent_help_says_its_limits_and_what_allow_net_allows() {
+    let help = agentwire(&["agent", "--help"], b"");
+    assert!(help.status.success());
+    // Help wraps lines where the terminal ends; the words are looked for in one line.
+    let help = text(&help.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for words in [
+        "1024 sessions",
+        "1024 open file handles per relay client and 4096 in all",
+        "refused with an error naming the limit",
+        "file is removed if its handle created it",
+        "resolve names by DNS",
+        "no DNS query is sent",
+    ] {
+        assert!(help.contains(words), "{words:?} not in:\n{help}");
+    }
 }

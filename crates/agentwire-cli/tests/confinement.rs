@@ -43,7 +43,7 @@ impl Agent {
         let mut framed = Framed::new(UnixStream::connect(&self.socket).await.unwrap(), MessageCodec::new());
         framed.send(Message::new(0, GuestBootstrap::default())).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.init.resolved");
-        framed.send(Message::new(0, InitAck {})).await.unwrap();
+        framed.send(Message::new(0, InitAck::default())).await.unwrap();
         assert_eq!(next(&mut framed).await.message_type().wire_name(), "core.ready");
         framed
     }
@@ -56,7 +56,7 @@ async fn next(framed: &mut Framed<UnixStream, MessageCodec>) -> Message {
 
 /// One raw request on `id` and its `core.fs.response`.
 async fn raw_fs(framed: &mut Framed<UnixStream, MessageCodec>, id: u32, op: FsOp) -> FsResponse {
-    framed.send(Message::new(id, FsRequest { op })).await.unwrap();
+    framed.send(Message::new(id, FsRequest::new(op))).await.unwrap();
     loop {
         let m = next(framed).await;
         if let Payload::FsResponse(r) = m.payload {
@@ -212,7 +212,9 @@ async fn race(agent: Agent, duration: Duration) {
                         client.set_stat("/d/victim", true, attrs).await.is_ok()
                     }
                     _ => {
-                        let _ = client.fs(FsOp::Symlink { target: "x".into(), link_path: format!("/d/l-{n}") }).await;
+                        let _ = client
+                            .fs(FsOp::Symlink { target: "x".into(), link_path: format!("/d/l-{n}"), user: None })
+                            .await;
                         client.remove_dir("/d/tree2", true).await.is_ok()
                     }
                 };
@@ -274,7 +276,7 @@ async fn open_and_symlink_back_to_back_create_nothing_outside() {
         let (open_path, target) =
             if rounds % 2 == 0 { (path.clone(), target) } else { (format!("{path}/f"), outside.display().to_string()) };
         let open = client.fs(FsOp::OpenFile { path: open_path, options: write.clone() });
-        let link = client.fs(FsOp::Symlink { target, link_path: path.clone() });
+        let link = client.fs(FsOp::Symlink { target, link_path: path.clone(), user: None });
         let (opened_now, _) = tokio::join!(open, link);
         if let Ok(Some(FsResponseData::Handle(h))) = opened_now {
             opened += 1;
@@ -380,7 +382,12 @@ async fn handles_are_limited_and_scoped_to_the_relay_slot_that_opened_them() {
     assert!(r.ok, "{r:?}");
 
     // Slot 1's client leaves: its handle is closed.
-    raw.send(Message::new(0, RelayClientDisconnected { id_start: STEP, id_end_exclusive: 2 * STEP })).await.unwrap();
+    raw.send(Message::new(
+        0,
+        RelayClientDisconnected { id_start: STEP, id_end_exclusive: 2 * STEP, incarnation: None },
+    ))
+    .await
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut id = slot1 + 100;
     loop {
@@ -393,4 +400,56 @@ async fn handles_are_limited_and_scoped_to_the_relay_slot_that_opened_them() {
         assert!(Instant::now() < deadline, "the handle of a client that left stayed open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// At most 4096 open handles per connection over all its relay slots: with
+/// four slots full (1024 each), an open from a fifth slot is refused with an
+/// error that names the limit, the agent goes on (a ping, an open on another
+/// connection), and closing one handle makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_4096_handles_over_all_its_slots() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // 4096 handles are 4096 descriptors of the agent, which inherits this limit.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let want = 8192.min(hard);
+    assert!(want >= 4096 + 256, "RLIMIT_NOFILE's hard limit is {hard}: too low for 4096 open handles");
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).unwrap();
+    }
+    let agent = Agent::start("handles-total");
+    std::fs::write(agent.root().join("f"), "data").unwrap();
+    let mut raw = agent.raw().await;
+    let read = FsOpenOptions { read: true, ..FsOpenOptions::default() };
+    let open = FsOp::OpenFile { path: "/f".into(), options: read.clone() };
+    let t = Instant::now();
+    let mut first = None;
+    for slot in 1..=4u32 {
+        for i in 0..1024 {
+            let r = raw_fs(&mut raw, slot * STEP + 1 + i, open.clone()).await;
+            match r.data {
+                Some(FsResponseData::Handle(h)) => _ = first.get_or_insert((slot * STEP + 1, h)),
+                _ => panic!("slot {slot}, open {i}: {r:?}"),
+            }
+        }
+    }
+    let opened = t.elapsed();
+    let refused = raw_fs(&mut raw, 5 * STEP + 1, open.clone()).await;
+    let message = refused.error.clone().unwrap_or_default();
+    eprintln!("4096 handles opened in {opened:?}; the 4097th (slot 5): {message:?}");
+    assert!(!refused.ok, "a 4097th handle was opened: {refused:?}");
+    assert!(message.contains("4096") && message.contains("connection"), "{message}");
+    let refused = raw_fs(&mut raw, 5 * STEP + 2, FsOp::OpenDir { path: "/".into() }).await;
+    assert!(!refused.ok && refused.error.unwrap_or_default().contains("4096"));
+    // The agent goes on: this connection answers, and another has a table of its own.
+    raw.send(Message::new(5 * STEP + 3, agentwire::payload::core::Ping {})).await.unwrap();
+    assert_eq!(next(&mut raw).await.message_type().wire_name(), "core.pong");
+    let other = agent.client(Duration::from_secs(20)).await;
+    let h = other.fs(open.clone()).await.expect("another connection opens a file");
+    assert!(matches!(h, Some(FsResponseData::Handle(_))), "{h:?}");
+    // One closed, one more fits.
+    let (id, h) = first.unwrap();
+    let r = raw_fs(&mut raw, id + 2000, FsOp::CloseHandle { handle: h }).await;
+    assert!(r.ok, "{r:?}");
+    let r = raw_fs(&mut raw, 5 * STEP + 4, open).await;
+    assert!(matches!(r.data, Some(FsResponseData::Handle(_))), "{r:?}");
 }

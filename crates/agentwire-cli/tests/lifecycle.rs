@@ -210,7 +210,7 @@ fn handshake_and_idle_timeouts_close_quiet_connections() {
     quiet
         .write_all(&frame(agentwire::Message::new(0, agentwire::payload::bootstrap::GuestBootstrap::default())))
         .unwrap();
-    quiet.write_all(&frame(agentwire::Message::new(0, agentwire::payload::core::InitAck {}))).unwrap();
+    quiet.write_all(&frame(agentwire::Message::new(0, agentwire::payload::core::InitAck::default()))).unwrap();
     let started = Instant::now();
     let got = read_until_closed(&mut quiet);
     let text = String::from_utf8_lossy(&got);

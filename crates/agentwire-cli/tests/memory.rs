@@ -66,10 +66,10 @@ async fn the_agent_stays_bounded_when_many_reads_are_never_taken() {
     let mut framed = tokio_util::codec::Framed::new(stream, MessageCodec::new());
     framed.send(Message::new(0, GuestBootstrap::default())).await.unwrap();
     assert_eq!(framed_next(&mut framed).await.message_type().wire_name(), "core.init.resolved");
-    framed.send(Message::new(0, InitAck {})).await.unwrap();
+    framed.send(Message::new(0, InitAck::default())).await.unwrap();
     assert_eq!(framed_next(&mut framed).await.message_type().wire_name(), "core.ready");
     let open = FsOp::OpenFile { path: "/big.bin".into(), options: FsOpenOptions { read: true, ..Default::default() } };
-    framed.send(Message::new(1, FsRequest { op: open })).await.unwrap();
+    framed.send(Message::new(1, FsRequest::new(open))).await.unwrap();
     let handle = match framed_next(&mut framed).await.payload {
         Payload::FsResponse(r) => match r.data {
             Some(FsResponseData::Handle(h)) => h,
@@ -79,7 +79,7 @@ async fn the_agent_stays_bounded_when_many_reads_are_never_taken() {
     };
     for id in 2..1002 {
         let read = FsOp::Read { handle, offset: 0, len: None };
-        framed.send(Message::new(id, FsRequest { op: read })).await.unwrap();
+        framed.send(Message::new(id, FsRequest::new(read))).await.unwrap();
     }
     // Nothing is read from here on.
     tokio::time::sleep(duration().min(Duration::from_secs(10))).await;

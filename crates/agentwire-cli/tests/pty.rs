@@ -109,10 +109,15 @@ async fn a_signal_ends_a_command_on_a_terminal_with_minus_one() {
     assert_eq!(status, ExitStatus::from_code(-1));
 }
 
+/// The legacy (generation-7) execution: the client sends stdin as fast as the
+/// connection takes it and the agent refuses what passes its queue with
+/// `core.exec.stdin.error`. (A controlled execution's writer waits for stdin
+/// acks instead; tests/client_flow.rs has that case.)
 #[tokio::test]
 async fn stdin_a_command_never_reads_stops_neither_pings_nor_signals() {
     let agent = RunningAgent::start("stdin-flood");
-    let client = std::sync::Arc::new(connect(&agent).await);
+    let stream = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    let client = std::sync::Arc::new(Client::builder().exec_limits(None).connect(stream).await.unwrap());
     let mut exec = client.exec(Command::new("sleep").arg("100")).await.unwrap();
     let input = exec.input();
     // 64 MiB in 64 KiB frames, as fast as the connection takes them.

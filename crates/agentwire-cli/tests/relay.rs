@@ -301,37 +301,109 @@ async fn the_129th_client_is_refused_and_the_lowest_free_slot_is_reused() {
     assert_eq!(handshake.id_min, 5 * STEP + 1);
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_does_not_read_holds_the_agent_back_instead_of_filling_the_relay() {
-    let relay = Relay::start("backpressure", None);
-    let (mut raw, handshake) = relay.raw().await;
-    let before = rss_kib(relay.relay.id());
-    // 256 MiB of output that nobody reads.
-    let mut req = agentwire::payload::exec::ExecRequest::new("head");
-    req.args = vec!["-c".into(), "268435456".into(), "/dev/zero".into()];
-    raw.write_all(&encode(Message::new(handshake.client_ids().start, req))).await.unwrap();
-    let mut most = 0;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        most = most.max(rss_kib(relay.relay.id()));
-    }
-    // The client's queue (8 MiB) and a frame or two, not the command's output.
-    assert!(most < before + 32 * 1024, "the relay grew from {before} KiB to {most} KiB");
-    // It was flowing, and is stuck only for want of a reader: read some of it now.
-    let (mut codec, mut buf) = (MessageCodec::new(), BytesMut::new());
-    let mut got = 0;
-    while got < 32 * 1024 * 1024 {
-        let m = next_message(&mut raw, &mut codec, &mut buf).await;
-        if let Payload::ExecStdout(o) = m.payload {
-            got += o.data.len();
+/// The pids of the agent's children running `comm` (each command leads its own group).
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<u32>().ok()));
+        if &stat[open + 1..close] == comm && ppid == Some(parent) && state != Some("Z") {
+            found.push(pid);
         }
     }
+    found
+}
+
+/// Client A runs `yes` and never reads its socket; client B pings and runs
+/// commands all along. A's queue reaches its limit, so the relay disconnects A
+/// (a warning; the agent is told and kills `yes`) instead of holding up the
+/// agent's connection; every operation of B completes within 5 s (with the
+/// relay waiting for A, B's next ping would never be answered), and the
+/// relay's peak memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_disconnected_and_the_others_go_on() {
+    let relay = Relay::start("noreader", None);
+    let agent_pid = relay.agent.id();
+    let b = relay.client().await;
+    ping(&b).await;
+    let (mut a, handshake) = relay.raw().await;
+    let a_slot = handshake.id_min / STEP;
+    let started = Instant::now();
+    // Output without end, never read by A.
+    a.write_all(&encode(Message::new(handshake.client_ids().start, agentwire::payload::exec::ExecRequest::new("yes"))))
+        .await
+        .unwrap();
+
+    let quick = Duration::from_secs(5);
+    let (mut pings, mut execs, mut slowest, mut seen_yes) = (0u32, 0u32, Duration::ZERO, false);
+    let mut disconnected_after = None;
+    // B goes on for 3 s after A's disconnection (10 s at most in all).
+    while disconnected_after.is_none_or(|d: Duration| started.elapsed() < d + Duration::from_secs(3)) {
+        assert!(started.elapsed() < Duration::from_secs(10), "A was not disconnected within 10 s:\n{}", relay.log());
+        seen_yes |= !children_named(agent_pid, "yes").is_empty();
+        let t = Instant::now();
+        tokio::time::timeout(quick, b.ping())
+            .await
+            .unwrap_or_else(|_| panic!("B's ping {pings} took over {quick:?}: A holds it up\n{}", relay.log()))
+            .unwrap();
+        pings += 1;
+        let run = async { b.exec(Exec::new("sh").arg("-c").arg("echo b-$((6*7))")).await?.output().await };
+        let out = tokio::time::timeout(quick, run)
+            .await
+            .unwrap_or_else(|_| panic!("B's exec {execs} took over {quick:?}: A holds it up\n{}", relay.log()))
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "b-42\n");
+        execs += 1;
+        slowest = slowest.max(t.elapsed());
+        if disconnected_after.is_none() && relay.log().contains("does not read") {
+            disconnected_after = Some(started.elapsed());
+        }
+    }
+    let disconnected_after = disconnected_after.unwrap();
+    relay.wait_log(&format!("slot={a_slot}"));
+    relay.wait_log("client left: disconnected: it does not read");
+    // The relay closed A's connection (what it had written before is skipped).
+    assert!(closed(&mut a).await, "A's connection stayed open");
+    // The agent was told (core.relay.client.disconnected) and killed A's command.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !children_named(agent_pid, "yes").is_empty() {
+        assert!(Instant::now() < deadline, "A's `yes` outlived its disconnection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A's slot is free again, and B is still served.
+    let (_again, h) = relay.raw().await;
+    assert_eq!(h.id_min / STEP, a_slot, "the slot of the disconnected client is given again");
+    ping(&b).await;
+    let peak = common::peak_rss_kib(relay.relay.id());
+    eprintln!(
+        "no reader: A disconnected after {:.2} s; B: {pings} pings and {execs} execs, slowest ping+exec {:.1} ms; \
+         `yes` seen running: {seen_yes}; relay peak RSS {peak} KiB",
+        disconnected_after.as_secs_f64(),
+        slowest.as_secs_f64() * 1000.0
+    );
+    assert!(pings >= 3 && execs >= 3, "B did too little to show anything: {pings} pings, {execs} execs");
+    // At most CLIENT_QUEUE_BYTES (40 MiB) wait for A before it is disconnected,
+    // plus the relay's own ~10 MiB.
+    assert!(peak < 96 * 1024, "relay peak RSS {peak} KiB");
+}
+
+/// A client that reads what its command writes as it comes keeps all of it:
+/// 64 MiB of output through the relay, at full speed, arrive whole and the
+/// client is not disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_keeps_all_its_output() {
+    let relay = Relay::start("reader", None);
+    let client = relay.client().await;
+    let run = async { client.exec(Exec::new("head").arg("-c").arg("67108864").arg("/dev/zero")).await?.output().await };
+    let t = Instant::now();
+    let out = within("64 MiB of output", run).await.unwrap();
+    eprintln!("64 MiB through the relay in {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!((out.stdout.len(), out.status.code()), (64 << 20, Some(0)));
+    assert!(!relay.log().contains("does not read"), "{}", relay.log());
+    ping(&client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

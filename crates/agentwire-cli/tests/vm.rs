@@ -110,7 +110,7 @@ impl Vm {
 
     async fn fs(&mut self, op: FsOp) -> Option<FsResponseData> {
         let id = self.id();
-        self.send(Message::new(id, FsRequest { op })).await;
+        self.send(Message::new(id, FsRequest::new(op))).await;
         self.response(id).await
     }
 
@@ -171,7 +171,7 @@ async fn boot(machine: &str) -> Vm {
     // The deployed order (spec 10.2): core.init.resolved, our ack, then core.ready.
     let resolved = vm.recv().await;
     assert!(matches!(resolved.payload, Payload::InitResolved(ref i) if i.default_user.uid == 0), "{resolved:?}");
-    vm.send(Message::new(0, InitAck {})).await;
+    vm.send(Message::new(0, InitAck::default())).await;
     let ready = vm.recv().await;
     let running_ns = started.elapsed().as_nanos() as u64;
     let Payload::Ready(r) = ready.payload else { panic!("{ready:?}") };
@@ -218,8 +218,7 @@ async fn full_session(machine: &str) {
         .open("/tmp/big.bin", FsOpenOptions { write: true, create: true, truncate: true, ..Default::default() })
         .await;
     let id = vm.id();
-    vm.send(Message::new(id, FsRequest { op: FsOp::Write { handle: h, offset: 0, len: Some(data.len() as u64) } }))
-        .await;
+    vm.send(Message::new(id, FsRequest::new(FsOp::Write { handle: h, offset: 0, len: Some(data.len() as u64) }))).await;
     for chunk in data.chunks(FS_CHUNK_SIZE).chain([&[][..]]) {
         vm.send(Message::new(id, FsData { data: Bytes::copy_from_slice(chunk) })).await;
     }
@@ -227,7 +226,7 @@ async fn full_session(machine: &str) {
     vm.fs(FsOp::CloseHandle { handle: h }).await;
     let h = vm.open("/tmp/big.bin", FsOpenOptions { read: true, ..Default::default() }).await;
     let id = vm.id();
-    vm.send(Message::new(id, FsRequest { op: FsOp::Read { handle: h, offset: 0, len: None } })).await;
+    vm.send(Message::new(id, FsRequest::new(FsOp::Read { handle: h, offset: 0, len: None }))).await;
     let mut back = Vec::with_capacity(data.len());
     loop {
         let m = vm.recv().await;
@@ -411,18 +410,36 @@ async fn boot_reference(
     (vm, client, started.elapsed())
 }
 
-/// Runs `argv` with `stdin`: (stdout, stderr, exit code).
+/// Runs `argv` with `stdin`: (stdout, stderr, exit code). The input is written
+/// by a task of its own while the output is read, as a controlled execution
+/// needs (its writer waits for the agent's stdin acks; the agent waits for
+/// output acks).
 async fn run(client: &agentwire_client::Client, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, Vec<u8>, i32) {
-    let exec = within("exec", client.exec(agentwire_client::Command::new(argv[0]).args(argv[1..].iter().copied())))
+    use agentwire_client::ExecEvent;
+    let mut exec = within("exec", client.exec(agentwire_client::Command::new(argv[0]).args(argv[1..].iter().copied())))
         .await
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let input = exec.input();
-    for chunk in stdin.chunks(64 << 10) {
-        input.write(Bytes::copy_from_slice(chunk)).await.unwrap();
-    }
-    let out = within("the command's output", exec.output()).await.unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    let code = out.status.code().unwrap_or(-1);
-    (out.stdout, out.stderr, code)
+    let data = Bytes::copy_from_slice(stdin);
+    let writer = tokio::spawn(async move {
+        for at in (0..data.len()).step_by(64 << 10) {
+            input.write(data.slice(at..(at + (64 << 10)).min(data.len()))).await?;
+        }
+        input.close().await
+    });
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = loop {
+        match within("the command's output", exec.next()).await.unwrap_or_else(|e| panic!("{argv:?}: {e}")) {
+            Some(ExecEvent::Stdout(d)) => out.extend_from_slice(&d),
+            Some(ExecEvent::Stderr(d)) => err.extend_from_slice(&d),
+            Some(ExecEvent::Exited(status)) => break status.code().unwrap_or(-1),
+            Some(_) => {}
+            None => panic!("{argv:?}: no exit"),
+        }
+    };
+    let written = writer.await.unwrap();
+    assert!(written.is_ok() || code != 0, "{argv:?}: stdin: {written:?}");
+    (out, err, code)
 }
 
 async fn reference_session(version: &str, generation: u8, machine: &str) {
@@ -432,9 +449,14 @@ async fn reference_session(version: &str, generation: u8, machine: &str) {
     let r = client.ready().clone();
     eprintln!("reference {version} on {machine}: {r:?}; core.ready {greeted:?} after QEMU started");
 
-    // The versions: the agent's generation, and 7 (ours) on the wire.
+    // The versions: the agent's generation, and the lower of it and ours (10) on the wire.
     assert_eq!(r.agent_version, version, "{r:?}");
-    assert_eq!((client.agent_generation(), client.negotiated()), (generation, 7));
+    assert_eq!((client.agent_generation(), client.negotiated()), (generation, generation.min(10)));
+    // A generation-10 agent takes our bootstrap's execution policy (the client's
+    // default) and advertises it; executions are then controlled (spec 8).
+    let limits = r.capabilities().exec_limits;
+    assert_eq!(limits.is_some(), generation >= 10, "{r:?}");
+    assert_eq!(client.exec_limits().is_some(), generation >= 10);
     assert!(r.boot_time_ns > 0 && r.ready_time_ns >= r.boot_time_ns + r.init_time_ns, "{r:?}");
     assert_eq!(client.default_user().map(|u| (u.uid, u.gid)), Some((0, 0)));
 
@@ -464,7 +486,9 @@ async fn reference_session(version: &str, generation: u8, machine: &str) {
     }
 
     // stdin, stdout, stderr and the exit code.
-    let input = b"our host, their agent\n".repeat(20_000);
+    // 4.4 MB: past the default output allowance (1 MiB) and stdin allowance
+    // (64 KiB), so that a generation-10 agent waits for our acks both ways.
+    let input = b"our host, their agent\n".repeat(200_000);
     let (out, err, code) = run(&client, &["sh", "-c", "cat; echo to-stderr >&2; exit 3"], &input).await;
     assert_eq!((code, out.len(), String::from_utf8_lossy(&err).as_ref()), (3, input.len(), "to-stderr\n"));
     assert!(out == input, "stdout differs from stdin");
@@ -566,10 +590,13 @@ async fn reference_session(version: &str, generation: u8, machine: &str) {
     // both halves of a connection are closed.
     let (credits, tcp_closed) = (capture.count("core.workload.transport.credit"), capture.count("core.tcp.closed"));
     eprintln!("reference {version}: {credits} core.workload.transport.credit, {tcp_closed} core.tcp.closed");
+    let (output_acks, stdin_acks) = (capture.count("core.exec.output.ack"), capture.count("core.exec.stdin.ack"));
+    eprintln!("reference {version}: {output_acks} core.exec.output.ack, {stdin_acks} core.exec.stdin.ack");
     if generation >= 10 {
         assert!(credits > 0 && tcp_closed == 1, "{credits} credit reports, {tcp_closed} core.tcp.closed");
+        assert!(output_acks > 0 && stdin_acks > 0, "{output_acks} output acks, {stdin_acks} stdin acks");
     } else {
-        assert_eq!((credits, tcp_closed), (0, 0));
+        assert_eq!((credits, tcp_closed, output_acks, stdin_acks), (0, 0, 0, 0));
     }
 
     // Shutdown powers the guest off: QEMU, and so `agentwire vm`, end with status 0.

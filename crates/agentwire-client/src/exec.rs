@@ -1,9 +1,19 @@
 //! Running commands in the guest.
 
-use agentwire::Payload;
-use agentwire::payload::exec::{ExecRequest, ExecResize, ExecRlimit, ExecSignal, ExecStdin, ExecStdinError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use agentwire::payload::exec::{
+    EXEC_OUTPUT_EVENT_OVERHEAD, ExecLimits, ExecOutputAck, ExecRequest, ExecResize, ExecRlimit, ExecSignal, ExecStdin,
+    ExecStdinError,
+};
+use agentwire::{Flags, Message, MessageType, Payload};
+use agentwire_session::SendError;
+use agentwire_session::driver::{Handle, Route};
+use agentwire_session::table::charge;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::ClientError;
 use crate::client::{Client, Sender, Session};
@@ -148,86 +158,402 @@ pub struct Output {
 }
 
 /// A command running in the guest. Dropped, it is abandoned (the command runs on).
+///
+/// Under execution flow control (a generation-10 agent that advertises
+/// `exec_limits`, see [`Client::exec_limits`]), the agent publishes output
+/// only within its output allowance, and this handle gives the allowance
+/// back with `core.exec.output.ack` as the application *consumes* output:
+/// an event handed out by [`Exec::next`] (and so by [`Exec::output`] and
+/// [`Exec::pipe`]) counts as consumed once the application asks for the next
+/// one. Acknowledgements are coalesced: one is sent when a quarter of the
+/// allowance has been consumed since the last, or when everything received
+/// has been consumed. An application that stops reading therefore holds the
+/// command back (it waits on its output pipe) instead of making this side
+/// buffer its output; and since the agent withholds `core.exec.exited` until
+/// all output is acknowledged, read until [`ExecEvent::Exited`]. A dropped
+/// handle discards the rest of the output and acknowledges it, so that the
+/// abandoned command can run to its end and free its slot in the agent.
 pub struct Exec {
-    session: Session,
+    id: u32,
+    inner: Inner,
     /// A first reply that was output rather than `core.exec.started`.
-    first: Option<agentwire::Message>,
+    first: Option<Message>,
     ended: bool,
 }
 
+enum Inner {
+    /// No flow control: the session's frames as they come.
+    Legacy(Session),
+    /// Section 8's flow control.
+    Controlled(Controlled),
+}
+
+/// What a controlled execution's handle holds.
+struct Controlled {
+    /// The session's frames, but for stdin acknowledgements, from its task.
+    rx: mpsc::UnboundedReceiver<Message>,
+    shared: Arc<Flow>,
+    /// The output charge handed to the application so far (cumulative).
+    consumed: u64,
+    /// The charge last acknowledged.
+    acked: u64,
+    /// How much consumed charge makes an acknowledgement worth sending at once.
+    threshold: u64,
+}
+
+/// What a controlled execution's handle, its input handles and its task share.
+struct Flow {
+    id: u32,
+    handle: Handle,
+    /// Sends the session's frames.
+    sender: Sender,
+    /// The largest stdin frame.
+    stdin_chunk: usize,
+    /// Stdin bytes that may be sent and not yet acknowledged.
+    input_limit: u64,
+    /// The charge of frames the task has passed on and the handle not yet
+    /// taken: bounded even against an agent that ignores its own limits.
+    held: AtomicUsize,
+    /// The handle took frames.
+    taken: Notify,
+    /// The handle was dropped: its input handles no longer act.
+    abandoned: AtomicBool,
+    /// Stdin senders, one at a time, in order.
+    writer: tokio::sync::Mutex<StdinWriter>,
+}
+
+/// The stdin side of a controlled execution.
+struct StdinWriter {
+    /// Stdin bytes sent (cumulative).
+    sent: u64,
+    /// The agent's `core.exec.stdin.ack`: stdin bytes written into the command.
+    acked: watch::Receiver<u64>,
+}
+
+/// What the task of a controlled execution holds back beyond the output
+/// allowance before it stops reading the session (only ever reached with an
+/// agent that ignores its allowance).
+const HELD_SLACK: usize = 64 * 1024;
+
+impl Flow {
+    /// The error for input to an execution that is over or abandoned.
+    fn gone(&self) -> ClientError {
+        match self.handle.ended() {
+            Some(_) => ClientError::Closed("the connection ended".into()),
+            None => ClientError::Send(SendError::NoSession { id: self.id, message_type: MessageType::ExecStdin }),
+        }
+    }
+
+    fn check(&self) -> Result<(), ClientError> {
+        if self.abandoned.load(Ordering::Acquire) { Err(self.gone()) } else { Ok(()) }
+    }
+
+    /// Sends `core.exec.output.ack {consumed}` now (a small control frame
+    /// that must not wait behind stdin). Once the execution is over there is
+    /// nothing to acknowledge.
+    fn ack(&self, consumed: u64) {
+        if let Err(e) = self.handle.send_now(|conn| conn.send(self.id, ExecOutputAck { consumed })) {
+            tracing::debug!(id = self.id, "core.exec.output.ack {consumed}: {e}");
+        }
+    }
+}
+
+/// What an output frame costs in the agent's output allowance.
+fn output_charge(m: &Message) -> u64 {
+    match &m.payload {
+        Payload::ExecStdout(o) => o.data.len() as u64 + EXEC_OUTPUT_EVENT_OVERHEAD,
+        Payload::ExecStderr(o) => o.data.len() as u64 + EXEC_OUTPUT_EVENT_OVERHEAD,
+        _ => 0,
+    }
+}
+
+/// Reads a controlled execution's session: stdin acknowledgements go to the
+/// input handles, everything else to the [`Exec`]. Once the `Exec` is
+/// dropped, output is discarded and acknowledged. Ends with the session.
+async fn serve_session(
+    mut route: Route,
+    out: mpsc::UnboundedSender<Message>,
+    stdin_acked: watch::Sender<u64>,
+    flow: Arc<Flow>,
+    hold_limit: usize,
+) {
+    enum Step {
+        Frame(Option<Message>),
+        Abandoned,
+    }
+    let mut stdin_acked = Some(stdin_acked);
+    // The output charge received (cumulative).
+    let mut received = 0u64;
+    let mut draining = false;
+    loop {
+        let step = if draining {
+            Step::Frame(route.recv().await)
+        } else if flow.held.load(Ordering::Acquire) > hold_limit {
+            // The agent sent beyond its allowance: leave the rest with the
+            // connection, whose own limits then hold the agent back.
+            tokio::select! {
+                _ = flow.taken.notified() => continue,
+                _ = out.closed() => Step::Abandoned,
+            }
+        } else {
+            tokio::select! {
+                m = route.recv() => Step::Frame(m),
+                _ = out.closed() => Step::Abandoned,
+            }
+        };
+        let m = match step {
+            Step::Frame(Some(m)) => m,
+            Step::Frame(None) => return,
+            Step::Abandoned => {
+                // The input handles stop; the output is given back from now on.
+                draining = true;
+                flow.abandoned.store(true, Ordering::Release);
+                stdin_acked = None;
+                if received > 0 {
+                    flow.ack(received);
+                }
+                continue;
+            }
+        };
+        if let Payload::ExecStdinAck(a) = m.payload {
+            if let Some(tx) = &stdin_acked {
+                tx.send_if_modified(|v| {
+                    let more = a.consumed > *v;
+                    *v = (*v).max(a.consumed);
+                    more
+                });
+            }
+            continue;
+        }
+        let cost = output_charge(&m);
+        received += cost;
+        if draining {
+            if cost > 0 {
+                flow.ack(received);
+            }
+            continue;
+        }
+        let last = m.flags.contains(Flags::TERMINAL);
+        flow.held.fetch_add(charge(&m.payload), Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(m)) = out.send(m) {
+            // Dropped meanwhile: this frame is discarded too.
+            flow.held.fetch_sub(charge(&m.payload), Ordering::AcqRel);
+            draining = true;
+            flow.abandoned.store(true, Ordering::Release);
+            stdin_acked = None;
+            flow.ack(received);
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+impl Controlled {
+    fn start(session: Session, limits: &ExecLimits) -> Controlled {
+        let id = session.id();
+        let sender = session.sender();
+        let route = session.into_route();
+        let input_limit = u64::from(limits.input_limit.max(1));
+        let stdin_chunk = (limits.stdin_chunk_size as usize).clamp(1, input_limit as usize);
+        let (acked_tx, acked_rx) = watch::channel(0);
+        let flow = Arc::new(Flow {
+            id,
+            handle: route.handle().clone(),
+            sender,
+            stdin_chunk,
+            input_limit,
+            held: AtomicUsize::new(0),
+            taken: Notify::new(),
+            abandoned: AtomicBool::new(false),
+            writer: tokio::sync::Mutex::new(StdinWriter { sent: 0, acked: acked_rx }),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hold_limit = limits.output_limit as usize + HELD_SLACK;
+        tokio::spawn(serve_session(route, tx, acked_tx, flow.clone(), hold_limit));
+        let threshold = u64::from(limits.output_limit / 4).max(1);
+        Controlled { rx, shared: flow, consumed: 0, acked: 0, threshold }
+    }
+
+    /// The next frame. What the application consumed before it is
+    /// acknowledged first when it reaches the threshold, or when nothing is
+    /// waiting (so that the agent, which may be held back, goes on).
+    async fn recv(&mut self) -> Option<Message> {
+        if self.consumed - self.acked >= self.threshold {
+            self.ack();
+        }
+        let m = match self.rx.try_recv() {
+            Ok(m) => m,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if self.consumed > self.acked {
+                    self.ack();
+                }
+                self.rx.recv().await?
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+        };
+        self.shared.held.fetch_sub(charge(&m.payload), Ordering::AcqRel);
+        self.shared.taken.notify_one();
+        Some(m)
+    }
+
+    fn ack(&mut self) {
+        self.acked = self.consumed;
+        self.shared.ack(self.consumed);
+    }
+}
+
 /// Writes a running command's standard input; cheap to clone.
+///
+/// Under execution flow control (see [`Exec`]) data goes in chunks of at
+/// most the agent's `stdin_chunk_size`, and at most its `input_limit` bytes
+/// are in flight — sent, and not yet written into the command according to
+/// the agent's `core.exec.stdin.ack`: a writer waits for room rather than
+/// fail. So, as with a local process, a command that writes output as it
+/// reads its input needs its output read meanwhile ([`Exec::pipe`] does both).
 #[derive(Clone)]
-pub struct ExecInput(Sender);
+pub struct ExecInput {
+    sender: Sender,
+    flow: Option<Arc<Flow>>,
+}
 
 impl ExecInput {
     /// Sends `data` (waits while the agent is behind). Empty data is ignored;
     /// use [`ExecInput::close`] for the end of input.
-    pub async fn write(&self, data: Bytes) -> Result<(), ClientError> {
+    ///
+    /// Under flow control, writes of several handles are sent one after the
+    /// other, each whole; a write that is cancelled may have sent a part.
+    pub async fn write(&self, mut data: Bytes) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
         }
-        self.0.send(ExecStdin { data }).await
+        let Some(flow) = &self.flow else {
+            return self.sender.send(ExecStdin { data }).await;
+        };
+        flow.check()?;
+        let mut writer = flow.writer.lock().await;
+        let StdinWriter { sent, acked } = &mut *writer;
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(flow.stdin_chunk));
+            let len = chunk.len() as u64;
+            // Room for it: at most input_limit bytes sent and not yet acknowledged.
+            let limit = flow.input_limit;
+            acked.wait_for(|acked| *sent + len <= acked.saturating_add(limit)).await.map_err(|_| flow.gone())?;
+            flow.check()?;
+            self.sender.send(ExecStdin { data: chunk }).await?;
+            *sent += len;
+        }
+        Ok(())
     }
 
     /// Ends the command's input (without a tty; on a tty send `0x04` instead).
+    /// Under flow control it follows every write already started.
     pub async fn close(&self) -> Result<(), ClientError> {
-        self.0.send(ExecStdin { data: Bytes::new() }).await
+        let Some(flow) = &self.flow else {
+            return self.sender.send(ExecStdin { data: Bytes::new() }).await;
+        };
+        flow.check()?;
+        let _writer = flow.writer.lock().await;
+        flow.check()?;
+        self.sender.send(ExecStdin { data: Bytes::new() }).await
     }
 
     /// Sends signal `signal` to the command's process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.0.send(ExecSignal { signal }).await
+        if let Some(flow) = &self.flow {
+            flow.check()?;
+        }
+        self.sender.send(ExecSignal { signal }).await
     }
 
     /// Resizes the command's terminal.
     pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
-        self.0.send(ExecResize { rows, cols }).await
+        if let Some(flow) = &self.flow {
+            flow.check()?;
+        }
+        self.sender.send(ExecResize { rows, cols }).await
     }
 }
 
 impl Client {
     /// Starts `command`; fails with [`ClientError::ExecFailed`] when the agent
-    /// could not start it. Input and output are then the [`Exec`]'s.
+    /// could not start it. Input and output are then the [`Exec`]'s, under
+    /// the agent's flow control when it has one ([`Client::exec_limits`]).
     pub async fn exec(&self, command: impl Into<Command>) -> Result<Exec, ClientError> {
-        let mut session = self.request(command.into().0).await?;
+        let session = self.request(command.into().0).await?;
+        let mut exec = Exec::new(session, self.exec_limits.as_ref());
         // The first reply says whether it started.
-        let first = session.recv().await.ok_or_else(|| self.closed("core.exec.started"))?;
+        let first = exec.recv().await.ok_or_else(|| self.closed("core.exec.started"))?;
         match first.payload {
-            Payload::ExecStarted(_) => Ok(Exec { session, first: Some(first), ended: false }),
             // An agent that sends no started message starts with output.
-            Payload::ExecStdout(_) | Payload::ExecStderr(_) | Payload::ExecExited(_) => {
-                Ok(Exec { session, first: Some(first), ended: false })
+            Payload::ExecStarted(_) | Payload::ExecStdout(_) | Payload::ExecStderr(_) | Payload::ExecExited(_) => {
+                exec.first = Some(first);
+                Ok(exec)
             }
-            Payload::ExecFailed(f) => Err(ClientError::ExecFailed(f)),
+            Payload::ExecFailed(f) => {
+                exec.ended = true;
+                Err(ClientError::ExecFailed(f))
+            }
             other => Err(ClientError::unexpected("core.exec.started", other)),
         }
     }
 }
 
 impl Exec {
+    fn new(session: Session, limits: Option<&ExecLimits>) -> Exec {
+        let id = session.id();
+        let inner = match limits {
+            Some(limits) => Inner::Controlled(Controlled::start(session, limits)),
+            None => Inner::Legacy(session),
+        };
+        Exec { id, inner, first: None, ended: false }
+    }
+
+    /// The session's next frame, stdin acknowledgements left out.
+    async fn recv(&mut self) -> Option<Message> {
+        if let Some(m) = self.first.take() {
+            return Some(m);
+        }
+        loop {
+            let m = match &mut self.inner {
+                Inner::Legacy(session) => session.recv().await?,
+                Inner::Controlled(c) => c.recv().await?,
+            };
+            // Only a controlled execution gets them, and its task takes them.
+            if !matches!(m.payload, Payload::ExecStdinAck(_)) {
+                return Some(m);
+            }
+        }
+    }
+
     /// The operation's id.
     pub fn id(&self) -> u32 {
-        self.session.id()
+        self.id
     }
 
     /// A handle on the command's input, signals and terminal size.
     pub fn input(&self) -> ExecInput {
-        ExecInput(self.session.sender())
+        match &self.inner {
+            Inner::Legacy(session) => ExecInput { sender: session.sender(), flow: None },
+            Inner::Controlled(c) => ExecInput { sender: c.shared.sender.clone(), flow: Some(c.shared.clone()) },
+        }
     }
 
     /// The next event; `None` after [`ExecEvent::Exited`].
+    ///
+    /// Under flow control, output handed out counts as consumed when this is
+    /// called again (see [`Exec`]).
     pub async fn next(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         if self.ended {
             return Ok(None);
         }
-        let next = match self.first.take() {
-            Some(m) => Some(m),
-            None => self.session.recv().await,
-        };
-        let Some(m) = next else {
+        let Some(m) = self.recv().await else {
             self.ended = true;
             return Err(ClientError::Closed("the connection ended before core.exec.exited".into()));
         };
+        if let Inner::Controlled(c) = &mut self.inner {
+            c.consumed += output_charge(&m);
+        }
         Ok(Some(match m.payload {
             Payload::ExecStarted(s) => ExecEvent::Started(s.pid),
             Payload::ExecStdout(o) => ExecEvent::Stdout(o.data),
@@ -249,20 +575,33 @@ impl Exec {
     }
 
     /// Closes the command's input and collects its output until it ends.
+    ///
+    /// The end of input follows any write of another [`ExecInput`] already
+    /// under way; output is collected meanwhile.
     pub async fn output(mut self) -> Result<Output, ClientError> {
-        match self.input().close().await {
-            // The command may have ended already: its input is then closed anyway.
-            Ok(()) | Err(ClientError::Send(agentwire_session::SendError::NoSession { .. })) => {}
-            Err(e) => return Err(e),
-        }
+        let input = self.input();
+        let close = async move { input.close().await };
+        tokio::pin!(close);
+        let mut closing = true;
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         loop {
-            match self.next().await? {
-                Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
-                Some(ExecEvent::Stderr(d)) => stderr.extend_from_slice(&d),
-                Some(ExecEvent::Exited(status)) => return Ok(Output { status, stdout, stderr }),
-                Some(_) => {}
-                None => return Err(ClientError::Closed("the command's events ended".into())),
+            tokio::select! {
+                biased;
+                closed = &mut close, if closing => {
+                    closing = false;
+                    match closed {
+                        // The command may have ended already: its input is then closed anyway.
+                        Ok(()) | Err(ClientError::Send(SendError::NoSession { .. })) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                event = self.next() => match event? {
+                    Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+                    Some(ExecEvent::Stderr(d)) => stderr.extend_from_slice(&d),
+                    Some(ExecEvent::Exited(status)) => return Ok(Output { status, stdout, stderr }),
+                    Some(_) => {}
+                    None => return Err(ClientError::Closed("the command's events ended".into())),
+                },
             }
         }
     }

@@ -6,6 +6,22 @@
 //! the sans-IO [`agentwire_session::Connection`]; every buffer is bounded in
 //! bytes, with backpressure instead of growth.
 //!
+//! With a generation-10 agent, commands run under the agent's execution flow
+//! control (spec section 8): the bootstrap offers a policy
+//! ([`Builder::exec_limits`]), the agent advertises it in `core.ready`, and the
+//! client then acknowledges output as the application consumes it ([`Exec`])
+//! and keeps stdin within the advertised allowance ([`ExecInput`]). Against an
+//! agent that advertises no policy, commands run as with a generation-7 agent.
+//!
+//! With an agent of generation 8 or later, file reads and writes
+//! ([`Client::read_file`], [`Client::write_file`]) and TCP connections
+//! ([`Client::tcp_connect`]) move their data as raw bulk records (spec
+//! section 7) under per-transfer credit: the agent sends only as far as this
+//! side's destination has taken the data, and this side reads its source
+//! only as far as the agent has written. [`Builder::bulk`] turns this off;
+//! with an older agent the same operations use `core.fs.data` and
+//! `core.tcp.data` as generation 7 does.
+//!
 //! ```no_run
 //! use agentwire_client::{Client, Command};
 //!
@@ -22,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod bulk;
 mod client;
 mod exec;
 mod fs;

@@ -56,8 +56,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guest<S> {
             match m.payload {
                 Payload::Bootstrap(b) => {
                     assert_eq!(b.hostname.as_deref(), Some("sandbox"));
-                    let ready =
-                        Ready { boot_time_ns: 1, init_time_ns: 2, ready_time_ns: 3, agent_version: "test".into() };
+                    let ready = Ready {
+                        boot_time_ns: 1,
+                        init_time_ns: 2,
+                        ready_time_ns: 3,
+                        agent_version: "test".into(),
+                        capabilities: None,
+                    };
                     self.send(Message::new(0, ready).with_version(self.generation)).await;
                     let user = InitResolved { default_user: ResolvedUser { uid: 1000, gid: 1000 } };
                     self.send(Message::new(0, user).with_version(self.generation)).await;
@@ -193,7 +198,7 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 
 async fn full_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(host_io: S, guest_io: S) {
     let (mut host, guest) = start(host_io, guest_io, 7).await;
-    host.send(Message::new(0, InitAck {})).await;
+    host.send(Message::new(0, InitAck::default())).await;
 
     // exec: stdin in, stdout and stderr out, exit.
     host.send(Message::new(1, ExecRequest::new("cat"))).await;
@@ -221,13 +226,13 @@ async fn full_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(host_i
     // A 10 MiB file streamed in FS_CHUNK_SIZE chunks, then read back.
     let file = Bytes::from(file_of(10 * 1024 * 1024));
     let write = FsOp::Write { handle: 5, offset: 0, len: Some(file.len() as u64) };
-    host.send(Message::new(2, FsRequest { op: write })).await;
+    host.send(Message::new(2, FsRequest::new(write))).await;
     for chunk in file.chunks(FS_CHUNK_SIZE) {
         host.send(Message::new(2, FsData { data: file.slice_ref(chunk) })).await;
     }
     host.send(Message::new(2, FsData { data: Bytes::new() })).await;
     assert!(matches!(host.recv().await.payload, Payload::FsResponse(r) if r.ok));
-    host.send(Message::new(3, FsRequest { op: FsOp::Read { handle: 5, offset: 0, len: None } })).await;
+    host.send(Message::new(3, FsRequest::new(FsOp::Read { handle: 5, offset: 0, len: None }))).await;
     let mut back = Vec::new();
     let mut chunks = 0;
     loop {
@@ -250,7 +255,7 @@ async fn full_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(host_i
     assert!(back == file, "file read back differs");
 
     // tcp: connect, data both ways, eof, close.
-    host.send(Message::new(4, TcpConnect { host: "127.0.0.1".into(), port: 5432 })).await;
+    host.send(Message::new(4, TcpConnect::new("127.0.0.1", 5432))).await;
     assert_eq!(host.recv().await.message_type(), MessageType::TcpConnected);
     host.send(Message::new(4, TcpData { data: Bytes::from_static(b"SELECT 1") })).await;
     assert_eq!(host.recv().await.payload, Payload::TcpData(TcpData { data: Bytes::from_static(b"SELECT 1") }));
@@ -304,7 +309,7 @@ async fn the_send_gate_refuses_tcp_to_a_generation_3_peer_and_the_connection_kee
     let (mut host, guest) = start(a, b, 3).await;
     assert_eq!(host.framed.codec().negotiated_generation(), 3);
 
-    let refused = host.framed.send(Message::new(1, TcpConnect { host: "127.0.0.1".into(), port: 5432 })).await;
+    let refused = host.framed.send(Message::new(1, TcpConnect::new("127.0.0.1", 5432))).await;
     match refused {
         Err(EncodeError::Generation(e)) => {
             assert_eq!(e.to_string(), "the peer speaks generation 3; core.tcp.connect needs 4");

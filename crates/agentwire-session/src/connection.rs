@@ -5,9 +5,12 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
+use agentwire::payload::bulk::{BulkCancel, BulkCancelReason, BulkCredit, BulkFinish, BulkKind, BulkRecord};
 use agentwire::payload::core::{
     CoreError, CoreErrorKind, InitAck, InitResolved, Pong, Ready, RelayClientDisconnected, ResolvedUser, Touched,
+    WorkloadFailure, WorkloadFailureDisposition,
 };
+use agentwire::payload::exec::MAX_EXEC_CONTROL_FRAME;
 use agentwire::payload::fs::FsResponse;
 use agentwire::payload::tcp::TcpFailed;
 use agentwire::relay::RelayHandshake;
@@ -20,7 +23,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
 use crate::ids::{IdAllocator, is_relay_slot};
-use crate::table::{Family, SessionTable, charge};
+use crate::meter::InputMeter;
+use crate::table::{Family, SessionTable, charge, is_data};
 
 /// Which end of the stream this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,6 +267,11 @@ pub struct Connection {
     early_ack: bool,
     handshake_deadline: Option<Instant>,
     last_input: Instant,
+    /// Host: what it has written, and frames waiting for the agent's
+    /// transport credit (enforced with an agent that meters, spec 9.1).
+    meter: InputMeter,
+    /// Size on the wire of the frame being handled.
+    last_frame_len: u64,
 }
 
 impl Connection {
@@ -287,6 +296,8 @@ impl Connection {
             tap_skip: 0,
             early_ack: false,
             last_input: now,
+            meter: InputMeter::default(),
+            last_frame_len: 0,
         }
     }
 
@@ -390,10 +401,16 @@ impl Connection {
         self.send.split().freeze()
     }
 
-    /// How many bytes wait to be written: a driver holds back its
-    /// application's sends while this is large.
+    /// How many bytes wait to be written, or for the agent's transport
+    /// credit: a driver holds back its application's sends while this is large.
     pub fn pending_transmit(&self) -> usize {
-        self.send.len()
+        self.send.len() + self.meter.held_bytes()
+    }
+
+    /// Host: what has been written and what the agent grants (spec 9.1);
+    /// the grant is enforced only with an agent that meters its input.
+    pub fn input_meter(&self) -> &InputMeter {
+        &self.meter
     }
 
     /// When [`Connection::handle_timeout`] must be called next.
@@ -465,6 +482,8 @@ impl Connection {
                 }
             };
             self.frames_received += 1;
+            let frames = self.codec.frame_codec();
+            self.last_frame_len = frames.stream_offset() - frames.last_frame_offset();
             match item {
                 Ok(m) => self.handle_message(m)?,
                 Err(rejected) => self.handle_rejected(rejected)?,
@@ -520,9 +539,15 @@ impl Connection {
         self.tapped.as_mut().map(|(whole, _)| whole.split().freeze()).unwrap_or_default()
     }
 
-    /// Encodes `m` into the send buffer, leaving it unchanged on failure.
+    /// Encodes `m` into the send buffer, leaving it unchanged on failure. A
+    /// host's frame that would pass the agent's transport credit waits.
     fn queue(&mut self, m: Message) -> Result<(), EncodeError> {
-        self.codec.encode_message(&m, &mut self.send)
+        let start = self.send.len();
+        self.codec.encode_message(&m, &mut self.send)?;
+        if self.role == Role::Host {
+            self.meter.admit(&mut self.send, start, is_data(m.message_type()));
+        }
+        Ok(())
     }
 
     /// Queues a frame the protocol owes; one the peer's generation lacks is
@@ -532,16 +557,18 @@ impl Connection {
     }
 
     fn answer_error(&mut self, id: u32, kind: CoreErrorKind, t: MessageType, message: String) {
-        let e = CoreError { kind, message, offending_type: Some(t.wire_name().to_string()) };
+        let e = CoreError::new(kind, message).with_offending_type(t.wire_name());
         self.answer(Message::new(id, e));
     }
 
     fn startup_failure(&mut self, stage: &str, cause: String) -> ConnectionError {
         if self.role == Role::Agent {
             let e = CoreError {
-                kind: CoreErrorKind::Unknown("initialization_failed".into()),
+                kind: CoreErrorKind::InitializationFailed,
                 message: format!("{stage} failed: {cause}"),
                 offending_type: None,
+                init_failure: None,
+                workload_failure: None,
             };
             self.answer(Message::new(0, e));
         }
@@ -619,6 +646,16 @@ impl Connection {
 
     fn agent_serves(&mut self, m: Message) -> Result<(), ConnectionError> {
         let (id, t) = (m.id, m.message_type());
+        let exec_control = matches!(
+            t,
+            MessageType::ExecOutputAck | MessageType::ExecStdinAck | MessageType::ExecSignal | MessageType::ExecResize
+        );
+        if exec_control && self.last_frame_len > MAX_EXEC_CONTROL_FRAME as u64 {
+            // Spec 6 and 8: these are small; a large one is refused, not handed on.
+            let reason = format!("{t} of {} bytes on the wire; at most {MAX_EXEC_CONTROL_FRAME}", self.last_frame_len);
+            self.answer_error(id, CoreErrorKind::InvalidPayload, t, reason);
+            return Ok(());
+        }
         if t.direction() == Direction::GuestToHost {
             // The deployed agent ignores these silently; say what happened instead.
             let reason = format!("{t} is sent by the guest, not to it");
@@ -635,7 +672,7 @@ impl Connection {
                 let reason = "core.bootstrap is accepted only as the first frame of a connection".to_string();
                 self.answer_error(id, CoreErrorKind::InvalidSession, t, reason);
             }
-            Payload::RelayClientDisconnected(RelayClientDisconnected { id_start, id_end_exclusive }) => {
+            Payload::RelayClientDisconnected(RelayClientDisconnected { id_start, id_end_exclusive, .. }) => {
                 let ids = id_start..id_end_exclusive;
                 if !is_relay_slot(&ids) {
                     let reason = format!("ids {ids:?} are not one relay slot's range");
@@ -650,10 +687,24 @@ impl Connection {
                 self.events.push_back(Event::ClientDisconnected { ids, sessions });
             }
             Payload::Error(error) => self.events.push_back(Event::PeerError { id, error }),
+            // This agent has no freezer and does not resize its root disk (spec 9.2, 9.3).
+            Payload::WorkloadFreeze(ref f) => self.workload_unavailable(id, t, f.attempt_id.clone()),
+            Payload::WorkloadThaw(ref w) => self.workload_unavailable(id, t, w.attempt_id.clone()),
+            Payload::RootDiskPrepare(_) | Payload::RootDiskGrow(_) => {
+                let reason = "this agent does not resize its root filesystem".to_string();
+                self.answer_error(id, CoreErrorKind::CapabilityUnavailable, t, reason);
+            }
             _ if m.flags.contains(Flags::SESSION_START) => self.agent_opens(m),
             _ => self.agent_routes(m),
         }
         Ok(())
+    }
+
+    fn workload_unavailable(&mut self, id: u32, t: MessageType, attempt_id: String) {
+        let reason = "this agent has no workload freezer".to_string();
+        let mut e = CoreError::new(CoreErrorKind::CapabilityUnavailable, reason).with_offending_type(t.wire_name());
+        e.workload_failure = Some(WorkloadFailure { attempt_id, disposition: WorkloadFailureDisposition::Unavailable });
+        self.answer(Message::new(id, e));
     }
 
     fn agent_opens(&mut self, m: Message) {
@@ -682,9 +733,8 @@ impl Connection {
     /// A frame of a running session: to it, or the answer the deployed agent gives.
     fn agent_routes(&mut self, m: Message) {
         let (id, t) = (m.id, m.message_type());
-        let family = Family::of(t);
         match self.sessions.get(id) {
-            Some(open) if open.family == family => {
+            Some(open) if open.family.accepts(t) => {
                 self.sessions.add_buffered(id, charge(&m.payload));
                 self.events.push_back(Event::Input(m));
             }
@@ -694,8 +744,21 @@ impl Connection {
             }
             // What the deployed agent answers for an id it does not know (spec 10.6).
             None => match m.payload {
-                Payload::ExecStdin(_) | Payload::ExecSignal(_) | Payload::ExecResize(_) => {
+                Payload::ExecStdin(_) | Payload::ExecSignal(_) | Payload::ExecResize(_) | Payload::ExecOutputAck(_) => {
                     self.events.push_back(Event::Ignored(m))
+                }
+                // A cancel ends the operation with the family's failure, even
+                // for an id the agent does not know (spec 7.4).
+                Payload::BulkCancel(c) => self.bulk_failure(id, c.kind, c.message),
+                Payload::BulkCredit(c) if c.kind == BulkKind::Tcp => self.events.push_back(Event::Ignored(m)),
+                Payload::BulkRecord(BulkRecord { kind, .. })
+                | Payload::BulkCredit(BulkCredit { kind, .. })
+                | Payload::BulkFinish(BulkFinish { kind, .. }) => {
+                    let message = format!("{t} on id {id}, which has no bulk transfer");
+                    let cancel =
+                        BulkCancel { kind, reason: BulkCancelReason::ProtocolViolation, message: message.clone() };
+                    self.answer(Message::new(id, cancel));
+                    self.bulk_failure(id, kind, message);
                 }
                 Payload::FsData(_) => {
                     let error = Some(format!("id {id} has no file write in progress"));
@@ -706,6 +769,14 @@ impl Connection {
                 }
                 _ => self.answer_error(id, CoreErrorKind::InvalidSession, t, format!("id {id} has no open session")),
             },
+        }
+    }
+
+    /// The terminal failure of a bulk correlation's family.
+    fn bulk_failure(&mut self, id: u32, kind: BulkKind, error: String) {
+        match kind {
+            BulkKind::Filesystem => self.answer(Message::new(id, FsResponse::failure(error))),
+            BulkKind::Tcp => self.answer(Message::new(id, TcpFailed { error })),
         }
     }
 
@@ -744,10 +815,14 @@ impl Connection {
     // ---- the host's side --------------------------------------------------
 
     fn host_receives(&mut self, m: Message) -> Result<(), ConnectionError> {
+        if let (u32::MAX, Payload::TransportCredit(credit)) = (m.id, &m.payload) {
+            self.meter.granted(*credit, &mut self.send);
+            return Ok(());
+        }
         if self.phase == Phase::AwaitReady {
             return match m.payload {
                 Payload::InitResolved(r) => {
-                    self.answer(Message::new(0, InitAck {}));
+                    self.answer(Message::new(0, InitAck::default()));
                     self.events.push_back(Event::InitResolved(r.default_user));
                     Ok(())
                 }
@@ -788,6 +863,11 @@ impl Connection {
         self.codec.set_peer_generation(m.version);
         self.phase = Phase::Established;
         self.handshake_deadline = None;
+        // An agent that meters host input says so; through a relay, the relay
+        // meters what it forwards.
+        if !self.via_relay && ready.capabilities().workload_transport_barrier_version == Some(2) {
+            self.meter.enforce();
+        }
         let negotiated = self.negotiated;
         self.events.push_back(Event::Ready { ready: Box::new(ready), peer_generation: m.version, negotiated });
         Ok(())
@@ -860,8 +940,10 @@ impl Connection {
             type_name: TypeName::from_wire_name(type_name),
             payload,
         };
+        let start = self.send.len();
         RawMessageCodec::with_frame_codec(FrameCodec::builder().max_frame_len(self.config.max_frame_len).build())
             .encode_raw(&raw, &mut self.send)?;
+        self.meter.admit(&mut self.send, start, false);
         self.sessions.open(id, Family::Reply);
         Ok(id)
     }

@@ -310,6 +310,15 @@ impl Route {
         Some(m)
     }
 
+    /// The next frame if one is waiting, without waiting for one (for a task
+    /// that sends and must also notice what the peer says meanwhile).
+    pub fn try_recv(&mut self) -> Option<Message> {
+        let m = self.rx.try_recv().ok()?;
+        self.handle.consumed(self.id, &m);
+        self.done |= m.flags.contains(Flags::TERMINAL);
+        Some(m)
+    }
+
     /// Sends a frame of this session, waiting while the peer is behind. An
     /// agent's TERMINAL frame ends the session.
     pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), SendError> {

@@ -16,7 +16,9 @@
 //!   the deployed agent's replies to input on an unknown id;
 //! - byte accounting of what each session has buffered in the application,
 //!   so that a driver reads no faster than the application consumes
-//!   ([`Connection::wants_input`]).
+//!   ([`Connection::wants_input`]);
+//! - a host's metering of what it writes against the transport credit of an
+//!   agent that grants it (generation 9, [`meter::InputMeter`]).
 //!
 //! With the `tokio` feature, [`driver`] runs a connection over any tokio
 //! byte stream; the async host client (`agentwire-client`) and the agent's
@@ -25,10 +27,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod bulk;
 mod connection;
 #[cfg(feature = "tokio")]
 pub mod driver;
 pub mod ids;
+pub mod meter;
 pub mod table;
 
 pub use connection::{Config, Connection, ConnectionError, Event, Phase, Role, SendError};

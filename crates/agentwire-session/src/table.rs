@@ -33,6 +33,16 @@ impl Family {
         }
     }
 
+    /// Whether a frame of type `t` belongs to a session of this family. The
+    /// bulk frames (`core.bulk.*` and raw records, generation 8) belong to the
+    /// fs or tcp session whose data they carry.
+    pub fn accepts(self, t: MessageType) -> bool {
+        if is_bulk(t) {
+            return matches!(self, Family::Fs | Family::Tcp);
+        }
+        Family::of(t) == self
+    }
+
     /// The family's prefix, for messages.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,10 +54,29 @@ impl Family {
     }
 }
 
+/// Whether `t` is one of generation 8's bulk frames: `core.bulk.*` or a raw record.
+pub fn is_bulk(t: MessageType) -> bool {
+    t == MessageType::BulkRecord || t.wire_name().starts_with("core.bulk.")
+}
+
+/// Whether a frame of type `t` is *data* in the deployed agent's metering of
+/// host input (spec 9.1): process, file and socket bytes; everything else is control.
+pub fn is_data(t: MessageType) -> bool {
+    matches!(
+        t,
+        MessageType::ExecStdin
+            | MessageType::FsData
+            | MessageType::TcpData
+            | MessageType::TcpEof
+            | MessageType::BulkRecord
+    )
+}
+
 /// The bytes of file, socket or process data a payload carries: what a
 /// receiver buffers for a session, and so what is accounted.
 pub fn data_len(p: &Payload) -> usize {
     match p {
+        Payload::BulkRecord(r) => r.data.len(),
         Payload::ExecStdin(d) => d.data.len(),
         Payload::ExecStdout(d) => d.data.len(),
         Payload::ExecStderr(d) => d.data.len(),
@@ -179,5 +208,9 @@ mod tests {
         assert_eq!(Family::of(MessageType::FsData), Family::Fs);
         assert_eq!(Family::of(MessageType::TcpEof), Family::Tcp);
         assert_eq!(Family::of(MessageType::Ping), Family::Reply);
+        assert_eq!(Family::of(MessageType::ExecOutputAck), Family::Exec);
+        assert!(Family::Fs.accepts(MessageType::BulkRecord) && Family::Tcp.accepts(MessageType::BulkCredit));
+        assert!(!Family::Exec.accepts(MessageType::BulkFinish) && !Family::Reply.accepts(MessageType::BulkCancel));
+        assert!(is_data(MessageType::TcpEof) && !is_data(MessageType::TcpClose));
     }
 }

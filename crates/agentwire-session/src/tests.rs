@@ -55,7 +55,7 @@ fn ready_agent(config: Config, v: u8) -> Connection {
     agent.handle_input(&wire(&[Message::new(0, GuestBootstrap::default()).with_version(v)]), now).unwrap();
     assert!(matches!(events(&mut agent)[..], [Event::Bootstrap(_)]));
     agent.init_resolved(user()).unwrap();
-    agent.handle_input(&wire(&[Message::new(0, InitAck {})]), now).unwrap();
+    agent.handle_input(&wire(&[Message::new(0, InitAck::default())]), now).unwrap();
     assert_eq!(events(&mut agent), vec![Event::InitAcked]);
     agent.ready(Ready::default()).unwrap();
     assert!(agent.is_established());
@@ -84,7 +84,7 @@ fn agent_lifecycle_in_the_deployed_order() {
     assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::InitResolved)]);
     // ready cannot go out before the ack
     assert!(matches!(agent.ready(Ready::default()), Err(SendError::NotEstablished(MessageType::Ready))));
-    agent.handle_input(&wire(&[Message::new(0, InitAck {})]), now).unwrap();
+    agent.handle_input(&wire(&[Message::new(0, InitAck::default())]), now).unwrap();
     assert_eq!(events(&mut agent), vec![Event::InitAcked]);
     agent.ready(Ready { agent_version: "t".into(), ..Default::default() }).unwrap();
     assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::Ready)]);
@@ -232,7 +232,7 @@ fn negotiated_generation_gates_both_directions() {
     host.handle_input(&wire(&[Message::new(0, Ready::default()).with_version(3)]), now).unwrap();
     assert!(host.is_established());
     assert_eq!(host.negotiated(), 3);
-    let err = host.open(TcpConnect { host: "db".into(), port: 5432 }).unwrap_err();
+    let err = host.open(TcpConnect::new("db", 5432)).unwrap_err();
     assert_eq!(err.to_string(), "the peer speaks generation 3; core.tcp.connect needs 4");
     assert!(host.poll_transmit().is_empty(), "nothing was sent");
     // And frames above generation 3 from that agent are rejected, not delivered.
@@ -256,7 +256,7 @@ fn host_lifecycle_acknowledges_then_waits_for_ready() {
     assert_eq!(types(host.poll_transmit()), vec![(0, MessageType::InitAck)]);
     assert_eq!(events(&mut host), vec![Event::InitResolved(user())]);
     host.handle_input(&wire(&[Message::new(0, Ready::default())]), now).unwrap();
-    assert!(matches!(&events(&mut host)[..], [Event::Ready { negotiated: 7, peer_generation: 7, .. }]));
+    assert!(matches!(&events(&mut host)[..], [Event::Ready { negotiated: 10, peer_generation: 10, .. }]));
     let id = host.open(Ping {}).unwrap();
     assert_eq!(id, 1);
     assert_eq!(host.open(Ping {}).unwrap(), 2, "a fresh id for every operation");
@@ -276,11 +276,7 @@ fn host_lifecycle_acknowledges_then_waits_for_ready() {
 fn host_reports_the_agents_init_failure() {
     let now = Instant::now();
     let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
-    let e = agentwire::payload::core::CoreError {
-        kind: CoreErrorKind::Unknown("initialization_failed".into()),
-        message: "init failed: no such user".into(),
-        offending_type: None,
-    };
+    let e = agentwire::payload::core::CoreError::new(CoreErrorKind::InitializationFailed, "init failed: no such user");
     let err = host.handle_input(&wire(&[Message::new(0, e)]), now).unwrap_err();
     assert!(matches!(err, ConnectionError::InitFailed(ref s) if s.contains("no such user")), "{err}");
 }
@@ -336,12 +332,12 @@ fn client_disconnect_closes_its_sessions_only() {
     let input = wire(&[Message::new(1, req()), Message::new(step - 1, req()), Message::new(step + 1, req())]);
     agent.handle_input(&input, now).unwrap();
     events(&mut agent);
-    let gone = RelayClientDisconnected { id_start: 0, id_end_exclusive: step };
+    let gone = RelayClientDisconnected { id_start: 0, id_end_exclusive: step, incarnation: None };
     agent.handle_input(&wire(&[Message::new(0, gone)]), now).unwrap();
     assert_eq!(events(&mut agent), vec![Event::ClientDisconnected { ids: 0..step, sessions: vec![1, step - 1] }]);
     assert_eq!(agent.sessions().ids().collect::<Vec<_>>(), vec![step + 1]);
     // A range that is not a slot's is refused and closes nothing.
-    let odd = RelayClientDisconnected { id_start: step, id_end_exclusive: step + 5 };
+    let odd = RelayClientDisconnected { id_start: step, id_end_exclusive: step + 5, incarnation: None };
     agent.handle_input(&wire(&[Message::new(0, odd)]), now).unwrap();
     assert_eq!(types(agent.poll_transmit()), vec![(0, MessageType::Error)]);
     assert_eq!(agent.sessions().len(), 1);
@@ -421,7 +417,7 @@ fn a_host_discards_unknown_frames_on_the_runtime_id_quietly() {
 fn an_ack_before_init_resolved_counts_once_the_user_is_resolved() {
     let now = Instant::now();
     let mut agent = Connection::agent(Config::default(), now);
-    let early = wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck {})]);
+    let early = wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck::default())]);
     agent.handle_input(&early, now).unwrap();
     assert!(matches!(&events(&mut agent)[..], [Event::Bootstrap(_)]));
     agent.init_resolved(user()).unwrap();
@@ -430,8 +426,11 @@ fn an_ack_before_init_resolved_counts_once_the_user_is_resolved() {
     assert!(agent.is_established());
     // A second early ack is not one: it is a startup failure.
     let mut agent = Connection::agent(Config::default(), now);
-    let twice =
-        wire(&[Message::new(0, GuestBootstrap::default()), Message::new(0, InitAck {}), Message::new(0, InitAck {})]);
+    let twice = wire(&[
+        Message::new(0, GuestBootstrap::default()),
+        Message::new(0, InitAck::default()),
+        Message::new(0, InitAck::default()),
+    ]);
     assert!(agent.handle_input(&twice, now).is_err());
 }
 
@@ -451,4 +450,137 @@ fn the_tap_skips_an_oversized_frame_as_the_decoder_does() {
     }
     host.handle_input(&ready, now).unwrap();
     assert_eq!(&host.take_tapped()[..], &ready[..], "only the valid frame is tapped");
+}
+
+/// A host connected straight to an agent whose `core.ready` is `ready`.
+fn ready_host(ready: Ready) -> Connection {
+    let now = Instant::now();
+    let mut host = Connection::host(Config::default(), GuestBootstrap::default(), now);
+    host.handle_input(&wire(&[Message::new(0, ready)]), now).unwrap();
+    let _ = events(&mut host);
+    let _ = host.poll_transmit();
+    host
+}
+
+#[test]
+fn host_holds_input_beyond_a_metering_agents_credit_until_it_grows() {
+    use agentwire::payload::core::ReadyCapabilities;
+    use agentwire::payload::workload::TransportCredit;
+    let mut ready = Ready::default();
+    ready.set_capabilities(ReadyCapabilities { workload_transport_barrier_version: Some(2), ..Default::default() });
+    let mut host = ready_host(ready);
+    assert!(host.input_meter().is_enforcing());
+    let id = host.open(ExecRequest::new("cat")).unwrap();
+    // 400 stdin frames: the initial grant takes 256 data frames; the rest wait, in order.
+    for i in 0..400u32 {
+        host.send(id, ExecStdin { data: Bytes::from(i.to_be_bytes().to_vec()) }).unwrap();
+    }
+    let out = frames(host.poll_transmit());
+    assert_eq!(out.len(), 1 + 256);
+    assert!(host.pending_transmit() > 0);
+    // The agent refunds 100 frames: 44 wait still.
+    let mut credit = TransportCredit::INITIAL;
+    credit.bulk_frames += 100;
+    credit.bulk_bytes += 100 * 64;
+    let now = Instant::now();
+    host.handle_input(&wire(&[Message::new(u32::MAX, credit)]), now).unwrap();
+    assert!(events(&mut host).is_empty(), "the credit is the connection's own business");
+    let out = frames(host.poll_transmit());
+    assert_eq!(out.len(), 100);
+    assert_eq!(out[0].payload, Payload::from(ExecStdin { data: Bytes::from(256u32.to_be_bytes().to_vec()) }));
+    credit.bulk_frames += 100;
+    host.handle_input(&wire(&[Message::new(u32::MAX, credit)]), now).unwrap();
+    assert_eq!(frames(host.poll_transmit()).len(), 44);
+    assert_eq!(host.pending_transmit(), 0);
+}
+
+#[test]
+fn host_does_not_meter_an_agent_that_grants_no_credit() {
+    let mut host = ready_host(Ready::default());
+    assert!(!host.input_meter().is_enforcing());
+    let id = host.open(ExecRequest::new("cat")).unwrap();
+    for _ in 0..300 {
+        host.send(id, ExecStdin { data: Bytes::from_static(b"x") }).unwrap();
+    }
+    assert_eq!(frames(host.poll_transmit()).len(), 301);
+}
+
+#[test]
+fn agent_answers_workload_and_root_disk_requests_it_cannot_serve() {
+    use agentwire::payload::core::WorkloadFailureDisposition;
+    use agentwire::payload::workload::{RootDiskGrow, WorkloadFreeze};
+    let mut agent = ready_agent(Config::default(), 10);
+    let _ = agent.poll_transmit();
+    let freeze = WorkloadFreeze { attempt_id: "a1".into(), ..Default::default() };
+    agent
+        .handle_input(
+            &wire(&[Message::new(5, freeze), Message::new(6, RootDiskGrow { size_bytes: 4096 })]),
+            Instant::now(),
+        )
+        .unwrap();
+    let out = frames(agent.poll_transmit());
+    let [Message { id: 5, payload: Payload::Error(e1), .. }, Message { id: 6, payload: Payload::Error(e2), .. }] =
+        &out[..]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e1.kind, CoreErrorKind::CapabilityUnavailable);
+    let failure = e1.workload_failure.as_ref().unwrap();
+    assert_eq!((failure.attempt_id.as_str(), &failure.disposition), ("a1", &WorkloadFailureDisposition::Unavailable));
+    assert_eq!(e2.kind, CoreErrorKind::CapabilityUnavailable);
+    assert_eq!(e2.offending_type.as_deref(), Some("core.root_disk.grow"));
+}
+
+#[test]
+fn bulk_frames_route_to_fs_and_tcp_sessions_and_unknown_ids_get_the_familys_failure() {
+    use agentwire::payload::bulk::{BulkCancel, BulkCancelReason, BulkFlow, BulkKind, BulkRecord};
+    use agentwire::payload::fs::{FsOp, FsRequest};
+    let mut agent = ready_agent(Config::default(), 10);
+    let _ = agent.poll_transmit();
+    let now = Instant::now();
+    let op = FsOp::Write { handle: 1, offset: 0, len: None };
+    let record = BulkRecord::new(BulkKind::Filesystem, BulkFlow::HostToGuest, 0, Bytes::from_static(b"data"));
+    agent.handle_input(&wire(&[Message::new(7, FsRequest::new(op)), Message::new(7, record.clone())]), now).unwrap();
+    assert!(
+        matches!(&events(&mut agent)[..], [Event::Request(_), Event::Input(m)] if m.payload == Payload::from(record.clone()))
+    );
+    assert_eq!(agent.sessions().get(7).unwrap().buffered, 4 + crate::table::FRAME_CHARGE);
+    // On an id with nothing open: a cancel and the fs failure; a host's cancel gets the failure only.
+    let cancel = BulkCancel { kind: BulkKind::Tcp, reason: BulkCancelReason::CallerCancelled, message: "stop".into() };
+    agent.handle_input(&wire(&[Message::new(8, record), Message::new(9, cancel)]), now).unwrap();
+    assert_eq!(
+        types(agent.poll_transmit()),
+        vec![(8, MessageType::BulkCancel), (8, MessageType::FsResponse), (9, MessageType::TcpFailed)]
+    );
+}
+
+#[test]
+fn exec_control_frames_longer_than_4096_bytes_are_refused() {
+    use agentwire::payload::exec::ExecOutputAck;
+    let mut agent = ready_agent(Config::default(), 10);
+    let _ = agent.poll_transmit();
+    let now = Instant::now();
+    agent.handle_input(&wire(&[Message::new(4, ExecRequest::new("true"))]), now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Request(_)]));
+    // The same ack, plain and padded with an unknown key past 4096 bytes on the wire.
+    let plain = wire(&[Message::new(4, ExecOutputAck { consumed: 10 })]);
+    let mut padded_payload = b"\xa2\x68consumed\x0a\x61x\x59\x10\x00".to_vec();
+    padded_payload.extend_from_slice(&[0; 4096]);
+    let frame = agentwire::RawMessage {
+        id: 4,
+        flags: agentwire::Flags::NONE,
+        version: 10,
+        type_name: agentwire::TypeName::from_wire_name("core.exec.output.ack"),
+        payload: Bytes::from(padded_payload),
+    };
+    let mut padded = BytesMut::new();
+    agentwire::RawMessageCodec::new().encode(frame, &mut padded).unwrap();
+    agent.handle_input(&plain, now).unwrap();
+    agent.handle_input(&padded, now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Input(m)] if m.message_type() == MessageType::ExecOutputAck));
+    let out = frames(agent.poll_transmit());
+    assert!(
+        matches!(&out[..], [Message { id: 4, payload: Payload::Error(e), .. }] if e.kind == CoreErrorKind::InvalidPayload),
+        "{out:?}"
+    );
 }

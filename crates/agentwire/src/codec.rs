@@ -17,8 +17,9 @@ use crate::envelope;
 use crate::frame::{
     self, BufferedFrame, EncodeError, Flags, Frame, FrameCodec, OversizedFrame, ReadFrame, StreamError,
 };
-use crate::message::{Message, MessageType, RawMessage, TypeName};
+use crate::message::{Message, MessageType, Payload, RawMessage, TypeName};
 use crate::payload::PayloadError;
+use crate::payload::bulk::{BULK_RECORD_HEADER_SIZE, BulkRecord};
 use crate::payload::core::{CoreError, CoreErrorKind};
 use crate::version::{self, PROTOCOL_VERSION};
 
@@ -147,14 +148,9 @@ impl Rejected {
 
     /// The `core.error` that answers this frame, on its id.
     pub fn error_reply(&self) -> Message {
-        Message::new(
-            self.id,
-            CoreError {
-                kind: self.kind.core_error_kind(),
-                message: self.reason.clone(),
-                offending_type: self.type_name.as_ref().map(|t| t.as_str().to_string()),
-            },
-        )
+        let mut error = CoreError::new(self.kind.core_error_kind(), self.reason.clone());
+        error.offending_type = self.type_name.as_ref().map(|t| t.as_str().to_string());
+        Message::new(self.id, error)
     }
 }
 
@@ -259,6 +255,42 @@ fn encode_frame_of_size(
     }
 }
 
+/// Writes a raw bulk record: frame header, record header, data (one copy of
+/// the data; [`bulk_record_header`] is for writers that send the data from
+/// where it is). Its flags are always `BULK` alone.
+fn encode_bulk_record(dst: &mut BytesMut, limit: usize, id: u32, record: &BulkRecord) -> Result<(), EncodeError> {
+    let header = bulk_record_header(id, record, limit)?;
+    dst.reserve(header.len() + record.data.len());
+    dst.put_slice(&header);
+    dst.put_slice(&record.data);
+    Ok(())
+}
+
+/// The 21 bytes that precede a bulk record's data on the wire (length, id,
+/// `BULK`, kind, flow, reserved, offset), after checking the record: with the
+/// data, a whole record for a vectored write that copies nothing.
+///
+/// ```
+/// use agentwire::codec::bulk_record_header;
+/// use agentwire::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
+/// let record = BulkRecord::new(BulkKind::Tcp, BulkFlow::HostToGuest, 5, bytes::Bytes::from_static(b"abc"));
+/// let header = bulk_record_header(9, &record, agentwire::MAX_FRAME_SIZE)?;
+/// assert_eq!(header, *b"\0\0\0\x14\0\0\0\x09\x08\x02\x01\0\0\0\0\0\0\0\0\0\x05");
+/// # Ok::<(), agentwire::EncodeError>(())
+/// ```
+pub fn bulk_record_header(id: u32, record: &BulkRecord, limit: usize) -> Result<[u8; BULK_WIRE_HEADER], EncodeError> {
+    record.check().map_err(|e| EncodeError::Payload { message_type: "bulk.record", reason: e.to_string() })?;
+    let body_len = BULK_RECORD_HEADER_SIZE + record.data.len();
+    frame::check_body_len(body_len, limit)?;
+    let mut header = [0; BULK_WIRE_HEADER];
+    header[..FRAME_HEAD].copy_from_slice(&frame::header_bytes(body_len, id, Flags::BULK));
+    header[FRAME_HEAD..].copy_from_slice(&record.header());
+    Ok(header)
+}
+
+/// Size of everything before a bulk record's data on the wire.
+pub const BULK_WIRE_HEADER: usize = FRAME_HEAD + BULK_RECORD_HEADER_SIZE;
+
 /// Takes back what a failed encode wrote, and names the type in the error.
 #[cold]
 fn refuse(dst: &mut BytesMut, start: usize, type_name: &str, reason: String) -> EncodeError {
@@ -306,6 +338,16 @@ impl RawMessageCodec {
 
 fn read_envelope(item: Result<Frame, OversizedFrame>, offset: u64) -> Result<RawMessage, Rejected> {
     let frame = item.map_err(Rejected::oversized)?;
+    if frame.flags == Flags::BULK {
+        // A raw record has no envelope: its whole body is the payload.
+        return Ok(RawMessage {
+            id: frame.id,
+            flags: frame.flags,
+            version: PROTOCOL_VERSION,
+            type_name: TypeName::Known(MessageType::BulkRecord),
+            payload: frame.body,
+        });
+    }
     let env = envelope::decode(&frame.body).map_err(|e| Rejected::malformed(offset, &frame, e))?;
     Ok(RawMessage {
         id: frame.id,
@@ -332,6 +374,10 @@ impl Decoder for RawMessageCodec {
 impl RawMessageCodec {
     /// Writes `m` without taking it: the payload bytes are copied once, into `dst`.
     pub fn encode_raw(&mut self, m: &RawMessage, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        if m.type_name == TypeName::Known(MessageType::BulkRecord) {
+            let frame = Frame::new(m.id, Flags::BULK, m.payload.clone());
+            return self.frames.encode_frame(&frame, dst);
+        }
         let header = (m.id, m.flags, m.version);
         encode_frame(dst, self.frames.max_frame_len(), header, m.type_name.as_str(), Some(m.payload.len()), |dst| {
             dst.extend_from_slice(&m.payload);
@@ -394,7 +440,7 @@ impl MessageCodec {
     /// let mut codec = MessageCodec::new();
     /// codec.set_peer_generation(3);
     /// let mut buf = bytes::BytesMut::new();
-    /// let err = codec.encode(Message::new(1, TcpConnect { host: "db".into(), port: 5432 }), &mut buf).unwrap_err();
+    /// let err = codec.encode(Message::new(1, TcpConnect::new("db", 5432)), &mut buf).unwrap_err();
     /// assert_eq!(err.to_string(), "the peer speaks generation 3; core.tcp.connect needs 4");
     /// assert!(buf.is_empty());
     /// ```
@@ -444,6 +490,9 @@ impl MessageCodec {
 /// answer, the same one for what the common case accepts.
 #[inline(always)]
 fn read_message(negotiated: u8, frame: impl ReadFrame, offset: u64) -> Result<Message, Rejected> {
+    if frame.flags() == Flags::BULK {
+        return read_bulk_record(negotiated, frame, offset);
+    }
     let Some((version, message_type, payload)) = envelope::decode_known(frame.body()) else {
         return read_message_in_full(negotiated, frame, offset);
     };
@@ -465,6 +514,24 @@ fn read_message(negotiated: u8, frame: impl ReadFrame, offset: u64) -> Result<Me
     match message_type.decode_payload_slice(&frame.body()[payload]) {
         Ok(payload) => Ok(Message { id, flags, version, payload }),
         Err(_) => read_message_in_full(negotiated, frame, offset),
+    }
+}
+
+/// A raw bulk record to a message: its data a view of the frame, its `version`
+/// the negotiated generation (a record carries none). Refused below generation
+/// 8, where no peer may send one; a body that breaks the layout (possible only
+/// in a frame that did not come through a [`FrameCodec`]) is malformed.
+fn read_bulk_record(negotiated: u8, frame: impl ReadFrame, offset: u64) -> Result<Message, Rejected> {
+    let (id, flags) = (frame.id(), frame.flags());
+    let message_type = MessageType::BulkRecord;
+    if let Err(e) = version::check_available(message_type, negotiated) {
+        let mut rejected = Rejected::new(offset, id, flags, RejectKind::UnsupportedProtocolGeneration, e.to_string());
+        rejected.type_name = Some(TypeName::Known(message_type));
+        return Err(rejected);
+    }
+    match message_type.decode_payload(&frame.into_body()) {
+        Ok(payload) => Ok(Message { id, flags, version: negotiated, payload }),
+        Err(e) => Err(Rejected::new(offset, id, flags, RejectKind::MalformedMessage, format!("bulk record: {e}"))),
     }
 }
 
@@ -541,9 +608,12 @@ impl MessageCodec {
         let message_type = m.message_type();
         version::check_available(message_type, self.negotiated)?;
         let limit = self.frames.max_frame_len();
+        if let Payload::BulkRecord(record) = &m.payload {
+            return encode_bulk_record(dst, limit, m.id, record);
+        }
         let exact_len = m.payload.exact_encoded_len();
         encode_frame(dst, limit, (m.id, m.flags, m.version), message_type.wire_name(), exact_len, |dst| {
-            m.payload.encode(dst)
+            m.payload.encode_at(m.version, dst)
         })
     }
 }
@@ -574,7 +644,7 @@ mod tests {
         assert_eq!(codec.negotiate_with(&Message::new(0, Ready::default()).with_version(3)), Some(3));
         assert_eq!(codec.negotiate_with(&Message::new(0, Ping {})), None);
         let mut buf = wire(Message::new(4, Ping {}));
-        buf.extend_from_slice(&wire(Message::new(5, TcpConnect { host: "h".into(), port: 1 })));
+        buf.extend_from_slice(&wire(Message::new(5, TcpConnect::new("h", 1))));
         buf.extend_from_slice(&wire(Message::new(6, Ready::default())));
         for (id, kind) in
             [(4, RejectKind::UnsupportedProtocolGeneration), (5, RejectKind::UnsupportedProtocolGeneration)]

@@ -31,9 +31,11 @@ const READ_AHEAD: usize = 64 * 1024;
 
 /// The flag bits of a frame header.
 ///
-/// The three low bits have meaning; the five high bits are reserved: senders
-/// write them as zero and receivers ignore them, so a received value is kept
-/// as it came and [`Flags::known`] gives the part that matters.
+/// The four low bits have meaning; the four high bits are reserved: senders
+/// write them as zero and a CBOR frame's receiver may ignore them, so a
+/// received value is kept as it came and [`Flags::known`] gives the part that
+/// matters. [`Flags::BULK`] (generation 8) stands alone: the frame decoder
+/// treats `BULK` with any other bit as a broken stream.
 ///
 /// ```
 /// use agentwire::Flags;
@@ -54,11 +56,17 @@ impl Flags {
     pub const SESSION_START: Flags = Flags(0x02);
     /// `core.shutdown`: the guest is asked to power off.
     pub const SHUTDOWN: Flags = Flags(0x04);
-    /// The bits that have a meaning in generation 7.
-    pub const KNOWN_MASK: u8 = 0x07;
+    /// Generation 8: the body is a raw bulk record, not an envelope.
+    pub const BULK: Flags = Flags(0x08);
+    /// The bits that have a meaning in generation 10.
+    pub const KNOWN_MASK: u8 = 0x0f;
 
-    const NAMES: [(Flags, &'static str); 3] =
-        [(Flags::TERMINAL, "TERMINAL"), (Flags::SESSION_START, "SESSION_START"), (Flags::SHUTDOWN, "SHUTDOWN")];
+    const NAMES: [(Flags, &'static str); 4] = [
+        (Flags::TERMINAL, "TERMINAL"),
+        (Flags::SESSION_START, "SESSION_START"),
+        (Flags::SHUTDOWN, "SHUTDOWN"),
+        (Flags::BULK, "BULK"),
+    ];
 
     /// Wraps raw header bits, reserved bits included.
     pub const fn from_bits(bits: u8) -> Flags {
@@ -321,6 +329,17 @@ pub enum StreamError {
         /// The frame's size on the wire, when its length prefix was complete.
         expected: Option<u64>,
     },
+    /// A frame with the `BULK` flag that breaks the record layout (spec 7.1):
+    /// the reference peers drop the connection on it.
+    #[error("bulk record at offset {offset} (id {id}): {error}")]
+    BrokenBulkRecord {
+        /// Stream offset of the frame's length prefix.
+        offset: u64,
+        /// Correlation id.
+        id: u32,
+        /// Which rule it breaks.
+        error: crate::payload::bulk::BulkRecordError,
+    },
     /// A decode call after the stream was already lost.
     #[error("stream was lost at offset {offset}; nothing after it is interpreted")]
     Lost {
@@ -344,6 +363,7 @@ impl StreamError {
             StreamError::LengthBelowHeader { offset, .. }
             | StreamError::FrameTooLarge { offset, .. }
             | StreamError::Truncated { offset, .. }
+            | StreamError::BrokenBulkRecord { offset, .. }
             | StreamError::Lost { offset } => Some(*offset),
             StreamError::Io(_) => None,
         }
@@ -553,6 +573,10 @@ impl FrameCodec {
                 let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
                 let flags = Flags::from_bits(header[8]);
                 let offset = self.offset;
+                if flags.bits() & Flags::BULK.bits() != 0 {
+                    let body = &src[LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE..LENGTH_FIELD_SIZE + len];
+                    self.check_bulk(offset, id, len, flags, Some(body))?;
+                }
                 self.last_frame_offset = offset;
                 self.offset += (LENGTH_FIELD_SIZE + len) as u64;
                 let (body_at, body_len) = (LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE, len - FRAME_HEADER_SIZE);
@@ -604,6 +628,10 @@ impl FrameCodec {
                     }
                     let id = u32::from_be_bytes([src[4], src[5], src[6], src[7]]);
                     let flags = Flags::from_bits(src[8]);
+                    if flags.bits() & Flags::BULK.bits() != 0 {
+                        // Flags and length before any body byte is buffered.
+                        self.check_bulk(offset, id, len as usize, flags, None)?;
+                    }
                     self.consume(src, LENGTH_FIELD_SIZE + FRAME_HEADER_SIZE);
                     let body_len = len as usize - FRAME_HEADER_SIZE;
                     if oversized {
@@ -620,6 +648,9 @@ impl FrameCodec {
                 DecodeState::Data { offset, id, flags, body_len } => {
                     if src.len() < body_len {
                         return Ok(None);
+                    }
+                    if flags.bits() & Flags::BULK.bits() != 0 {
+                        self.check_bulk(offset, id, FRAME_HEADER_SIZE + body_len, flags, Some(&src[..body_len]))?;
                     }
                     self.offset += body_len as u64;
                     self.last_frame_offset = offset;
@@ -640,6 +671,22 @@ impl FrameCodec {
                 }
             }
         }
+    }
+
+    /// The rules of a raw bulk record (spec 7.1): its frame header, and its
+    /// body when it is there. A record that breaks one loses the stream.
+    fn check_bulk(
+        &mut self,
+        offset: u64,
+        id: u32,
+        len: usize,
+        flags: Flags,
+        body: Option<&[u8]>,
+    ) -> Result<(), StreamError> {
+        use crate::payload::bulk;
+        let checked = bulk::check_frame_header(len, flags.bits())
+            .and_then(|()| body.map_or(Ok(()), |body| bulk::parse_body(body).map(drop)));
+        checked.map_err(|error| self.lose(offset, StreamError::BrokenBulkRecord { offset, id, error }))
     }
 
     /// What the end of the stream means where the decoder stands, once no

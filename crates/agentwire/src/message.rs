@@ -1,4 +1,4 @@
-//! The message types of generation 7: one table, and everything derived from it.
+//! The message types of generation 10: one table, and everything derived from it.
 //!
 //! Each row of the `message_types!` table below names a type once: its wire name, direction,
 //! the generation that introduced it, its frame flags and its payload type.
@@ -13,15 +13,20 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::frame::Flags;
 use crate::payload::bootstrap::GuestBootstrap;
+use crate::payload::bulk::{BulkAccepted, BulkCancel, BulkCredit, BulkFinish, BulkRecord};
 use crate::payload::core::{
     ClockSync, CoreError, InitAck, InitResolved, Ping, Pong, Ready, RelayClientDisconnected, Shutdown, Touch, Touched,
 };
 use crate::payload::exec::{
-    ExecExited, ExecFailed, ExecRequest, ExecResize, ExecSignal, ExecStarted, ExecStderr, ExecStdin, ExecStdinError,
-    ExecStdout,
+    ExecExited, ExecFailed, ExecOutputAck, ExecRequest, ExecResize, ExecSignal, ExecStarted, ExecStderr, ExecStdin,
+    ExecStdinAck, ExecStdinError, ExecStdout,
 };
 use crate::payload::fs::{FsData, FsRequest, FsResponse};
 use crate::payload::tcp::{TcpClose, TcpClosed, TcpConnect, TcpConnected, TcpData, TcpEof, TcpFailed};
+use crate::payload::workload::{
+    RootDiskGrow, RootDiskPrepare, RootDiskState, TransportCredit, WorkloadFreeze, WorkloadFrozen, WorkloadThaw,
+    WorkloadThawed,
+};
 use crate::payload::{CborPayload, PayloadError};
 use crate::version::PROTOCOL_VERSION;
 
@@ -72,14 +77,17 @@ macro_rules! message_types {
         $(#[$doc:meta])*
         $variant:ident = $wire:literal, $dir:ident, gen $gen:literal, $flags:ident, $payload:ty, $store:ident;
     )*) => {
-        /// A message type of generation 7 (`t` in the envelope).
+        /// A message type of generation 10 (`t` in the envelope), or the raw
+        /// bulk record, the one body without an envelope.
         ///
         /// ```
         /// use agentwire::{Flags, MessageType};
         /// let t = MessageType::from_wire_name("core.tcp.connect").unwrap();
         /// assert_eq!((t, t.generation(), t.flags()), (MessageType::TcpConnect, 4, Flags::SESSION_START));
         /// assert!(!t.is_available_at(3));
-        /// assert_eq!(MessageType::ALL.len(), 32);
+        /// assert_eq!(MessageType::ALL.iter().filter(|t| t.has_envelope()).count(), 46);
+        /// assert_eq!(MessageType::from_wire_name("bulk.record"), None);
+        /// assert_eq!(MessageType::from_name("bulk.record"), Some(MessageType::BulkRecord));
         /// ```
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -112,9 +120,22 @@ macro_rules! message_types {
                 match self { $( MessageType::$variant => Direction::$dir, )* }
             }
 
-            /// The type with this wire name, if generation 7 has one.
+            /// The type with this wire name, if generation 10 has one (never
+            /// [`MessageType::BulkRecord`], which no envelope names).
             pub fn from_wire_name(name: &str) -> Option<MessageType> {
                 MessageType::from_wire_bytes(name.as_bytes())
+            }
+
+            /// The type with this name as renderings write it: a wire name, or
+            /// `bulk.record` for a raw bulk record.
+            pub fn from_name(name: &str) -> Option<MessageType> {
+                MessageType::from_wire_name(name)
+                    .or_else(|| MessageType::ALL.into_iter().find(|t| !t.has_envelope() && t.wire_name() == name))
+            }
+
+            /// Whether the body is an envelope (every type but the raw bulk record).
+            pub const fn has_envelope(self) -> bool {
+                self.flags().bits() != Flags::BULK.bits()
             }
 
             /// Reads a payload of this type from JSON or any other serde format,
@@ -149,7 +170,7 @@ macro_rules! message_types {
             /// use agentwire::MessageType;
             /// assert!(MessageType::FsData.holds_views());
             /// assert!(!MessageType::Ready.holds_views());
-            /// assert_eq!(MessageType::ALL.iter().filter(|t| t.holds_views()).count(), 5);
+            /// assert_eq!(MessageType::ALL.iter().filter(|t| t.holds_views()).count(), 6);
             /// ```
             pub const fn holds_views(self) -> bool {
                 match self { $( MessageType::$variant => <$payload as CborPayload>::HOLDS_VIEWS, )* }
@@ -194,6 +215,17 @@ macro_rules! message_types {
             pub fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
                 match self { $( Payload::$variant(p) => p.encode(dst), )* }
             }
+
+            /// Exact size of the encoded payload in a frame whose `v` is `generation`.
+            pub fn encoded_len_at(&self, generation: u8) -> Result<usize, PayloadError> {
+                match self { $( Payload::$variant(p) => p.encoded_len_at(generation), )* }
+            }
+
+            /// Appends the encoding for a frame whose `v` is `generation`
+            /// (see [`crate::payload::as_generation`]).
+            pub fn encode_at(&self, generation: u8, dst: &mut BytesMut) -> Result<(), PayloadError> {
+                match self { $( Payload::$variant(p) => p.encode_at(generation, dst), )* }
+            }
         }
 
         $(
@@ -229,8 +261,32 @@ message_types! {
     Touch = "core.touch", HostToGuest, gen 6, NONE, Touch, inline;
     /// `core.touched`.
     Touched = "core.touched", GuestToHost, gen 6, TERMINAL, Touched, inline;
+    /// `core.workload.freeze`: pause the workload.
+    WorkloadFreeze = "core.workload.freeze", HostToGuest, gen 9, NONE, WorkloadFreeze, boxed;
+    /// `core.workload.frozen`.
+    WorkloadFrozen = "core.workload.frozen", GuestToHost, gen 9, TERMINAL, WorkloadFrozen, boxed;
+    /// `core.workload.thaw`: resume the workload.
+    WorkloadThaw = "core.workload.thaw", HostToGuest, gen 9, NONE, WorkloadThaw, inline;
+    /// `core.workload.thawed`.
+    WorkloadThawed = "core.workload.thawed", GuestToHost, gen 9, TERMINAL, WorkloadThawed, inline;
+    /// `core.workload.transport.credit`: the host input the agent accepts.
+    TransportCredit = "core.workload.transport.credit", GuestToHost, gen 9, NONE, TransportCredit, inline;
+    /// `core.root_disk.prepare`.
+    RootDiskPrepare = "core.root_disk.prepare", HostToGuest, gen 9, NONE, RootDiskPrepare, inline;
+    /// `core.root_disk.grow`.
+    RootDiskGrow = "core.root_disk.grow", HostToGuest, gen 9, NONE, RootDiskGrow, inline;
+    /// `core.root_disk.state`.
+    RootDiskState = "core.root_disk.state", GuestToHost, gen 9, TERMINAL, RootDiskState, inline;
     /// `core.error`: a frame could not be handled.
     Error = "core.error", Both, gen 5, TERMINAL, CoreError, boxed;
+    /// `core.bulk.accepted`: the guest takes a bulk offer.
+    BulkAccepted = "core.bulk.accepted", GuestToHost, gen 8, NONE, BulkAccepted, inline;
+    /// `core.bulk.credit`: a flow's receiver moves its credit limit.
+    BulkCredit = "core.bulk.credit", Both, gen 8, NONE, BulkCredit, inline;
+    /// `core.bulk.finish`: a flow is complete.
+    BulkFinish = "core.bulk.finish", Both, gen 8, NONE, BulkFinish, inline;
+    /// `core.bulk.cancel`: stop a bulk correlation.
+    BulkCancel = "core.bulk.cancel", Both, gen 8, NONE, BulkCancel, inline;
     /// `core.exec.request`: run a command.
     ExecRequest = "core.exec.request", HostToGuest, gen 1, SESSION_START, ExecRequest, boxed;
     /// `core.exec.started`.
@@ -251,6 +307,10 @@ message_types! {
     ExecResize = "core.exec.resize", HostToGuest, gen 1, NONE, ExecResize, inline;
     /// `core.exec.signal`.
     ExecSignal = "core.exec.signal", HostToGuest, gen 1, NONE, ExecSignal, inline;
+    /// `core.exec.output.ack`: the host consumed output (generation 10).
+    ExecOutputAck = "core.exec.output.ack", HostToGuest, gen 10, NONE, ExecOutputAck, inline;
+    /// `core.exec.stdin.ack`: the guest wrote stdin into the child (generation 10).
+    ExecStdinAck = "core.exec.stdin.ack", GuestToHost, gen 10, NONE, ExecStdinAck, inline;
     /// `core.fs.request`: a file operation.
     FsRequest = "core.fs.request", HostToGuest, gen 2, SESSION_START, FsRequest, boxed;
     /// `core.fs.response`.
@@ -258,7 +318,7 @@ message_types! {
     /// `core.fs.data`.
     FsData = "core.fs.data", Both, gen 2, NONE, FsData, inline;
     /// `core.tcp.connect`: open a TCP connection from the guest.
-    TcpConnect = "core.tcp.connect", HostToGuest, gen 4, SESSION_START, TcpConnect, inline;
+    TcpConnect = "core.tcp.connect", HostToGuest, gen 4, SESSION_START, TcpConnect, boxed;
     /// `core.tcp.connected`.
     TcpConnected = "core.tcp.connected", GuestToHost, gen 4, NONE, TcpConnected, inline;
     /// `core.tcp.data`.
@@ -273,6 +333,10 @@ message_types! {
     TcpFailed = "core.tcp.failed", GuestToHost, gen 4, TERMINAL, TcpFailed, inline;
     /// `core.bootstrap`: the guest's configuration, before the handshake.
     Bootstrap = "core.bootstrap", HostToGuest, gen 7, NONE, GuestBootstrap, boxed;
+    /// A raw bulk record (generation 8): a frame with the `BULK` flag whose body
+    /// is a binary header and opaque data, not an envelope. `bulk.record` is
+    /// not a wire name (no envelope carries it) but the name renderings use.
+    BulkRecord = "bulk.record", Both, gen 8, BULK, BulkRecord, inline;
 }
 
 impl MessageType {
@@ -325,7 +389,7 @@ fn same_name(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Where a wire name starts looking in [`NAME_SLOTS`]: its length and three of
-/// its bytes, which between them tell the names of generation 7 mostly apart
+/// its bytes, which between them tell the wire names mostly apart
 /// (collisions only cost a probe).
 const fn name_hash(name: &[u8]) -> usize {
     let n = name.len();
@@ -341,19 +405,22 @@ const fn name_hash(name: &[u8]) -> usize {
 /// Twice as many slots as types, so that a probe always ends at an empty slot.
 const SLOT_COUNT: usize = 2 * MessageType::ALL.len();
 
-/// Every type at the slot of its name's hash, or the next free one: built by
-/// the compiler from the table.
+/// Every type with an envelope at the slot of its name's hash, or the next
+/// free one: built by the compiler from the table.
 const NAME_SLOTS: [Option<MessageType>; SLOT_COUNT] = {
     let mut slots = [None; SLOT_COUNT];
     let mut i = 0;
     while i < MessageType::ALL.len() {
         let t = MessageType::ALL[i];
+        i += 1;
+        if !t.has_envelope() {
+            continue;
+        }
         let mut slot = name_hash(t.wire_name().as_bytes());
         while slots[slot].is_some() {
             slot = (slot + 1) % SLOT_COUNT;
         }
         slots[slot] = Some(t);
-        i += 1;
     }
     slots
 };
@@ -365,13 +432,14 @@ impl fmt::Display for MessageType {
 }
 
 /// The `t` of an envelope: a type of this generation, or a name it does not know.
+/// (A raw bulk record, which has no `t`, is `Known(MessageType::BulkRecord)`.)
 ///
 /// An unknown name is not an error of the stream: a newer peer may send it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TypeName {
-    /// A type of generation 7.
+    /// A type of generation 10.
     Known(MessageType),
-    /// A name generation 7 does not have, kept as received.
+    /// A name generation 10 does not have, kept as received.
     Unknown(String),
 }
 
@@ -417,11 +485,12 @@ pub struct RawMessage {
     pub id: u32,
     /// Flags as received.
     pub flags: Flags,
-    /// The sender's generation (`v`).
+    /// The sender's generation (`v`); for a raw bulk record, which carries
+    /// none, the generation the decoder had negotiated.
     pub version: u8,
     /// The type (`t`).
     pub type_name: TypeName,
-    /// The payload bytes (`p`): a view of the frame.
+    /// The payload bytes (`p`), or the whole body of a raw bulk record: a view of the frame.
     pub payload: Bytes,
 }
 
@@ -438,7 +507,8 @@ pub struct Message {
     pub id: u32,
     /// Flags; [`Message::new`] sets the type's.
     pub flags: Flags,
-    /// The sender's generation (`v`).
+    /// The sender's generation (`v`). A raw bulk record carries none: the
+    /// decoder fills in the generation it had negotiated and encoders ignore it.
     pub version: u8,
     /// The payload, which also says the type.
     pub payload: Payload,
@@ -470,8 +540,10 @@ impl Message {
     /// # Ok::<(), agentwire::payload::PayloadError>(())
     /// ```
     pub fn wire_len(&self) -> Result<usize, PayloadError> {
+        let t = self.message_type();
+        let payload = self.payload.encoded_len_at(self.version)?;
         let body =
-            crate::envelope::body_len(self.version, self.message_type().wire_name(), self.payload.encoded_len()?);
+            if t.has_envelope() { crate::envelope::body_len(self.version, t.wire_name(), payload) } else { payload };
         Ok(crate::frame::LENGTH_FIELD_SIZE + crate::frame::FRAME_HEADER_SIZE + body)
     }
 }
@@ -482,8 +554,9 @@ mod tests {
 
     #[test]
     fn payload_stays_small_enough_to_move_around() {
-        // The large control payloads are boxed; data frames and core.ready are held inline.
-        assert!(std::mem::size_of::<Payload>() <= 56, "{}", std::mem::size_of::<Payload>());
+        // The large control payloads are boxed; data frames, bulk records and core.ready
+        // (its generation-8+ capabilities boxed) are held inline: one cache line.
+        assert!(std::mem::size_of::<Payload>() <= 64, "{}", std::mem::size_of::<Payload>());
     }
 
     #[test]
@@ -491,16 +564,20 @@ mod tests {
         let mut names = std::collections::HashSet::new();
         for t in MessageType::ALL {
             assert!(names.insert(t.wire_name()), "duplicate {t}");
-            assert_eq!(MessageType::from_wire_name(t.wire_name()), Some(t));
+            assert_eq!(MessageType::from_name(t.wire_name()), Some(t));
+            assert_eq!(MessageType::from_wire_name(t.wire_name()), t.has_envelope().then_some(t));
             assert!((1..=PROTOCOL_VERSION).contains(&t.generation()));
             assert_eq!(t.flags().known(), t.flags());
         }
+        assert_eq!(MessageType::ALL.iter().filter(|t| !t.has_envelope()).count(), 1);
+        assert_eq!(MessageType::ALL.iter().filter(|t| t.is_available_at(7) && t.has_envelope()).count(), 32);
         assert_eq!(MessageType::ALL.iter().filter(|t| t.is_available_at(3)).count(), 19);
         assert_eq!(MessageType::from_wire_name("core.future"), None);
         // The hashed lookup against a plain search of the table, on every name
         // and every near miss (cut short, one byte changed, one byte longer).
-        let search = |name: &[u8]| MessageType::ALL.into_iter().find(|t| t.wire_name().as_bytes() == name);
-        for t in MessageType::ALL {
+        let search =
+            |name: &[u8]| MessageType::ALL.into_iter().find(|t| t.has_envelope() && t.wire_name().as_bytes() == name);
+        for t in MessageType::ALL.into_iter().filter(|t| t.has_envelope()) {
             let name = t.wire_name().as_bytes();
             assert_eq!(MessageType::from_wire_bytes(name), Some(t));
             for cut in 0..name.len() {
@@ -511,7 +588,7 @@ mod tests {
             }
             assert_eq!(MessageType::from_wire_bytes(&[name, b"x"].concat()), None);
         }
-        assert_eq!(NAME_SLOTS.iter().flatten().count(), MessageType::ALL.len());
+        assert_eq!(NAME_SLOTS.iter().flatten().count(), MessageType::ALL.len() - 1);
         // The word-wise compare against `==`, at every length and every place a byte can differ.
         for n in 0..40usize {
             let a: Vec<u8> = (0..n as u8).collect();

@@ -7,7 +7,7 @@ use crate::frame::{FRAME_HEADER_SIZE, Flags, LENGTH_FIELD_SIZE, MAX_FRAME_SIZE};
 use crate::message::MessageType;
 
 /// The generation this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 7;
+pub const PROTOCOL_VERSION: u8 = 10;
 
 /// The oldest generation whose peers this crate is tested against (with the
 /// reference implementation's generation-3 frames).
@@ -17,7 +17,7 @@ pub const OLDEST_TESTED_GENERATION: u8 = 3;
 ///
 /// ```
 /// use agentwire::version::negotiate;
-/// assert_eq!(negotiate(7, 3), 3);
+/// assert_eq!(negotiate(10, 3), 3);
 /// assert_eq!(negotiate(7, 9), 7);
 /// ```
 pub const fn negotiate(own: u8, peer: u8) -> u8 {
@@ -64,17 +64,36 @@ pub fn check_available(message_type: MessageType, negotiated: u8) -> Result<(), 
 /// assert!(!json.contains("core.tcp.connect"));
 /// ```
 pub fn surface_json(generation: u8) -> String {
-    let mut types: Vec<MessageType> = MessageType::ALL.into_iter().filter(|t| t.is_available_at(generation)).collect();
+    use crate::payload::bulk;
+    let mut types: Vec<MessageType> =
+        MessageType::ALL.into_iter().filter(|t| t.is_available_at(generation) && t.has_envelope()).collect();
     types.sort_by_key(|t| t.wire_name());
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = write!(
         out,
-        "{{\n  \"generation\": {generation},\n  \"frame\": {{\n    \"length_field_size\": {LENGTH_FIELD_SIZE},\n    \"frame_header_size\": {FRAME_HEADER_SIZE},\n    \"max_frame_size\": {MAX_FRAME_SIZE}\n  }},\n  \"flags\": {{\n    \"TERMINAL\": {},\n    \"SESSION_START\": {},\n    \"SHUTDOWN\": {}\n  }},\n  \"types\": [\n",
+        "{{\n  \"generation\": {generation},\n  \"frame\": {{\n    \"length_field_size\": {LENGTH_FIELD_SIZE},\n    \"frame_header_size\": {FRAME_HEADER_SIZE},\n    \"max_frame_size\": {MAX_FRAME_SIZE}\n  }},\n  \"flags\": {{\n    \"TERMINAL\": {},\n    \"SESSION_START\": {},\n    \"SHUTDOWN\": {}",
         Flags::TERMINAL.bits(),
         Flags::SESSION_START.bits(),
         Flags::SHUTDOWN.bits(),
     );
+    // The raw bulk record and its constants arrived with generation 8.
+    if MessageType::BulkRecord.is_available_at(generation) {
+        let _ = write!(
+            out,
+            ",\n    \"BULK\": {}\n  }},\n  \"bulk\": {{\n    \"record_header_size\": {},\n    \"record_format\": {},\n    \"min_record_payload\": {},\n    \"max_record_payload\": {},\n    \"default_window\": {},\n    \"max_window\": {}\n  }}",
+            Flags::BULK.bits(),
+            bulk::BULK_RECORD_HEADER_SIZE,
+            bulk::BULK_RECORD_FORMAT,
+            bulk::MIN_BULK_RECORD_PAYLOAD,
+            bulk::MAX_BULK_RECORD_PAYLOAD,
+            bulk::DEFAULT_BULK_WINDOW,
+            bulk::MAX_BULK_WINDOW,
+        );
+    } else {
+        out.push_str("\n  }");
+    }
+    out.push_str(",\n  \"types\": [\n");
     for (i, t) in types.iter().enumerate() {
         let sep = if i + 1 == types.len() { "" } else { "," };
         let _ = writeln!(

@@ -103,7 +103,13 @@ fn frame(m: Message) -> Bytes {
 }
 
 fn ready() -> Ready {
-    Ready { boot_time_ns: 10, init_time_ns: 20, ready_time_ns: 40, agent_version: "agentwire 0.1.0".into() }
+    Ready {
+        boot_time_ns: 10,
+        init_time_ns: 20,
+        ready_time_ns: 40,
+        agent_version: "agentwire 0.1.0".into(),
+        capabilities: None,
+    }
 }
 
 #[test]

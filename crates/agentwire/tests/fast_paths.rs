@@ -66,6 +66,7 @@ fn ready() -> impl Strategy<Value = Ready> {
             init_time_ns,
             ready_time_ns,
             agent_version,
+            capabilities: None,
         },
     )
 }

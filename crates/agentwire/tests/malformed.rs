@@ -16,7 +16,7 @@ async fn read_all(bytes: &[u8]) -> Vec<Item> {
 }
 
 fn the_frame_after() -> Message {
-    Message::new(9, ExecExited { code: 42 })
+    Message::new(9, ExecExited { code: 42 }).with_version(7)
 }
 
 /// The kind each named vector must be rejected with (vectors not named here

@@ -35,9 +35,12 @@ proptest! {
         let Some(m) = message_from(&entropy) else { return Ok(()) };
         let wire = encode(&m);
         prop_assert_eq!(wire.len(), m.wire_len().unwrap());
-        let mut reference = BytesMut::new();
-        serde_encode(&m.payload, &mut reference).unwrap();
-        prop_assert!(wire.ends_with(&reference));
+        if m.message_type().has_envelope() {
+            // A raw bulk record has no CBOR to compare with.
+            let mut reference = BytesMut::new();
+            serde_encode(&m.payload, &mut reference).unwrap();
+            prop_assert!(wire.ends_with(&reference));
+        }
         let decoded = MessageCodec::new().decode_eof(&mut wire.clone()).unwrap().unwrap().unwrap();
         prop_assert_eq!(&decoded, &m);
         prop_assert_eq!(encode(&decoded), wire);

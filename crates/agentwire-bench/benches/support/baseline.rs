@@ -38,7 +38,8 @@ pub fn baseline_encode<T: Serialize>(
 ) {
     let mut p = Vec::new();
     ciborium::into_writer(payload, &mut p).unwrap();
-    let envelope = BaselineEnvelope { v: 7, t: t.to_string(), p: serde_bytes::ByteBuf::from(p) };
+    let envelope =
+        BaselineEnvelope { v: agentwire::PROTOCOL_VERSION, t: t.to_string(), p: serde_bytes::ByteBuf::from(p) };
     let mut frame = Vec::with_capacity(5);
     frame.extend_from_slice(&id.to_be_bytes());
     frame.push(flags);

@@ -9,7 +9,8 @@ use microsandbox_agent_client::stream::StreamReceiver;
 use microsandbox_agent_client::{AgentClient, AgentProtocol, TypedMessage};
 use microsandbox_protocol::core::CoreError;
 use microsandbox_protocol::exec::{
-    ExecExited, ExecFailed, ExecOutputAck, ExecRequest, ExecStarted, ExecStderr, ExecStdin, ExecStdinError, ExecStdout,
+    ExecExited, ExecFailed, ExecOutputAck, ExecRequest, ExecStarted, ExecStderr, ExecStdin, ExecStdinAck,
+    ExecStdinError, ExecStdout,
 };
 use microsandbox_protocol::fs::{FsOp, FsOpenOptions, FsRequest, FsResponse, FsResponseData};
 use microsandbox_protocol::message::{FLAG_TERMINAL, MessageType};
@@ -60,6 +61,12 @@ pub struct Outcome {
     pub exit: Option<i32>,
     pub failed: Option<ExecFailed>,
     pub stdin_errors: Vec<String>,
+    /// The `consumed` of each `core.exec.stdin.ack`, in order (generation 10,
+    /// controlled executions only).
+    pub stdin_acks: Vec<u64>,
+    /// Output frames (stdout and stderr) and the largest one's data size.
+    pub output_frames: usize,
+    pub largest_output: usize,
     /// Wire names of anything else that arrived on the execution's id.
     pub other: Vec<String>,
 }
@@ -73,6 +80,8 @@ pub struct Exec {
     /// (its `core.ready` has `exec_limits`; without them a host must not ack).
     pub acked: ExecOutputAck,
     pub metered: bool,
+    /// Stdin bytes sent by [`Exec::stdin_within`].
+    pub sent_stdin: u64,
 }
 
 impl Exec {
@@ -87,7 +96,7 @@ impl Exec {
         let id = stream.id();
         let (_sender, rx) = stream.into_parts();
         let metered = client.ready().agent.exec_limits.is_some();
-        Exec { id, rx, out: Outcome::default(), acked: ExecOutputAck::default(), metered }
+        Exec { id, rx, out: Outcome::default(), acked: ExecOutputAck::default(), metered, sent_stdin: 0 }
     }
 
     /// Takes one message; false once the stream has ended (terminal frame).
@@ -106,6 +115,8 @@ impl Exec {
                     message.payload::<ExecStderr>().unwrap().data
                 };
                 let n = data.len();
+                self.out.output_frames += 1;
+                self.out.largest_output = self.out.largest_output.max(n);
                 if message.t == "core.exec.stdout" { &mut self.out.stdout } else { &mut self.out.stderr }
                     .extend_from_slice(&data);
                 if self.metered {
@@ -117,6 +128,7 @@ impl Exec {
             "core.exec.exited" => self.out.exit = Some(message.payload::<ExecExited>().unwrap().code),
             "core.exec.failed" => self.out.failed = Some(message.payload::<ExecFailed>().unwrap()),
             "core.exec.stdin.error" => self.out.stdin_errors.push(message.payload::<ExecStdinError>().unwrap().message),
+            "core.exec.stdin.ack" => self.out.stdin_acks.push(message.payload::<ExecStdinAck>().unwrap().consumed),
             "core.error" => {
                 let e = message.payload::<CoreError>().unwrap();
                 self.out.other.push(format!("core.error {:?}: {}", e.kind, e.message));
@@ -162,6 +174,31 @@ impl Exec {
     pub async fn stdin(&self, client: &AgentClient, data: &[u8]) {
         let m = TypedMessage::new(MessageType::ExecStdin, ExecStdin { data: data.to_vec() });
         client.send(self.id, m).await.expect("core.exec.stdin goes out");
+    }
+
+    /// Stdin bytes the agent has acknowledged so far (0 before any ack).
+    pub fn stdin_acked(&self) -> u64 {
+        self.out.stdin_acks.last().copied().unwrap_or(0)
+    }
+
+    /// Sends `data` as a controlled execution's stdin must go (spec 8): chunks
+    /// of at most `chunk` bytes, and never more than `limit` bytes sent but not
+    /// yet acknowledged by `core.exec.stdin.ack`. While there is no room it
+    /// takes the execution's frames (acknowledging output as it comes), so a
+    /// child that writes as it reads keeps going. Returns the bytes sent.
+    pub async fn stdin_within(&mut self, client: &AgentClient, data: &[u8], chunk: usize, limit: u64) -> u64 {
+        let base = self.sent_stdin;
+        within(WAIT_SECS, "sending stdin within the input limit", async {
+            for piece in data.chunks(chunk) {
+                while self.sent_stdin + piece.len() as u64 - self.stdin_acked() > limit {
+                    assert!(self.step(client).await, "the execution ended while stdin was going in: {:?}", self.out);
+                }
+                self.stdin(client, piece).await;
+                self.sent_stdin += piece.len() as u64;
+            }
+        })
+        .await;
+        self.sent_stdin - base
     }
 }
 

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::exec::ExecRlimit;
+use super::exec::{ExecLimits, ExecRlimit};
 use super::{open_enum, serde_payload};
 
 /// `core.bootstrap`: everything the guest needs before `core.ready`. Every key
@@ -14,6 +14,10 @@ use super::{open_enum, serde_payload};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GuestBootstrap {
+    /// The host answers a startup failure with `core.init.ack {failure: true}`
+    /// (added after generation 7; left out when false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub init_failure_ack: bool,
     /// The root filesystem, when it is not the initramfs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_root: Option<BootstrapBlockRoot>,
@@ -55,6 +59,10 @@ pub struct GuestBootstrap {
     /// Hand PID 1 over to another init after setting up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handoff_init: Option<BootstrapHandoffInit>,
+    /// Generation 10: the execution flow-control policy, which the agent
+    /// advertises in `core.ready`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec_limits: Option<ExecLimits>,
 }
 
 /// The root filesystem (tagged by `kind`).

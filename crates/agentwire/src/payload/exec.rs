@@ -280,8 +280,126 @@ pub struct ExecSignal {
     pub signal: i32,
 }
 
+/// `core.exec.output.ack` (generation 10): the host has consumed this much
+/// output of a controlled execution (spec section 8).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutputAck {
+    /// The cumulative charge consumed: the sum of `len + 256` over every stdout
+    /// and stderr chunk since the request ([`EXEC_OUTPUT_EVENT_OVERHEAD`]).
+    pub consumed: u64,
+}
+
+/// `core.exec.stdin.ack` (generation 10): the guest has written this much
+/// stdin into the child (spec section 8).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStdinAck {
+    /// The cumulative number of stdin bytes written into the child's pipe or terminal.
+    pub consumed: u64,
+}
+
+/// What each output chunk costs on top of its bytes in the output allowance.
+pub const EXEC_OUTPUT_EVENT_OVERHEAD: u64 = 256;
+
+/// The largest chunk size a valid [`ExecLimits`] may set.
+pub const MAX_EXEC_CHUNK_SIZE: u32 = 4_193_280;
+
+/// The largest exec-control frame (`core.exec.output.ack`, `core.exec.stdin.ack`,
+/// `core.exec.signal`, `core.exec.resize`) on the wire; a longer one is answered
+/// with `core.error` `invalid_payload`.
+pub const MAX_EXEC_CONTROL_FRAME: usize = 4096;
+
+/// The sandbox-wide execution flow-control policy (generation 10), set in the
+/// bootstrap and advertised in `core.ready` (spec section 8). Every key is
+/// written; a missing key reads as its default.
+///
+/// ```
+/// use agentwire::payload::exec::ExecLimits;
+/// let limits = ExecLimits::default();
+/// assert_eq!((limits.max_executions, limits.output_limit), (128, 1_048_576));
+/// assert!(limits.validate().is_ok());
+/// assert!(ExecLimits { output_chunk_size: 1_048_576, ..limits }.validate().is_err());
+/// ```
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecLimits {
+    /// Executions the agent holds at once.
+    #[serde(default = "ExecLimits::default_max_executions")]
+    pub max_executions: u32,
+    /// Stdin bytes accepted but not yet written into the child.
+    #[serde(default = "ExecLimits::default_input_limit")]
+    pub input_limit: u32,
+    /// Output charge published but not yet acknowledged.
+    #[serde(default = "ExecLimits::default_output_limit")]
+    pub output_limit: u32,
+    /// The largest `core.exec.stdin` chunk.
+    #[serde(default = "ExecLimits::default_chunk_size")]
+    pub stdin_chunk_size: u32,
+    /// The largest `core.exec.stdout`/`stderr` chunk.
+    #[serde(default = "ExecLimits::default_chunk_size")]
+    pub output_chunk_size: u32,
+}
+
+impl ExecLimits {
+    fn default_max_executions() -> u32 {
+        128
+    }
+    fn default_input_limit() -> u32 {
+        65_536
+    }
+    fn default_output_limit() -> u32 {
+        1_048_576
+    }
+    fn default_chunk_size() -> u32 {
+        16_384
+    }
+
+    /// Checks the policy as the agent does before accepting it: executions
+    /// above zero, `1 <= stdin_chunk_size <= input_limit`, a nonzero output
+    /// chunk with room for its 256-byte overhead in the output limit, and both
+    /// chunks at most [`MAX_EXEC_CHUNK_SIZE`].
+    pub fn validate(&self) -> Result<(), String> {
+        let problem = if self.max_executions == 0 {
+            "max_executions is 0"
+        } else if self.stdin_chunk_size == 0 || self.stdin_chunk_size > self.input_limit {
+            "stdin_chunk_size must be 1 to input_limit"
+        } else if self.output_chunk_size == 0 {
+            "output_chunk_size is 0"
+        } else if u64::from(self.output_chunk_size) + EXEC_OUTPUT_EVENT_OVERHEAD > u64::from(self.output_limit) {
+            "output_chunk_size + 256 exceeds output_limit"
+        } else if self.stdin_chunk_size > MAX_EXEC_CHUNK_SIZE || self.output_chunk_size > MAX_EXEC_CHUNK_SIZE {
+            "a chunk size exceeds 4193280"
+        } else {
+            return Ok(());
+        };
+        Err(format!("invalid exec limits: {problem}"))
+    }
+}
+
+impl Default for ExecLimits {
+    fn default() -> ExecLimits {
+        ExecLimits {
+            max_executions: Self::default_max_executions(),
+            input_limit: Self::default_input_limit(),
+            output_limit: Self::default_output_limit(),
+            stdin_chunk_size: Self::default_chunk_size(),
+            output_chunk_size: Self::default_chunk_size(),
+        }
+    }
+}
+
 // ExecStdin, ExecStdout, ExecStderr and ExecExited have hand-written paths (payload::fast).
-serde_payload!(ExecRequest, ExecStarted, ExecStdinError, ExecFailed, ExecResize, ExecSignal);
+serde_payload!(
+    ExecRequest,
+    ExecStarted,
+    ExecStdinError,
+    ExecFailed,
+    ExecResize,
+    ExecSignal,
+    ExecOutputAck,
+    ExecStdinAck
+);
 
 #[cfg(test)]
 mod tests {

@@ -154,6 +154,10 @@ data_payload!(ExecStdin, ExecStdout, ExecStderr, FsData, TcpData);
 
 impl CborPayload for Ready {
     fn exact_encoded_len(&self) -> Option<usize> {
+        // Capabilities (generation 8+, once per connection) take the serde path.
+        if self.capabilities.is_some() {
+            return None;
+        }
         let version =
             if self.agent_version.is_empty() { 0 } else { AGENT_ENTRY.len() + cbor::text_len(&self.agent_version) };
         Some(
@@ -168,6 +172,9 @@ impl CborPayload for Ready {
     }
 
     fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        if self.capabilities.is_some() {
+            return super::serde_encode(self, dst);
+        }
         // agent_version is skipped when empty, as the derive says.
         dst.put_u8(if self.agent_version.is_empty() { MAP3 } else { MAP4 });
         dst.put_slice(BOOT_ENTRY);
@@ -194,6 +201,8 @@ impl CborPayload for Ready {
                 INIT_KEY => set_once(&mut init, plain_u64(r)?),
                 READY_KEY => set_once(&mut ready, plain_u64(r)?),
                 AGENT_KEY => set_once(&mut agent, plain_text(r)?),
+                // A capability: the serde path reads those.
+                _ if CAPABILITY_KEYS.contains(&key) => None,
                 _ => skip_unknown(key, r),
             })?;
             Some(Ready {
@@ -201,6 +210,7 @@ impl CborPayload for Ready {
                 init_time_ns: init?,
                 ready_time_ns: ready?,
                 agent_version: agent.map(String::from).unwrap_or_default(),
+                capabilities: None,
             })
         })
     }
@@ -264,7 +274,7 @@ fn ready_canonical(p: &[u8]) -> Option<Ready> {
         }
         _ => return None,
     };
-    Some(Ready { boot_time_ns, init_time_ns, ready_time_ns, agent_version })
+    Some(Ready { boot_time_ns, init_time_ns, ready_time_ns, agent_version, capabilities: None })
 }
 
 /// Map heads of three and four entries.
@@ -281,6 +291,11 @@ const BOOT_KEY: &[u8] = BOOT_ENTRY.split_at(1).1;
 const INIT_KEY: &[u8] = INIT_ENTRY.split_at(1).1;
 const READY_KEY: &[u8] = READY_ENTRY.split_at(1).1;
 const AGENT_KEY: &[u8] = AGENT_ENTRY.split_at(1).1;
+
+/// The keys of [`ReadyCapabilities`](super::core::ReadyCapabilities), which the general
+/// reader leaves to the serde path.
+const CAPABILITY_KEYS: [&[u8]; 5] =
+    [b"bulk_transport", b"relay_lease", b"local_transport", b"workload_transport_barrier_version", b"exec_limits"];
 
 /// `{"code": ` — a map of one entry and the key with its text head.
 const CODE_PREFIX: &[u8; 6] = b"\xa1\x64code";
@@ -346,6 +361,7 @@ mod tests {
                     init_time_ns: t / 3,
                     ready_time_ns: 7,
                     agent_version: agent_version.into(),
+                    capabilities: None,
                 };
                 assert_eq!(ready_canonical(&encoded(&r)), Some(r));
             }

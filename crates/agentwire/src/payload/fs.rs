@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::bulk::BulkOffer;
 use super::serde_payload;
 
 /// The largest data chunk of one `core.fs.data`: 3 MiB, so that a chunk and its
@@ -15,6 +16,29 @@ pub const FS_CHUNK_SIZE: usize = 3 * 1024 * 1024;
 pub struct FsRequest {
     /// The operation.
     pub op: FsOp,
+    /// Generation 8: move the data of a `Read` or `Write` as raw bulk records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkOffer>,
+}
+
+impl FsRequest {
+    /// A request for `op` without a bulk offer.
+    pub fn new(op: FsOp) -> FsRequest {
+        FsRequest { op, bulk: None }
+    }
+}
+
+impl From<FsOp> for FsRequest {
+    fn from(op: FsOp) -> FsRequest {
+        FsRequest::new(op)
+    }
+}
+
+/// Whether a `user` key is left out: when it is `None` and the frame is
+/// written as a peer below generation 10 writes it (generation 10 writes
+/// `null`; spec section 4, fs).
+fn user_left_out(user: &Option<String>) -> bool {
+    user.is_none() && super::writer_generation() < 10
 }
 
 /// A file operation. Paths are text, as the guest sees them.
@@ -59,6 +83,9 @@ pub enum FsOp {
         target: String,
         /// Where the link is created.
         link_path: String,
+        /// `user[:group]` to act as; root when `None`.
+        #[serde(default, skip_serializing_if = "user_left_out")]
+        user: Option<String>,
     },
     /// Create a directory.
     Mkdir {
@@ -67,6 +94,9 @@ pub enum FsOp {
         /// Permission bits; the guest's default when `None`.
         #[serde(default)]
         mode: Option<u32>,
+        /// `user[:group]` to act as; root when `None`.
+        #[serde(default, skip_serializing_if = "user_left_out")]
+        user: Option<String>,
     },
     /// Remove a file or symlink.
     Remove {
@@ -186,6 +216,9 @@ pub struct FsOpenOptions {
     pub create_new: bool,
     /// Permission bits for a created file.
     pub mode: Option<u32>,
+    /// `user[:group]` to act as; root when `None`.
+    #[serde(default, skip_serializing_if = "user_left_out")]
+    pub user: Option<String>,
 }
 
 /// Metadata of one file.
@@ -267,5 +300,15 @@ pub struct FsData {
     pub data: Bytes,
 }
 
+impl super::CborPayload for FsRequest {
+    fn encoded_len_at(&self, generation: u8) -> Result<usize, super::PayloadError> {
+        super::as_generation(generation, || super::serde_encoded_len(self))
+    }
+
+    fn encode_at(&self, generation: u8, dst: &mut bytes::BytesMut) -> Result<(), super::PayloadError> {
+        super::as_generation(generation, || super::serde_encode(self, dst))
+    }
+}
+
 // FsData has a hand-written path (payload::fast).
-serde_payload!(FsRequest, FsResponse);
+serde_payload!(FsResponse);

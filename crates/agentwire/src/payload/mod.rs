@@ -8,12 +8,15 @@
 //! any input it does not recognise, so the two cannot disagree.
 
 pub mod bootstrap;
+pub mod bulk;
 pub mod core;
 pub mod exec;
 mod fast;
 pub mod fs;
 pub mod tcp;
+pub mod workload;
 
+use std::cell::Cell;
 use std::io;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -88,6 +91,20 @@ pub trait CborPayload: Serialize + DeserializeOwned {
         serde_encode(self, dst)
     }
 
+    /// [`CborPayload::encoded_len`] for a frame whose `v` is `generation`.
+    fn encoded_len_at(&self, generation: u8) -> Result<usize, PayloadError> {
+        let _ = generation;
+        self.encoded_len()
+    }
+
+    /// [`CborPayload::encode`] for a frame whose `v` is `generation`: the same
+    /// bytes except where a generation writes a payload differently (the fs
+    /// `user` keys, see [`as_generation`]).
+    fn encode_at(&self, generation: u8, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        let _ = generation;
+        self.encode(dst)
+    }
+
     /// `true` when a decoded value holds [`Bytes`] views of the payload (the
     /// data messages' `data`). The message decoder then cuts the frame out of
     /// its read buffer and calls [`CborPayload::decode`]; for every other type
@@ -130,6 +147,14 @@ impl<T: CborPayload> CborPayload for Box<T> {
         (**self).encode(dst)
     }
 
+    fn encoded_len_at(&self, generation: u8) -> Result<usize, PayloadError> {
+        (**self).encoded_len_at(generation)
+    }
+
+    fn encode_at(&self, generation: u8, dst: &mut BytesMut) -> Result<(), PayloadError> {
+        (**self).encode_at(generation, dst)
+    }
+
     const HOLDS_VIEWS: bool = T::HOLDS_VIEWS;
 
     fn decode(p: &Bytes) -> Result<Self, PayloadError> {
@@ -139,6 +164,44 @@ impl<T: CborPayload> CborPayload for Box<T> {
     fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
         T::decode_slice(p).map(Box::new)
     }
+}
+
+thread_local! {
+    /// The generation whose writer serialization imitates (see [`as_generation`]).
+    static WRITER_GENERATION: Cell<u8> = const { Cell::new(crate::PROTOCOL_VERSION) };
+}
+
+/// Runs `f` with every payload serialized as a writer of `generation` writes
+/// it, then restores the previous setting (also when `f` panics).
+///
+/// One payload difference between generations has no value of its own: the
+/// `user` key of `FsOp::Symlink`, `FsOp::Mkdir` and `FsOpenOptions` is left out
+/// when `None` below generation 10 and written as `null` from 10 on. The
+/// codec encodes each frame at its `v` this way; a JSON rendering of a frame
+/// (`inspect --json`, the vectors) does the same through this function, and
+/// serde's derives, which have no place to pass a generation, read it here.
+///
+/// ```
+/// use agentwire::payload::{as_generation, fs::{FsOp, FsRequest}};
+/// let req = FsRequest::new(FsOp::Mkdir { path: "/d".into(), mode: None, user: None });
+/// let json = |g| as_generation(g, || serde_json::to_string(&req).unwrap());
+/// assert_eq!(json(7), r#"{"op":{"Mkdir":{"path":"/d","mode":null}}}"#);
+/// assert_eq!(json(10), r#"{"op":{"Mkdir":{"path":"/d","mode":null,"user":null}}}"#);
+/// ```
+pub fn as_generation<T>(generation: u8, f: impl FnOnce() -> T) -> T {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WRITER_GENERATION.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(WRITER_GENERATION.with(|g| g.replace(generation)));
+    f()
+}
+
+/// The generation serialization imitates now (see [`as_generation`]).
+pub(crate) fn writer_generation() -> u8 {
+    WRITER_GENERATION.with(Cell::get)
 }
 
 /// Counts bytes instead of storing them, to size a payload before writing it.
@@ -284,6 +347,75 @@ macro_rules! open_enum {
     };
 }
 pub(crate) use open_enum;
+
+/// Defines a unit-only enum that is a text string on the wire and reads any
+/// name it does not know as its catch-all variant (spec section 4,
+/// *catch-all*): re-encoded, an unknown name becomes the catch-all's, as the
+/// deployed implementation writes it.
+macro_rules! catch_all_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $wire:literal, )* }
+        catch_all $(#[$cmeta:meta])* $catch:ident = $catch_wire:literal
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[non_exhaustive]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )*
+            $(#[$cmeta])*
+            $catch,
+        }
+
+        impl $name {
+            /// The wire name.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $( $name::$variant => $wire, )*
+                    $name::$catch => $catch_wire,
+                }
+            }
+
+            /// Reads a wire name; one not known here is the catch-all.
+            pub fn from_wire(s: &str) -> Self {
+                match s {
+                    $( $wire => $name::$variant, )*
+                    _ => $name::$catch,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str(concat!("a ", stringify!($name), " name"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<$name, E> {
+                        Ok($name::from_wire(s))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+pub(crate) use catch_all_enum;
 
 #[cfg(test)]
 mod tests {

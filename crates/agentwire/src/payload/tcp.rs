@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::bulk::BulkOffer;
 use super::serde_payload;
 
 /// `core.tcp.connect`: open a connection from inside the guest. Starts a session.
@@ -13,6 +14,16 @@ pub struct TcpConnect {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// Generation 8: move the connection's data as raw bulk records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkOffer>,
+}
+
+impl TcpConnect {
+    /// A connection to `host:port` without a bulk offer.
+    pub fn new(host: impl Into<String>, port: u16) -> TcpConnect {
+        TcpConnect { host: host.into(), port, bulk: None }
+    }
 }
 
 /// `core.tcp.connected`: the connection is open.
