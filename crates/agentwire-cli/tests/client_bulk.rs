@@ -541,35 +541,7 @@ async fn through_the_relay_records_go_both_ways_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots QEMU: build the image with vm/build-reference.sh 0.7.13, then run with --include-ignored"]
 async fn the_deployed_agent_0_7_13_moves_our_files_and_tcp_as_bulk_records() {
-    let base = std::env::var_os("AGENTWIRE_VM_REF_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let image = base.join("vm-ref-0.7.13");
-    for f in ["vmlinuz", "initramfs.cpio.gz", "reference"] {
-        assert!(image.join(f).is_file(), "no {} (vm/build-reference.sh 0.7.13 builds it)", image.join(f).display());
-    }
-    let tmp = common::TempDir::new("client-bulk-vm");
-    let socket = tmp.0.join("agent.sock");
-    let mut vm = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentwire"))
-        .args(["vm", "--boot-only", "--image"])
-        .arg(&image)
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stream = within(60, "QEMU's socket", async {
-        loop {
-            match tokio::net::UnixStream::connect(&socket).await {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await;
+    let (_tmp, mut vm, stream) = common::boot_reference_0_7_13("client-bulk-vm").await;
     let capture = Capture::default();
     let builder = Client::builder().handshake_timeout(Duration::from_secs(120)).capture(capture.clone());
     let client = within(150, "the start-up exchange", builder.connect(stream)).await.unwrap();

@@ -149,3 +149,42 @@ pub fn start_relay(
         }
     }
 }
+
+/// The deployed agent, microsandbox-agentd 0.7.13, booted as PID 1 of a QEMU
+/// guest by `agentwire vm --boot-only` with the image `vm/build-reference.sh
+/// 0.7.13` writes to `target/vm-ref-0.7.13` (or under `$AGENTWIRE_VM_REF_DIR`),
+/// and a connection to its port, made within 60 s. Fails when the image is
+/// missing. The temporary directory and QEMU (killed on drop) go with the caller.
+pub async fn boot_reference_0_7_13(tag: &str) -> (TempDir, tokio::process::Child, tokio::net::UnixStream) {
+    let base = std::env::var_os("AGENTWIRE_VM_REF_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let image = base.join("vm-ref-0.7.13");
+    for f in ["vmlinuz", "initramfs.cpio.gz", "reference"] {
+        assert!(image.join(f).is_file(), "no {} (vm/build-reference.sh 0.7.13 builds it)", image.join(f).display());
+    }
+    let tmp = TempDir::new(tag);
+    let socket = tmp.0.join("agent.sock");
+    let vm = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentwire"))
+        .args(["vm", "--boot-only", "--image"])
+        .arg(&image)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let connect = async {
+        loop {
+            match tokio::net::UnixStream::connect(&socket).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    };
+    let stream =
+        tokio::time::timeout(std::time::Duration::from_secs(60), connect).await.expect("QEMU's socket within 60 s");
+    (tmp, vm, stream)
+}
