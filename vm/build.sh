@@ -32,6 +32,20 @@ vm_add_busybox "$root"
 : > "$root/etc/agentwire/modules"
 vm_add_modules "$root" "$root/etc/agentwire/modules" "${vm_serial_modules[@]}"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+# For `agentwire vm-bench` (kernel command line rdinit=/bench-init): a raw
+# copy over the agent's port (the agent binary's hidden `vm-bench --guest`),
+# then the agent as init on the same port. Unused by a normal boot.
+cat > "$root/bench-init" <<'SCRIPT'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r m; do insmod "$m" 2>/dev/null; done < /etc/agentwire/modules
+/init vm-bench --guest agent || echo "bench-init: the raw copy failed" >&2
+umount /dev /sys /proc
+exec /init
+SCRIPT
+chmod 755 "$root/bench-init"
 echo "root:x:0:" > "$root/etc/group"
 vm_pack "$root" "$out/initramfs.cpio.gz"
 echo "built $out: kernel $vm_release ($(stat -c %s "$out/vmlinuz") bytes), initramfs $(stat -c %s "$out/initramfs.cpio.gz") bytes, agent $(stat -c %s "$agent") bytes"

@@ -1,6 +1,14 @@
-//! Criterion benchmarks: agentwire against the codec a user would otherwise
-//! write, measured in the same run, plus `memcpy` of the same bytes as the
-//! physical reference for bulk data.
+//! Criterion benchmarks: agentwire against the deployed reference,
+//! `microsandbox-protocol` 0.6.14 (`ref6`, generation 7) and 0.7.13 (`ref7`,
+//! generation 10), and against the codec a user would otherwise write
+//! (`baseline`), all measured in the same run, plus `memcpy` of the same bytes
+//! as the physical reference for bulk data.
+//!
+//! The reference is driven through its public API as an application does
+//! (`support/reference.rs`): encode is `Message::with_payload` and
+//! `codec::encode_to_buf`; decode is its streaming decoder on a fresh read
+//! buffer and `Message::payload`. Its frames equal ours byte for byte (checked
+//! before measuring; 0.6.14 writes `v = 7`, the rest `v = 10`).
 //!
 //! The baseline (`support/baseline.rs`): `tokio_util::codec::LengthDelimitedCodec`
 //! for framing, the id and flags as the first five bytes of its frame, and the
@@ -26,7 +34,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::fmt::Debug;
 use support::baseline::{baseline_codec, baseline_decode, baseline_encode};
+use support::reference::{convert, decode_ref6, decode_ref7, encode_ref6, encode_ref7, r6, r7};
 use tokio_util::codec::{Decoder, Encoder};
 
 fn wire(m: &Message) -> Bytes {
@@ -61,7 +71,17 @@ fn fresh_input(frame: &[u8]) -> BytesMut {
     src
 }
 
-/// Encode and decode of one message type, ours and the baseline's.
+/// [`fresh_input`] as the `Vec` that 0.6.14's streaming decoder reads from.
+fn fresh_vec(frame: &[u8]) -> Vec<u8> {
+    let src = frame.to_vec();
+    black_box(src.iter().take(64).fold(0u8, |a, &b| a ^ b));
+    src
+}
+
+/// The reference's message types of one of our types, in 0.6.14 and 0.7.13.
+type RefTypes = (r6::MessageType, r7::MessageType);
+
+/// Encode and decode of one message type: ours, 0.6.14's, 0.7.13's and the baseline's.
 ///
 /// Decoding takes a fresh input buffer each time (made outside the timing).
 /// For bulk data that buffer is made right before each decode
@@ -70,9 +90,17 @@ fn fresh_input(frame: &[u8]) -> BytesMut {
 /// `also` are other inputs agentwire decodes (the first frame of each) right
 /// after this one, each under its own name, so that they are measured back to
 /// back, in the same state of a shared machine.
-fn encode_decode<T>(group: &mut BenchmarkGroup<'_, WallTime>, value: T, batch: BatchSize, also: &[(&str, Bytes)])
-where
+/// `R6` and `R7` are the reference's payload types, `(t6, t7)` its message types.
+fn encode_decode<T, R6, R7>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    value: T,
+    (t6, t7): RefTypes,
+    batch: BatchSize,
+    also: &[(&str, Bytes)],
+) where
     T: TypedPayload + Clone + Serialize + DeserializeOwned + 'static,
+    R6: Serialize + DeserializeOwned + Debug,
+    R7: Serialize + DeserializeOwned + Debug,
 {
     let t = T::MESSAGE_TYPE;
     let message = Message::new(7, value.clone());
@@ -82,6 +110,17 @@ where
     baseline_encode(&mut base, 7, t.flags().bits(), t.wire_name(), &value, &mut dst);
     assert_eq!(&dst[..], &frame[..], "the baseline writes the same bytes");
     let mut dst = BytesMut::with_capacity(frame.len() * 2);
+
+    // The reference's equal values and its frames: 0.6.14's is ours at v = 7.
+    let v6: R6 = convert(&value);
+    let v7: R7 = convert(&value);
+    let frame6 = wire(&message.clone().with_version(7));
+    let mut out6 = Vec::with_capacity(frame.len() * 2);
+    encode_ref6(t6, 7, &v6, &mut out6);
+    assert_eq!(out6[..], frame6[..], "0.6.14 writes the same bytes");
+    let mut out7 = Vec::with_capacity(frame.len() * 2);
+    encode_ref7(t7, 7, &v7, &mut out7);
+    assert_eq!(out7[..], frame[..], "0.7.13 writes the same bytes");
 
     let mut codec = MessageCodec::new();
     group.bench_function("encode/agentwire", |b| {
@@ -94,6 +133,18 @@ where
         b.iter(|| {
             dst.clear();
             baseline_encode(&mut base, 7, t.flags().bits(), t.wire_name(), black_box(&value), &mut dst);
+        })
+    });
+    group.bench_function("encode/ref6", |b| {
+        b.iter(|| {
+            out6.clear();
+            encode_ref6(t6, 7, black_box(&v6), &mut out6);
+        })
+    });
+    group.bench_function("encode/ref7", |b| {
+        b.iter(|| {
+            out7.clear();
+            encode_ref7(t7, 7, black_box(&v7), &mut out7);
         })
     });
 
@@ -123,6 +174,26 @@ where
             batch,
         )
     });
+    group.bench_function("decode/ref6", |b| {
+        b.iter_batched(
+            || fresh_vec(&frame6),
+            |mut src| {
+                let m: (r6::Message, R6) = decode_ref6(&mut src);
+                (src, m)
+            },
+            batch,
+        )
+    });
+    group.bench_function("decode/ref7", |b| {
+        b.iter_batched(
+            || fresh_input(&frame),
+            |mut src| {
+                let m: (r7::Message, R7) = decode_ref7(&mut src);
+                (src, m)
+            },
+            batch,
+        )
+    });
 }
 
 fn ready(c: &mut Criterion) {
@@ -134,13 +205,21 @@ fn ready(c: &mut Criterion) {
         agent_version: "agentwire 0.1.0".into(),
         capabilities: None,
     };
-    encode_decode(&mut g, value, SMALL_BATCH, &[]);
+    let types = (r6::MessageType::Ready, r7::MessageType::Ready);
+    encode_decode::<_, r6::core::Ready, r7::core::Ready>(&mut g, value, types, SMALL_BATCH, &[]);
     g.finish();
 }
 
 fn exited(c: &mut Criterion) {
     let mut g = c.benchmark_group("exited");
-    encode_decode(&mut g, ExecExited { code: 42 }, SMALL_BATCH, &[]);
+    let types = (r6::MessageType::ExecExited, r7::MessageType::ExecExited);
+    encode_decode::<_, r6::exec::ExecExited, r7::exec::ExecExited>(
+        &mut g,
+        ExecExited { code: 42 },
+        types,
+        SMALL_BATCH,
+        &[],
+    );
     g.finish();
 }
 
@@ -153,14 +232,17 @@ fn exec_request(c: &mut Criterion) {
         rlimits: vec![ExecRlimit { resource: "nofile".into(), soft: 1024, hard: 4096 }],
         ..ExecRequest::new("/bin/sh")
     };
-    encode_decode(&mut g, value, SMALL_BATCH, &[]);
+    let types = (r6::MessageType::ExecRequest, r7::MessageType::ExecRequest);
+    encode_decode::<_, r6::exec::ExecRequest, r7::exec::ExecRequest>(&mut g, value, types, SMALL_BATCH, &[]);
     g.finish();
 }
 
 /// Encode and decode of one data frame of `size` bytes, and memcpy of the same bytes.
-fn bulk<T>(c: &mut Criterion, name: &str, size: usize, make: fn(Bytes) -> T)
+fn bulk<T, R6, R7>(c: &mut Criterion, name: &str, size: usize, types: RefTypes, make: fn(Bytes) -> T)
 where
     T: TypedPayload + Clone + Serialize + DeserializeOwned + 'static,
+    R6: Serialize + DeserializeOwned + Debug,
+    R7: Serialize + DeserializeOwned + Debug,
 {
     let mut g = c.benchmark_group(name);
     g.throughput(criterion::Throughput::Bytes(size as u64));
@@ -180,27 +262,34 @@ where
     // The physical reference first, right before the encode it is compared with.
     let mut copy = vec![0u8; size];
     g.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&data))));
-    encode_decode(&mut g, make(data.clone()), BatchSize::PerIteration, &also);
+    encode_decode::<T, R6, R7>(&mut g, make(data.clone()), types, BatchSize::PerIteration, &also);
     g.finish();
 }
 
 fn stdout_64k(c: &mut Criterion) {
-    bulk(c, "stdout_64k", 64 * 1024, |data| ExecStdout { data });
+    let types = (r6::MessageType::ExecStdout, r7::MessageType::ExecStdout);
+    bulk::<_, r6::exec::ExecStdout, r7::exec::ExecStdout>(c, "stdout_64k", 64 * 1024, types, |data| ExecStdout {
+        data,
+    });
 }
 
 fn fs_data_1m(c: &mut Criterion) {
-    bulk(c, "fs_data_1m", 1024 * 1024, |data| FsData { data });
+    let types = (r6::MessageType::FsData, r7::MessageType::FsData);
+    bulk::<_, r6::fs::FsData, r7::fs::FsData>(c, "fs_data_1m", 1024 * 1024, types, |data| FsData { data });
 }
 
 fn fs_data_3m(c: &mut Criterion) {
-    bulk(c, "fs_data_3m", 3 * 1024 * 1024, |data| FsData { data });
+    let types = (r6::MessageType::FsData, r7::MessageType::FsData);
+    bulk::<_, r6::fs::FsData, r7::fs::FsData>(c, "fs_data_3m", 3 * 1024 * 1024, types, |data| FsData { data });
 }
 
 /// Raw bulk records (generation 8) of 16 KiB, 256 KiB and 3 MiB against the
 /// reference 0.7.13's own bulk codec in the same run, and memcpy of the data:
 /// encode whole (header and one copy of the data), encode of the header alone
 /// (for a vectored write that copies nothing), and decode (a view of the
-/// frame: its cost must not grow with the data).
+/// frame: its cost must not grow with the data). 0.6.14 (generation 7) has no
+/// bulk lane; its way to move file data is `core.fs.data`, measured in the
+/// `fs_data_*` groups.
 fn bulk_record(c: &mut Criterion) {
     use agentwire::codec::bulk_record_header;
     use agentwire::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
@@ -242,7 +331,7 @@ fn bulk_record(c: &mut Criterion) {
         let header = agentwire::codec::BULK_WIRE_HEADER;
         vec.resize(header + size, 0);
         g.bench_function("memcpy", |b| b.iter(|| vec[header..].copy_from_slice(black_box(&data))));
-        g.bench_function("encode/reference", |b| {
+        g.bench_function("encode/ref7", |b| {
             b.iter(|| {
                 vec.clear();
                 ref7::codec::encode_bulk_to_buf(black_box(&theirs), &mut vec).unwrap();
@@ -251,7 +340,7 @@ fn bulk_record(c: &mut Criterion) {
         g.bench_function("encode_header/agentwire", |b| {
             b.iter(|| bulk_record_header(7, black_box(&record), agentwire::MAX_FRAME_SIZE).unwrap())
         });
-        g.bench_function("encode_header/reference", |b| {
+        g.bench_function("encode_header/ref7", |b| {
             b.iter(|| ref7::codec::encode_bulk_header(black_box(&theirs)).unwrap())
         });
         g.bench_function("decode/agentwire", |b| {
@@ -264,7 +353,7 @@ fn bulk_record(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
-        g.bench_function("decode/reference", |b| {
+        g.bench_function("decode/ref7", |b| {
             b.iter_batched(
                 || fresh_input(&frame),
                 |mut src| {
@@ -281,8 +370,16 @@ fn bulk_record(c: &mut Criterion) {
 /// Decoding a buffer of `frames` stdout frames of 100 bytes each, to typed payloads.
 ///
 /// agentwire's two stream lengths are measured back to back, then the
-/// baseline's, so that the ratio of the two lengths, a target of its own, is
-/// taken in one state of a shared machine.
+/// baseline's and the reference's, so that the ratio of the two lengths, a
+/// target of its own, is taken in one state of a shared machine.
+///
+/// 0.7.13 reads with its cursor decoder (`try_decode_from_bytes`, which
+/// advances the `BytesMut`). 0.6.14's streaming decoder (`try_decode_from_buf`)
+/// drains each frame from the front of its `Vec`, moving the rest of the buffer
+/// every frame: quadratic in the frames held (about 10^11 bytes moved for the
+/// 100,000-frame buffer), so it is given its borrowed decoder instead,
+/// `decode_message_frame`, with the offset kept by the caller: its best case.
+/// Its stream carries `v = 7`, as a generation-7 writer's does.
 fn stream(c: &mut Criterion) {
     let mut g = c.benchmark_group("stream");
     g.sample_size(10);
@@ -338,11 +435,58 @@ fn stream(c: &mut Criterion) {
             )
         });
     }
+    for (frames, stream) in &streams {
+        let frames = *frames;
+        // The same frames at v = 7.
+        let mut stream6 = BytesMut::new();
+        let mut codec = MessageCodec::new();
+        for i in 0..frames {
+            let data = Bytes::from(vec![(i % 251) as u8; 100]);
+            codec.encode(Message::new(i as u32, ExecStdout { data }).with_version(7), &mut stream6).unwrap();
+        }
+        let stream6 = stream6.to_vec();
+        g.throughput(criterion::Throughput::Elements(frames as u64));
+        g.bench_function(format!("{frames}/ref6"), |b| {
+            b.iter_batched(
+                || stream6.clone(),
+                |src| {
+                    let (mut at, mut bytes) = (0, 0);
+                    while at < src.len() {
+                        let len = 4 + u32::from_be_bytes(src[at..at + 4].try_into().unwrap()) as usize;
+                        let m = ref6::codec::decode_message_frame(&src[at..at + len]).unwrap();
+                        bytes += m.payload::<r6::exec::ExecStdout>().unwrap().data.len();
+                        at += len;
+                    }
+                    assert_eq!(bytes, frames * 100);
+                    src
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.bench_function(format!("{frames}/ref7"), |b| {
+            b.iter_batched(
+                || BytesMut::from(&stream[..]),
+                |mut src| {
+                    let mut bytes = 0;
+                    while let Some(m) = ref7::codec::try_decode_from_bytes(&mut src).unwrap() {
+                        bytes += m.payload::<r7::exec::ExecStdout>().unwrap().data.len();
+                    }
+                    assert_eq!(bytes, frames * 100);
+                    src
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 
 /// What a relay does with a 64 KiB frame: read the header, cut the frame out,
 /// write it to the client's buffer.
+///
+/// The reference's equivalent is its CBOR-blind raw frame path, the same in
+/// both versions: `codec::try_decode_raw_from_buf` (which copies the body into a
+/// `RawFrame` of its own and drains the read `Vec`) and `codec::encode_raw_to_buf`.
 fn relay(c: &mut Criterion) {
     let mut g = c.benchmark_group("relay");
     let size = 64 * 1024;
@@ -379,6 +523,32 @@ fn relay(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    let mut out = Vec::with_capacity(frame.len() * 2);
+    g.bench_function("decode_encode/ref6", |b| {
+        b.iter_batched(
+            || fresh_vec(&frame),
+            |mut src| {
+                let f = ref6::codec::try_decode_raw_from_buf(&mut src).unwrap().unwrap();
+                out.clear();
+                ref6::codec::encode_raw_to_buf(&f, &mut out).unwrap();
+                (src, f)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("decode_encode/ref7", |b| {
+        b.iter_batched(
+            || fresh_vec(&frame),
+            |mut src| {
+                let f = ref7::codec::try_decode_raw_from_buf(&mut src).unwrap().unwrap();
+                out.clear();
+                ref7::codec::encode_raw_to_buf(&f, &mut out).unwrap();
+                (src, f)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    assert_eq!(out[..], frame[..], "the reference relays the frame unchanged");
     g.finish();
 }
 

@@ -199,6 +199,31 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         pings: usize,
     },
+    /// Diagnostics (hidden): boot the image with /bench-init, time a raw copy
+    /// over the agent's virtio-serial port and then the agent's transfers over
+    /// it, and print both. With --guest: the guest's side of the raw copy
+    /// (run by /bench-init inside the VM).
+    #[command(hide = true)]
+    VmBench {
+        /// QEMU machine type.
+        #[arg(long, value_enum, default_value = "q35")]
+        machine: vm::Machine,
+        /// Directory with vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/vm")]
+        image: PathBuf,
+        /// MiB each transfer moves.
+        #[arg(long, default_value_t = 32)]
+        mib: usize,
+        /// Times each transfer is measured.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Exec flow-control window in KiB for the exec transfers (0: the client's defaults).
+        #[arg(long, default_value_t = 0)]
+        exec_window_kib: u32,
+        /// Be the guest's side: copy raw bytes on the port of this name as the host asks.
+        #[arg(long, value_name = "PORT")]
+        guest: Option<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -250,6 +275,16 @@ fn main() -> ExitCode {
         }
         Command::Demo { sessions, capture, file_mib, pings } => {
             runtime(demo::run(demo::Options { sessions, capture, file_mib, pings }))
+        }
+        Command::VmBench { guest: Some(port), .. } => match serial::raw_copy_guest(&port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentwire vm-bench --guest: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::VmBench { machine, image, mib, rounds, exec_window_kib, guest: None } => {
+            runtime(vm::bench(vm::BenchOptions { machine, image, mib, rounds, exec_window_kib }))
         }
         Command::Completions { shell } => {
             let mut text = Vec::new();

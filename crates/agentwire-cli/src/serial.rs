@@ -17,7 +17,15 @@ use crate::sys;
 /// An open serial device.
 pub struct SerialStream {
     fd: AsyncFd<std::fs::File>,
+    /// Where a vectored write gathers small slices (frame heads, small frames)
+    /// into one write: a port takes each write(2), and each slice of a
+    /// writev(2), as a buffer of its own that the host side gets as one
+    /// socket write, so a 20-byte head alone costs what 32 KiB do.
+    gather: Vec<u8>,
 }
+
+/// What one write(2) of a virtio port takes at most (the guest driver's limit).
+const PORT_WRITE_MAX: usize = 32 * 1024;
 
 impl SerialStream {
     fn open(path: &Path) -> io::Result<SerialStream> {
@@ -31,7 +39,7 @@ impl SerialStream {
         // SAFETY: the File owns its descriptor, which stays open and the same
         // until the AsyncFd (which owns the File) is dropped.
         let fd = unsafe { AsyncFd::register(file) }.map_err(io::Error::from)?;
-        Ok(SerialStream { fd })
+        Ok(SerialStream { fd, gather: Vec::new() })
     }
 
     /// Opens the device once its host side is connected: a virtio port reads
@@ -69,31 +77,152 @@ pub async fn find_port(name: &str, wait: Duration) -> io::Result<PathBuf> {
 }
 
 impl AsyncRead for SerialStream {
+    /// Fills `buf` with as much as the device has now, not one read's worth:
+    /// a virtio port's read gives at most one of its 4 KiB receive buffers, and
+    /// a caller that handles each read returned (the session driver parses,
+    /// dispatches and wakes its writer) would pay that for every 4 KiB.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|f| f.get_ref().read(unfilled)) {
-                Ok(Ok(n)) => {
+            let (n, drained) = read_available(guard.get_inner(), unfilled);
+            match n {
+                Ok(n) => {
+                    if drained {
+                        // It said EAGAIN: wait for the reactor before reading again.
+                        guard.clear_ready();
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
+/// Reads into `buf` until it is full, the device has nothing more (then the
+/// second value is true) or ends. An error after some bytes is left for the
+/// next call, which meets it again.
+fn read_available(file: &std::fs::File, buf: &mut [u8]) -> (io::Result<usize>, bool) {
+    let mut n = 0;
+    while n < buf.len() {
+        match { file }.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if n > 0 => return (Ok(n), e.kind() == io::ErrorKind::WouldBlock),
+            Err(e) => return (Err(e), false),
+        }
+    }
+    (Ok(n), false)
+}
+
 impl AsyncWrite for SerialStream {
+    /// Writes as much of `data` as the device takes now: a virtio port's write
+    /// takes at most 32 KiB, and each return to the caller costs a wake-up.
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|f| f.get_ref().write(data)) {
-                Ok(result) => return Poll::Ready(result),
-                Err(_would_block) => continue,
+            let mut n = 0;
+            let mut error = None;
+            while n < data.len() {
+                match guard.get_inner().write(&data[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            match error {
+                Some(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    if n > 0 {
+                        return Poll::Ready(Ok(n));
+                    }
+                }
+                Some(e) if n == 0 => return Poll::Ready(Err(e)),
+                _ => return Poll::Ready(Ok(n)),
             }
         }
+    }
+
+    /// Slices of at least [`PORT_WRITE_MAX`] are written from where they are;
+    /// smaller ones, and the start of a large one that follows them, are
+    /// gathered into writes of up to that size first. Returns after the first
+    /// write that the device takes only in part, or when it would block.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slices: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            let mut guard = ready!(this.fd.poll_write_ready(cx))?;
+            let file = guard.get_inner();
+            let mut written = 0;
+            // The first slice not wholly written yet, and how far into it.
+            let (mut i, mut at) = (0, 0);
+            let outcome = loop {
+                while i < slices.len() && at == slices[i].len() {
+                    (i, at) = (i + 1, 0);
+                }
+                let Some(slice) = slices.get(i) else { break Ok(()) };
+                let rest = &slice[at..];
+                let result = if rest.len() >= PORT_WRITE_MAX {
+                    { file }.write(&rest[..PORT_WRITE_MAX])
+                } else {
+                    // Gather what follows, up to one write's worth.
+                    this.gather.clear();
+                    let (mut j, mut from) = (i, at);
+                    while j < slices.len() && this.gather.len() < PORT_WRITE_MAX {
+                        let take = (slices[j].len() - from).min(PORT_WRITE_MAX - this.gather.len());
+                        this.gather.extend_from_slice(&slices[j][from..from + take]);
+                        (j, from) = (j + 1, 0);
+                    }
+                    { file }.write(&this.gather)
+                };
+                match result {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        written += k;
+                        let full = k == if rest.len() >= PORT_WRITE_MAX { PORT_WRITE_MAX } else { this.gather.len() };
+                        // Step past the k bytes written.
+                        let mut left = k;
+                        while left > 0 {
+                            let step = left.min(slices[i].len() - at);
+                            (at, left) = (at + step, left - step);
+                            if at == slices[i].len() && left > 0 {
+                                (i, at) = (i + 1, 0);
+                            }
+                        }
+                        if !full {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            match outcome {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    if written > 0 {
+                        return Poll::Ready(Ok(written));
+                    }
+                }
+                Err(e) if written == 0 => return Poll::Ready(Err(e)),
+                _ => return Poll::Ready(Ok(written)),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -102,5 +231,157 @@ impl AsyncWrite for SerialStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The guest's side of the raw port copy of `agentwire vm-bench` (a hidden
+/// diagnostic; `vm/build.sh` puts `/bench-init` in the image, which runs it
+/// before it starts the agent as init on the same port): blocking reads and
+/// writes of the sizes the host asks for, with no protocol, so that the host
+/// can time what the port itself carries.
+///
+/// The guest first writes [`RAW_READY`]; then the host sends commands of
+/// [`RAW_COMMAND_LEN`] bytes: the operation (0 end: [`RAW_READY`], and the
+/// port is closed once the host hangs up; 1 sink N bytes then write one byte;
+/// 2 source N bytes), the mode (0
+/// blocking, 1 non-blocking with poll), N and the read or write size, both as
+/// u64 little-endian.
+pub fn raw_copy_guest(name: &str) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+
+    let path = {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+        rt.block_on(find_port(name, Duration::from_secs(30)))?
+    };
+    let mut port = loop {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&path)?;
+        if !sys::hung_up(&f) {
+            break f;
+        }
+        drop(f);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let set_nonblocking = |f: &std::fs::File, yes: bool| -> io::Result<()> {
+        let flags = OFlag::from_bits_truncate(fcntl(f.as_fd(), FcntlArg::F_GETFL)?);
+        let flags = if yes { flags | OFlag::O_NONBLOCK } else { flags - OFlag::O_NONBLOCK };
+        fcntl(f.as_fd(), FcntlArg::F_SETFL(flags))?;
+        Ok(())
+    };
+    // Waits until `f` is ready for `what` (a non-blocking copy that got EAGAIN).
+    let wait = |f: &std::fs::File, what: PollFlags| -> io::Result<()> {
+        let mut fds = [PollFd::new(f.as_fd(), what)];
+        poll(&mut fds, PollTimeout::NONE)?;
+        Ok(())
+    };
+    // Says that the guest is there: the host times nothing before it.
+    port.write_all(&[RAW_READY])?;
+    loop {
+        // Commands are read blocking, whatever the last copy's mode was.
+        set_nonblocking(&port, false)?;
+        let mut command = [0u8; RAW_COMMAND_LEN];
+        port.read_exact(&mut command)?;
+        let n = u64::from_le_bytes(command[2..10].try_into().unwrap_or_default()) as usize;
+        let size = (u64::from_le_bytes(command[10..18].try_into().unwrap_or_default()) as usize).clamp(1, 16 << 20);
+        let nonblocking = command[1] == 1;
+        set_nonblocking(&port, nonblocking)?;
+        let mut buf = vec![0x5au8; size];
+        let mut done = 0;
+        match command[0] {
+            0 => {
+                // The port is closed only once the host has hung up: what it
+                // sends next (to the agent that opens the port after this)
+                // would be discarded by a close while it is connected.
+                port.write_all(&[RAW_READY])?;
+                let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
+                for _ in 0..100 {
+                    if sys::hung_up(&port) {
+                        break;
+                    }
+                    let _ = poll(&mut fds, PollTimeout::from(100u8));
+                }
+                return Ok(());
+            }
+            1 => {
+                while done < n {
+                    let want = size.min(n - done);
+                    match port.read(&mut buf[..want]) {
+                        Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the host went away")),
+                        Ok(k) => done += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&port, PollFlags::POLLIN)?,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                set_nonblocking(&port, false)?;
+                port.write_all(&[1])?;
+            }
+            2 => {
+                while done < n {
+                    let want = size.min(n - done);
+                    match port.write(&buf[..want]) {
+                        Ok(k) => done += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&port, PollFlags::POLLOUT)?,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            op => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("raw copy: no operation {op}"))),
+        }
+    }
+}
+
+/// The length of a command of [`raw_copy_guest`].
+pub const RAW_COMMAND_LEN: usize = 18;
+
+/// What [`raw_copy_guest`] writes once it has the port, and after the end
+/// command before it waits for the host to hang up.
+pub const RAW_READY: u8 = 0xa5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Vectored writes of small and large slices arrive whole and in order
+    /// (a FIFO stands in for the port).
+    #[tokio::test]
+    async fn vectored_writes_arrive_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("port");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut stream = SerialStream::open(&fifo).unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let pieces: Vec<Vec<u8>> =
+            vec![b"head".to_vec(), big.clone(), vec![], b"t".to_vec(), big[..40_000].to_vec(), b"end".to_vec()];
+        let expected: Vec<u8> = pieces.concat();
+        let total = expected.len();
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut f = std::fs::File::open(path).unwrap();
+            let mut got = vec![0u8; total];
+            f.read_exact(&mut got).unwrap();
+            got
+        });
+        let (mut i, mut at) = (0, 0);
+        while i < pieces.len() {
+            let mut slices = vec![io::IoSlice::new(&pieces[i][at..])];
+            slices.extend(pieces[i + 1..].iter().map(|p| io::IoSlice::new(p)));
+            let mut k = stream.write_vectored(&slices).await.unwrap();
+            while k > 0 || (i < pieces.len() && at == pieces[i].len()) {
+                let step = k.min(pieces[i].len() - at);
+                (at, k) = (at + step, k - step);
+                if at == pieces[i].len() {
+                    (i, at) = (i + 1, 0);
+                    if i == pieces.len() {
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(reader.join().unwrap() == expected);
     }
 }

@@ -97,6 +97,11 @@ fn virtiofsd_command(bin: &Path, socket: &Path, dir: &Path, log: std::fs::File) 
     cmd
 }
 
+/// The guest's virtual CPUs: `AGENTWIRE_VM_SMP` (1 to 8), default 1.
+fn vcpus() -> u32 {
+    std::env::var("AGENTWIRE_VM_SMP").ok().and_then(|v| v.parse().ok()).filter(|n| (1..=8).contains(n)).unwrap_or(1)
+}
+
 /// The guest's memory size in MiB.
 const MEMORY_MIB: u32 = 512;
 
@@ -106,6 +111,7 @@ fn qemu_command(
     socket: &Path,
     console: &Path,
     virtiofs: Option<(&Path, &str)>,
+    append: &str,
 ) -> tokio::process::Command {
     let (machine, bus, fs_device) = match machine {
         Machine::Q35 => ("q35,accel=tcg", "virtio-serial-pci", "vhost-user-fs-pci"),
@@ -117,7 +123,7 @@ fn qemu_command(
         Some(_) => format!("{machine},memory-backend=mem"),
         None => machine.to_string(),
     };
-    cmd.args(["-machine", &machine, "-cpu", "max", "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
+    cmd.args(["-machine", &machine, "-cpu", "max", "-m", &MEMORY_MIB.to_string(), "-smp", &vcpus().to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -126,7 +132,7 @@ fn qemu_command(
         .arg("-initrd")
         .arg(image.join("initramfs.cpio.gz"))
         .arg("-append")
-        .arg(kernel_command_line())
+        .arg(kernel_command_line(append))
         .args(["-device", bus])
         .arg("-chardev")
         // The reference agent reads its port once at start: the host must be there by then.
@@ -160,8 +166,12 @@ fn qemu_command(
 /// calibration of the TSC against the PIT fails now and then, and the microvm
 /// machine has no other timer to fall back on (it hangs in early boot): the
 /// emulated TSC runs at the host's rate, so tell the kernel that rate.
-fn kernel_command_line() -> String {
+fn kernel_command_line(append: &str) -> String {
     let mut line = String::from("console=ttyS0 panic=-1 quiet");
+    if !append.is_empty() {
+        line.push(' ');
+        line.push_str(append);
+    }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let mhz = cpuinfo.lines().find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse::<f64>().ok());
     if let Some(mhz) = mhz.filter(|m| *m > 0.0) {
@@ -272,7 +282,7 @@ pub async fn run(opts: Options) -> ExitCode {
     }
     let virtiofs = reference.as_ref().zip(virtiofs_socket.as_deref()).map(|(r, s)| (s, r.runtime_fs_tag.as_str()));
     let started = Instant::now();
-    let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console, virtiofs).spawn() {
+    let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console, virtiofs, "").spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agentwire vm: cannot start {QEMU}: {e}");
@@ -403,5 +413,353 @@ async fn measure(client: &Client) -> Result<(), String> {
         us(percentile(&rtts, 50)),
         us(percentile(&rtts, 99))
     );
+    Ok(())
+}
+
+/// Settings of `agentwire vm-bench`.
+pub struct BenchOptions {
+    /// Machine type.
+    pub machine: Machine,
+    /// Directory with vmlinuz and initramfs.cpio.gz (from `vm/build.sh`).
+    pub image: PathBuf,
+    /// MiB moved by each transfer.
+    pub mib: usize,
+    /// How many times each transfer is measured (the best is kept).
+    pub rounds: usize,
+    /// The exec flow-control window in KiB (input and output limit; chunks a
+    /// quarter of it, at most 1 MiB); the client's defaults when 0.
+    pub exec_window_kib: u32,
+}
+
+/// The raw copies measured, as (operation, mode, guest read or write size):
+/// operation 1 host → guest, 2 guest → host; mode 0 blocking, 1 non-blocking
+/// with poll (see [`crate::serial::raw_copy_guest`]). A port's read gives at
+/// most one of its 4 KiB receive buffers; a write takes at most 32 KiB.
+const RAW_COPIES: [(u8, u8, usize); 7] = [
+    (1, 0, 4096),
+    (1, 0, 64 << 10),
+    (1, 1, 64 << 10),
+    (2, 0, 4096),
+    (2, 0, 32 << 10),
+    (2, 1, 32 << 10),
+    (2, 1, 256 << 10),
+];
+
+/// Boots the image with `/bench-init` as the initramfs's init: first a raw
+/// copy over the agent's port, each direction at several read and write
+/// sizes, then the agent as init on the same port, through which the same
+/// amount is moved with the host client (file write and read, exec stdin and
+/// stdout). Prints MB/s of each and the agent's over the best raw copy of its
+/// direction.
+pub async fn bench(opts: BenchOptions) -> ExitCode {
+    if let Some(what) = missing(&opts.image) {
+        eprintln!("agentwire vm-bench: {what}");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    let tmp = match temp_dir("vm-bench") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agentwire vm-bench: cannot create a temporary directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = tmp.path().join("agent.sock");
+    let console = tmp.path().join("console.log");
+    let started = Instant::now();
+    let mut qemu = match qemu_command(opts.machine, &opts.image, &socket, &console, None, "rdinit=/bench-init").spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentwire vm-bench: cannot start {QEMU}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = bench_session(&opts, &socket, started, &mut qemu) => outcome,
+        signal = crate::terminated() => Err(format!("{signal}: stopped")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentwire vm-bench: {e}\nguest console:\n{}", console_tail(&console));
+            let _ = qemu.kill().await;
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One raw copy of `n` bytes: the host writes or reads the socket in 256 KiB
+/// pieces; host → guest ends when the guest has read all and said so.
+async fn raw_copy(
+    stream: &mut tokio::net::UnixStream,
+    (op, mode, size): (u8, u8, usize),
+    n: usize,
+    data: &[u8],
+) -> Result<Duration, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut command = [0u8; crate::serial::RAW_COMMAND_LEN];
+    command[0] = op;
+    command[1] = mode;
+    command[2..10].copy_from_slice(&(n as u64).to_le_bytes());
+    command[10..18].copy_from_slice(&(size as u64).to_le_bytes());
+    let io = |e: std::io::Error| format!("raw copy: {e}");
+    let t = Instant::now();
+    stream.write_all(&command).await.map_err(io)?;
+    if op == 1 {
+        let mut sent = 0;
+        while sent < n {
+            let k = data.len().min(n - sent);
+            stream.write_all(&data[..k]).await.map_err(io)?;
+            sent += k;
+        }
+        let mut ack = [0u8];
+        stream.read_exact(&mut ack).await.map_err(io)?;
+    } else {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0;
+        while got < n {
+            let k = stream.read(&mut buf[..(n - got).min(256 << 10)]).await.map_err(io)?;
+            if k == 0 {
+                return Err("raw copy: the guest closed the port".into());
+            }
+            got += k;
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// Counts what is written to it.
+#[derive(Default)]
+struct Counter(u64);
+
+impl tokio::io::AsyncWrite for Counter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0 += buf.len() as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// One agent transfer of `data.len()` bytes: 0 file write to /tmp (tmpfs), 1
+/// file read of it, 2 exec stdin into `dd of=/dev/null`, 3 exec stdout of
+/// `dd if=/dev/zero` (dd, not busybox's head or cat: those copy at under
+/// 20 MB/s under software emulation by themselves).
+async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Duration, String> {
+    let n = data.len();
+    let path = "/tmp/agentwire-bench.bin";
+    let block = 64 << 10;
+    let dd = |args: &[String]| {
+        let mut req = ExecRequest::new("dd");
+        req.args = args.to_vec();
+        req
+    };
+    let t = Instant::now();
+    let moved = match which {
+        0 => client.write_file(path, data, Some(n as u64)).await.map_err(|e| e.to_string())?,
+        1 => {
+            let mut out = Counter::default();
+            client.read_file(path, &mut out).await.map_err(|e| e.to_string())?;
+            out.0
+        }
+        2 => {
+            let exec =
+                client.exec(dd(&["of=/dev/null".into(), format!("bs={block}")])).await.map_err(|e| e.to_string())?;
+            let (mut out, mut err) = (Counter::default(), Vec::new());
+            let status = exec.pipe(data, &mut out, &mut err).await.map_err(|e| e.to_string())?;
+            // dd says what it read: "N+M records in" and "B bytes ... copied" (busybox: only records).
+            if !status.success() {
+                return Err(format!("dd of=/dev/null: {status:?}: {}", String::from_utf8_lossy(&err)));
+            }
+            n as u64
+        }
+        _ => {
+            let args = ["if=/dev/zero".into(), format!("bs={block}"), format!("count={}", n / block)];
+            let exec = client.exec(dd(&args)).await.map_err(|e| e.to_string())?;
+            let (mut out, mut err) = (Counter::default(), Counter::default());
+            exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
+            out.0 + (n % block) as u64
+        }
+    };
+    let took = t.elapsed();
+    if moved != n as u64 {
+        return Err(format!("transfer {which}: {moved} bytes of {n}"));
+    }
+    Ok(took)
+}
+
+/// The guest's CPU time in ticks (USER_HZ): user, system, idle, irq+softirq of
+/// all, user and system of the agent (PID 1, all its threads), and the
+/// agent's minor page faults, from /proc.
+async fn guest_cpu(client: &Client) -> Result<[u64; 7], String> {
+    let mut req = ExecRequest::new("cat");
+    req.args = vec!["/proc/stat".into(), "/proc/1/stat".into()];
+    let exec = client.exec(req).await.map_err(|e| e.to_string())?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    let num = |s: Option<&str>| s.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let cpu: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
+    let (user, system, idle) = (
+        num(cpu.get(1).copied()) + num(cpu.get(2).copied()),
+        num(cpu.get(3).copied()),
+        num(cpu.get(4).copied()) + num(cpu.get(5).copied()),
+    );
+    let irq = num(cpu.get(6).copied()) + num(cpu.get(7).copied());
+    // /proc/1/stat: after the ")" that ends the name, minflt is field 8, utime and stime 12 and 13.
+    let own = text.lines().find(|l| l.starts_with("1 (")).unwrap_or_default();
+    let after: Vec<&str> = own.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    Ok([user, system, idle, irq, num(after.get(11).copied()), num(after.get(12).copied()), num(after.get(7).copied())])
+}
+
+async fn bench_session(
+    opts: &BenchOptions,
+    socket: &Path,
+    started: Instant,
+    qemu: &mut tokio::process::Child,
+) -> Result<(), String> {
+    let mut stream = loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < BOOT_TIMEOUT => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => return Err(format!("cannot connect to QEMU's socket {}: {e}", socket.display())),
+        }
+    };
+    {
+        use tokio::io::AsyncReadExt;
+        let mut ready = [0u8];
+        tokio::time::timeout(BOOT_TIMEOUT, stream.read_exact(&mut ready))
+            .await
+            .map_err(|_| format!("the guest's raw copy did not start within {BOOT_TIMEOUT:?}"))?
+            .map_err(|e| format!("raw copy: {e}"))?;
+        if ready[0] != crate::serial::RAW_READY {
+            return Err(format!("raw copy: the guest began with {:#x}", ready[0]));
+        }
+    }
+    let n = opts.mib << 20;
+    let rounds = opts.rounds.max(1);
+    let data = pattern(n, 7);
+    let mode = |m: u8| if m == 0 { "blocking" } else { "non-blocking+poll" };
+    let mut best_raw = [0f64; 2];
+    for round in 0..rounds {
+        for copy in RAW_COPIES {
+            let took = tokio::time::timeout(BOOT_TIMEOUT * 2, raw_copy(&mut stream, copy, n, &data[..256 << 10]))
+                .await
+                .map_err(|_| format!("raw copy {copy:?}: nothing within {:?}", BOOT_TIMEOUT * 2))??;
+            let rate = mb_per_s(n, took);
+            let dir = (copy.0 - 1) as usize;
+            best_raw[dir] = best_raw[dir].max(rate);
+            println!(
+                "round {round}: raw port {}: {} MiB, guest {} {} of {} B: {rate:.1} MB/s",
+                if dir == 0 { "host->guest" } else { "guest->host" },
+                opts.mib,
+                mode(copy.1),
+                if dir == 0 { "reads" } else { "writes" },
+                copy.2
+            );
+        }
+    }
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let end = [0u8; crate::serial::RAW_COMMAND_LEN];
+        stream.write_all(&end).await.map_err(|e| e.to_string())?;
+        let mut done = [0u8];
+        stream.read_exact(&mut done).await.map_err(|e| format!("raw copy: {e}"))?;
+    }
+    // The guest closes the port once this hangs up; then /bench-init starts the
+    // agent as init, which opens it. What is sent before that close is lost,
+    // so a connection whose start-up exchange gets no answer is made again.
+    drop(stream);
+    let mut attempt = 0;
+    let limits = (opts.exec_window_kib > 0).then(|| {
+        let window = opts.exec_window_kib.saturating_mul(1024);
+        let chunk = (window / 4).clamp(4096, 1 << 20);
+        agentwire::payload::exec::ExecLimits {
+            input_limit: window,
+            output_limit: window,
+            stdin_chunk_size: chunk,
+            output_chunk_size: chunk,
+            ..Default::default()
+        }
+    });
+    let client = loop {
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
+        let connected = Client::builder()
+            .exec_limits(limits)
+            .bootstrap(GuestBootstrap { hostname: Some("agentwire-bench".into()), ..GuestBootstrap::default() })
+            .handshake_timeout(Duration::from_secs(15))
+            .connect(stream)
+            .await;
+        match connected {
+            Ok(c) => break c,
+            Err(e) if attempt < 4 => eprintln!("agentwire vm-bench: connecting to the agent: {e}; again"),
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let names = [
+        "fs write to /tmp (host->guest)",
+        "fs read from /tmp (guest->host)",
+        "exec stdin to dd (host->guest)",
+        "exec stdout from dd (guest->host)",
+    ];
+    // Host → guest for 0 and 2, guest → host for 1 and 3.
+    let direction = [0, 1, 0, 1];
+    let mut best = [0f64; 4];
+    for round in 0..rounds {
+        for (which, name) in names.iter().enumerate() {
+            let before = guest_cpu(&client).await?;
+            let took = tokio::time::timeout(BOOT_TIMEOUT * 2, agent_transfer(&client, which, &data))
+                .await
+                .map_err(|_| format!("{name}: nothing within {:?}", BOOT_TIMEOUT * 2))??;
+            let after = guest_cpu(&client).await?;
+            let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a.saturating_sub(b)).collect();
+            let rate = mb_per_s(n, took);
+            best[which] = best[which].max(rate);
+            println!(
+                "round {round}: agent {name}: {} MiB: {rate:.1} MB/s (guest ticks of 10 ms: user {} system {} idle {} irq {}; the agent: user {} system {}, {} minor faults)",
+                opts.mib, d[0], d[1], d[2], d[3], d[4], d[5], d[6]
+            );
+        }
+    }
+    println!(
+        "summary ({:?}, {} vCPU, {} MiB, best of {rounds}; exec limits {}):",
+        opts.machine,
+        vcpus(),
+        opts.mib,
+        limits.as_ref().map_or("the client's defaults".to_string(), |l| format!(
+            "window {} KiB, chunks {} KiB",
+            l.input_limit / 1024,
+            l.stdin_chunk_size / 1024
+        ))
+    );
+    println!("  raw port host->guest {:.1} MB/s, guest->host {:.1} MB/s", best_raw[0], best_raw[1]);
+    for (which, name) in names.iter().enumerate() {
+        let raw = best_raw[direction[which]];
+        println!("  agent {name}: {:.1} MB/s, {:.2} of the raw port", best[which], best[which] / raw);
+    }
+    client.shutdown(SHUTDOWN_TIMEOUT).await.map_err(|e| e.to_string())?;
+    let status = tokio::time::timeout(SHUTDOWN_TIMEOUT, qemu.wait())
+        .await
+        .map_err(|_| format!("QEMU still runs {SHUTDOWN_TIMEOUT:?} after core.shutdown"))?
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("QEMU exited with {status}"));
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use agentwire::relay::RelayHandshake;
 use agentwire::version::{self, GenerationError};
 use agentwire::{
     Direction, EncodeError, Flags, FrameCodec, Message, MessageCodec, MessageType, PROTOCOL_VERSION, Payload,
-    RawMessage, RawMessageCodec, Rejected, StreamError, TypeName,
+    RawMessage, RawMessageCodec, Rejected, StreamError, TypeName, WriteQueue,
 };
 use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::Decoder;
@@ -250,7 +250,7 @@ pub struct Connection {
     /// Whether a host expects the relay prologue instead of the init exchange.
     via_relay: bool,
     recv: BytesMut,
-    send: BytesMut,
+    send: WriteQueue,
     events: VecDeque<Event>,
     sessions: SessionTable,
     ids: IdAllocator,
@@ -285,7 +285,7 @@ impl Connection {
             codec: MessageCodec::with_frame_codec(frames),
             via_relay: false,
             recv: BytesMut::new(),
-            send: BytesMut::new(),
+            send: WriteQueue::new(),
             events: VecDeque::new(),
             sessions: SessionTable::default(),
             ids: IdAllocator::direct(),
@@ -375,6 +375,16 @@ impl Connection {
         self.process(now)
     }
 
+    /// [`Connection::handle_input`] for bytes read into a buffer of the
+    /// driver's: appended without a copy when they follow what is buffered in
+    /// the same allocation (a driver that reads into one `BytesMut` and hands
+    /// over what each read filled), so data frames stay views of that buffer.
+    pub fn handle_input_buf(&mut self, data: BytesMut, now: Instant) -> Result<(), ConnectionError> {
+        self.tap(&data);
+        self.recv.unsplit(data);
+        self.process(now)
+    }
+
     /// Whether the driver should read more: false while the application holds
     /// more data than the limits allow (the peer is then held back by the
     /// transport), or once the connection is closed.
@@ -396,9 +406,17 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// The bytes to write, in order (empty when there are none).
+    /// The bytes to write, in order (empty when there are none), as one
+    /// buffer: large data is copied into it. A driver that writes vectored
+    /// takes them with [`Connection::poll_transmit_into`] instead.
     pub fn poll_transmit(&mut self) -> Bytes {
-        self.send.split().freeze()
+        self.send.take_all()
+    }
+
+    /// Moves the bytes to write, in order, to the end of `out`, large data as
+    /// the [`Bytes`] it was sent as (for a vectored write that copies nothing).
+    pub fn poll_transmit_into(&mut self, out: &mut WriteQueue) {
+        out.append(&mut self.send);
     }
 
     /// How many bytes wait to be written, or for the agent's transport
@@ -542,10 +560,16 @@ impl Connection {
     /// Encodes `m` into the send buffer, leaving it unchanged on failure. A
     /// host's frame that would pass the agent's transport credit waits.
     fn queue(&mut self, m: Message) -> Result<(), EncodeError> {
-        let start = self.send.len();
-        self.codec.encode_message(&m, &mut self.send)?;
-        if self.role == Role::Host {
-            self.meter.admit(&mut self.send, start, is_data(m.message_type()));
+        let data = is_data(m.message_type());
+        if self.role == Role::Host && self.meter.is_enforcing() {
+            let mut frame = WriteQueue::new();
+            frame.push_message(&mut self.codec, &m)?;
+            self.meter.admit(frame, data, &mut self.send);
+        } else {
+            let len = self.send.push_message(&mut self.codec, &m)?;
+            if self.role == Role::Host {
+                self.meter.count_sent(len, data);
+            }
         }
         Ok(())
     }
@@ -940,10 +964,11 @@ impl Connection {
             type_name: TypeName::from_wire_name(type_name),
             payload,
         };
-        let start = self.send.len();
-        RawMessageCodec::with_frame_codec(FrameCodec::builder().max_frame_len(self.config.max_frame_len).build())
-            .encode_raw(&raw, &mut self.send)?;
-        self.meter.admit(&mut self.send, start, false);
+        let mut frame = WriteQueue::new();
+        let mut codec =
+            RawMessageCodec::with_frame_codec(FrameCodec::builder().max_frame_len(self.config.max_frame_len).build());
+        frame.push_raw(&mut codec, &raw)?;
+        self.meter.admit(frame, false, &mut self.send);
         self.sessions.open(id, Family::Reply);
         Ok(id)
     }

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use agentwire::{Flags, Message, Payload};
-use bytes::Bytes;
+use agentwire::{Flags, Message, Payload, WriteQueue};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -414,7 +414,9 @@ pub fn spawn(
 }
 
 async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
-    let mut buf = vec![0u8; READ_CHUNK];
+    // Bytes are read into this buffer and handed over as they are: a data
+    // frame the application gets is a view of what the transport filled.
+    let mut buf = BytesMut::new();
     let why = loop {
         // Hold back while the application has not taken what it was given.
         let (wanted, deadline) = {
@@ -428,15 +430,16 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
             shared.to_read.notified().await;
             continue;
         }
+        buf.reserve(READ_CHUNK);
         let read = match deadline {
-            Some(at) => match tokio::time::timeout_at(at.into(), rd.read(&mut buf)).await {
+            Some(at) => match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => match shared.lock().conn.handle_timeout(Instant::now()) {
                     Ok(()) => continue,
                     Err(e) => break e.to_string(),
                 },
             },
-            None => rd.read(&mut buf).await,
+            None => rd.read_buf(&mut buf).await,
         };
         let n = match read {
             Ok(0) => break "the peer closed the connection".to_string(),
@@ -445,7 +448,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
         };
         let mut state = shared.lock();
         let before = state.conn.frames_received();
-        let result = state.conn.handle_input(&buf[..n], Instant::now());
+        let result = state.conn.handle_input_buf(buf.split(), Instant::now());
         shared.counters.received.add(state.conn.frames_received() - before, n as u64);
         let frames: Bytes = state.conn.take_tapped();
         if let Some(capture) = &mut state.capture {
@@ -465,17 +468,23 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
 }
 
 async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
+    // Frames go out as they were queued: small ones gathered, large data
+    // written from where the application left it, by vectored writes.
+    let mut out = WriteQueue::new();
+    let mut frames_counted = 0;
     loop {
         let notified = shared.to_write.notified();
-        let (bytes, ended) = {
+        let ended = {
             let mut state = shared.lock();
-            let bytes = state.conn.poll_transmit();
+            state.conn.poll_transmit_into(&mut out);
             if let Some(capture) = &mut state.capture {
-                let _ = capture.write_all(&bytes);
+                for chunk in out.chunks() {
+                    let _ = capture.write_all(chunk);
+                }
             }
-            (bytes, state.ended.is_some())
+            state.ended.is_some()
         };
-        if bytes.is_empty() {
+        if out.is_empty() {
             if ended {
                 let _ = wr.flush().await;
                 let _ = wr.shutdown().await;
@@ -484,23 +493,13 @@ async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
             notified.await;
             continue;
         }
-        let frames = count_frames(&bytes);
-        if let Err(e) = wr.write_all(&bytes).await {
+        let (frames, bytes) = (out.frames() - frames_counted, out.len());
+        frames_counted = out.frames();
+        if let Err(e) = out.write_all_to(&mut wr).await {
             shared.end(format!("writing: {e}"));
             return;
         }
-        shared.counters.sent.add(frames, bytes.len() as u64);
+        shared.counters.sent.add(frames, bytes as u64);
         shared.progress.notify_waiters();
     }
-}
-
-/// The whole frames in `bytes` (a connection transmits whole frames only).
-fn count_frames(mut bytes: &[u8]) -> u64 {
-    let mut n = 0;
-    while let Some(head) = bytes.get(..4) {
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        bytes = bytes.get(4 + len..).unwrap_or_default();
-        n += 1;
-    }
-    n
 }

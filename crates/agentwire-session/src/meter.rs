@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 
+use agentwire::WriteQueue;
 use agentwire::payload::workload::{TransportCredit, TransportPosition};
-use bytes::{Bytes, BytesMut};
 
 /// Counts what was written in the two classes the agent meters, and holds
 /// back encoded frames that would pass its grant.
@@ -16,7 +16,7 @@ pub struct InputMeter {
     /// Whether the grant applies (the agent said barrier version 2); until
     /// then frames are only counted.
     enforcing: bool,
-    held: VecDeque<(Bytes, bool)>,
+    held: VecDeque<(WriteQueue, bool)>,
     held_bytes: usize,
 }
 
@@ -79,23 +79,29 @@ impl InputMeter {
         }
     }
 
-    /// A frame was just encoded at `send[start..]`: counts it, or moves it
-    /// out of `send` to wait when it would pass the grant or frames already wait.
-    pub fn admit(&mut self, send: &mut BytesMut, start: usize, data: bool) {
-        let len = send.len() - start;
+    /// Counts a frame of `len` bytes written without going through
+    /// [`InputMeter::admit`] (nothing is enforced yet).
+    pub fn count_sent(&mut self, len: usize, data: bool) {
+        self.count(len, data);
+    }
+
+    /// Takes one encoded frame: counts it and moves it to `send`, or keeps it
+    /// to wait when it would pass the grant or frames already wait.
+    pub fn admit(&mut self, mut frame: WriteQueue, data: bool, send: &mut WriteQueue) {
+        let len = frame.len();
         if !self.enforcing || (self.held.is_empty() && self.fits(len, data)) {
             self.count(len, data);
+            send.append(&mut frame);
             return;
         }
-        let frame = send.split_off(start).freeze();
-        self.held_bytes += frame.len();
+        self.held_bytes += len;
         self.held.push_back((frame, data));
     }
 
     /// Takes a report of the agent's grant (only ever larger; a smaller or
     /// equal field is kept as it was) and moves the frames that now fit, in
     /// order, to `send`.
-    pub fn granted(&mut self, credit: TransportCredit, send: &mut BytesMut) {
+    pub fn granted(&mut self, credit: TransportCredit, send: &mut WriteQueue) {
         let g = &mut self.grant;
         g.control_bytes = g.control_bytes.max(credit.control_bytes);
         g.control_frames = g.control_frames.max(credit.control_frames);
@@ -105,10 +111,10 @@ impl InputMeter {
             if !self.fits(frame.len(), *data) {
                 break;
             }
-            let (frame, data) = self.held.pop_front().expect("front exists");
+            let (mut frame, data) = self.held.pop_front().expect("front exists");
             self.held_bytes -= frame.len();
             self.count(frame.len(), data);
-            send.extend_from_slice(&frame);
+            send.append(&mut frame);
         }
     }
 }
@@ -116,32 +122,32 @@ impl InputMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn frame(byte: u8, len: usize) -> WriteQueue {
+        let mut q = WriteQueue::new();
+        q.push_piece(Bytes::from(vec![byte; len]));
+        q
+    }
 
     #[test]
     fn frames_wait_in_order_for_the_grant_and_move_when_it_grows() {
         let mut m = InputMeter::default();
-        let mut send = BytesMut::new();
+        let mut send = WriteQueue::new();
         // Not enforcing: counted only.
-        send.extend_from_slice(&[0; 100]);
-        m.admit(&mut send, 0, false);
+        m.admit(frame(0, 100), false, &mut send);
         assert_eq!((m.sent().control_bytes, m.sent().control_frames), (100, 1));
         m.enforce();
         // 255 more data frames of 128 KiB fit (32 MiB / 256 frames), the 256th too; the 257th waits.
         let mut written = 100;
         for _ in 0..256 {
-            let start = send.len();
-            send.extend_from_slice(&[1; 128 * 1024]);
-            m.admit(&mut send, start, true);
+            m.admit(frame(1, 128 * 1024), true, &mut send);
         }
         assert_eq!(m.sent().bulk_frames, 256);
         written += 256 * 128 * 1024;
-        let start = send.len();
-        send.extend_from_slice(&[2; 10]);
-        m.admit(&mut send, start, true);
+        m.admit(frame(2, 10), true, &mut send);
         // A control frame behind it waits too: order is kept.
-        let start = send.len();
-        send.extend_from_slice(&[3; 10]);
-        m.admit(&mut send, start, false);
+        m.admit(frame(3, 10), false, &mut send);
         assert_eq!((send.len(), m.held_bytes()), (written, 20));
         // A report that grants nothing new moves nothing.
         m.granted(TransportCredit::INITIAL, &mut send);
@@ -150,7 +156,7 @@ mod tests {
         let more = TransportCredit { bulk_frames: 257, bulk_bytes: 33 * 1024 * 1024, ..TransportCredit::INITIAL };
         m.granted(more, &mut send);
         assert_eq!((m.held_bytes(), send.len()), (0, written + 20));
-        assert_eq!(&send[written..], &[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
+        assert_eq!(&send.take_all()[written..], &[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
         assert_eq!((m.sent().bulk_frames, m.sent().control_frames), (257, 2));
     }
 }

@@ -618,6 +618,71 @@ impl MessageCodec {
     }
 }
 
+impl MessageCodec {
+    /// Writes `m` for a vectored write: everything up to its data into `dst`,
+    /// and the data itself, when it is at least [`VECTORED_DATA_MIN`] bytes
+    /// and ends the frame, returned as it is, to be written after `dst`'s new
+    /// bytes. That is a bulk record's data and the `data` of the `{data: bytes}`
+    /// payloads (`core.exec.stdin/stdout/stderr`, `core.fs.data`,
+    /// `core.tcp.data`): sent this way, the data is never copied by the codec.
+    /// Anything else is written whole into `dst`, as by
+    /// [`MessageCodec::encode_message`], and `None` is returned.
+    ///
+    /// ```
+    /// use agentwire::{Message, MessageCodec, payload::exec::ExecStdout};
+    /// use bytes::{Bytes, BytesMut};
+    /// let data = Bytes::from(vec![7u8; 64 * 1024]);
+    /// let m = Message::new(3, ExecStdout { data: data.clone() });
+    /// let (mut head, mut whole) = (BytesMut::new(), BytesMut::new());
+    /// let tail = MessageCodec::new().encode_vectored(&m, &mut head)?.expect("large data is not copied");
+    /// assert_eq!(tail.as_ptr(), data.as_ptr());
+    /// MessageCodec::new().encode_message(&m, &mut whole)?;
+    /// assert_eq!([&head[..], &tail[..]].concat(), whole);
+    /// # Ok::<(), agentwire::EncodeError>(())
+    /// ```
+    pub fn encode_vectored(&mut self, m: &Message, dst: &mut BytesMut) -> Result<Option<Bytes>, EncodeError> {
+        let data = match &m.payload {
+            Payload::BulkRecord(record) => &record.data,
+            Payload::ExecStdin(p) => &p.data,
+            Payload::ExecStdout(p) => &p.data,
+            Payload::ExecStderr(p) => &p.data,
+            Payload::FsData(p) => &p.data,
+            Payload::TcpData(p) => &p.data,
+            _ => return self.encode_message(m, dst).map(|()| None),
+        };
+        if data.len() < VECTORED_DATA_MIN {
+            return self.encode_message(m, dst).map(|()| None);
+        }
+        let message_type = m.message_type();
+        version::check_available(message_type, self.negotiated)?;
+        let limit = self.frames.max_frame_len();
+        if let Payload::BulkRecord(record) = &m.payload {
+            dst.put_slice(&bulk_record_header(m.id, record, limit)?);
+            return Ok(Some(data.clone()));
+        }
+        // `{"data": h'…'}`, as the payload's own encoder writes it.
+        let data_head = cbor::head_len(data.len() as u64);
+        let payload_len = DATA_KEY_PREFIX.len() + data_head + data.len();
+        let type_name = message_type.wire_name();
+        let body_len = envelope::body_len(m.version, type_name, payload_len);
+        frame::check_body_len(body_len, limit)?;
+        dst.reserve(FRAME_HEAD + body_len - data.len());
+        frame::put_header(dst, body_len, m.id, m.flags);
+        envelope::put_prefix(dst, m.version, type_name);
+        cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
+        dst.put_slice(DATA_KEY_PREFIX);
+        cbor::put_head(dst, cbor::MAJOR_BYTES, data.len() as u64);
+        Ok(Some(data.clone()))
+    }
+}
+
+/// The smallest data [`MessageCodec::encode_vectored`] leaves where it is:
+/// below it, copying costs less than one more slice for the kernel to walk.
+pub const VECTORED_DATA_MIN: usize = 4096;
+
+/// A one-entry map's head and the text key `data`.
+const DATA_KEY_PREFIX: &[u8] = b"\xa1\x64data";
+
 impl Encoder<Message> for MessageCodec {
     type Error = EncodeError;
 

@@ -63,6 +63,7 @@ pub mod message;
 pub mod payload;
 pub mod relay;
 pub mod version;
+pub mod write;
 
 pub use cbor::MAX_NESTING_DEPTH;
 pub use codec::{MessageCodec, RawMessageCodec, RejectKind, Rejected};
@@ -73,3 +74,4 @@ pub use frame::{
 pub use message::{Direction, Message, MessageType, Payload, RawMessage, TypeName, TypedPayload};
 pub use payload::fs::FS_CHUNK_SIZE;
 pub use version::PROTOCOL_VERSION;
+pub use write::{MessageSink, WriteQueue};

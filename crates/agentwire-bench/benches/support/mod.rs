@@ -1,3 +1,5 @@
-//! Code shared by the benchmarks and the profiling example.
+//! Code shared by the benchmarks and the profiling examples.
 
 pub mod baseline;
+pub mod reference;
+pub mod samples;

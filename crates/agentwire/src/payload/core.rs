@@ -369,6 +369,6 @@ serde_payload!(ClockSync, InitResolved, InitAck, RelayClientDisconnected, Ping, 
 impl super::CborPayload for Shutdown {
     fn decode_slice(p: &[u8]) -> Result<Self, super::PayloadError> {
         // Older senders wrote nothing at all.
-        if p.is_empty() { Ok(Shutdown) } else { super::serde_decode(p) }
+        if p.is_empty() { Ok(Shutdown) } else { super::fast_decode(p) }
     }
 }

@@ -18,7 +18,7 @@ use super::core::Ready;
 use super::exec::{ExecExited, ExecStderr, ExecStdin, ExecStdout};
 use super::fs::FsData;
 use super::tcp::TcpData;
-use super::{CborPayload, PayloadError, serde_decode};
+use super::{CborPayload, PayloadError, fast_decode};
 use crate::cbor::{self, Head, MAX_NESTING_DEPTH, Reader};
 
 /// Calls `field` with the raw bytes of each key of a plain map and a reader at
@@ -93,14 +93,15 @@ fn put_int(dst: &mut BytesMut, v: i64) {
     }
 }
 
-/// The fast answer when there is one, else the serde path's.
+/// The hand-written answer when there is one, else the general path's (which
+/// in turn defers to the serde path for what it does not cover).
 fn fast_or_serde<P: AsRef<[u8]> + ?Sized, T: CborPayload>(
     p: &P,
     fast: impl FnOnce(&P) -> Option<T>,
 ) -> Result<T, PayloadError> {
     match fast(p) {
         Some(value) => Ok(value),
-        None => serde_decode(p.as_ref()),
+        None => fast_decode(p.as_ref()),
     }
 }
 
@@ -173,7 +174,7 @@ impl CborPayload for Ready {
 
     fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
         if self.capabilities.is_some() {
-            return super::serde_encode(self, dst);
+            return super::fast_encode(self, dst);
         }
         // agent_version is skipped when empty, as the derive says.
         dst.put_u8(if self.agent_version.is_empty() { MAP3 } else { MAP4 });

@@ -302,11 +302,11 @@ pub struct FsData {
 
 impl super::CborPayload for FsRequest {
     fn encoded_len_at(&self, generation: u8) -> Result<usize, super::PayloadError> {
-        super::as_generation(generation, || super::serde_encoded_len(self))
+        super::as_generation(generation, || super::fast_encoded_len(self))
     }
 
     fn encode_at(&self, generation: u8, dst: &mut bytes::BytesMut) -> Result<(), super::PayloadError> {
-        super::as_generation(generation, || super::serde_encode(self, dst))
+        super::as_generation(generation, || super::fast_encode(self, dst))
     }
 }
 

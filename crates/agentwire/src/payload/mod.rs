@@ -1,8 +1,12 @@
 //! Payload types of every message, by family, and how they go to and from CBOR.
 //!
-//! The serde derives on these types *are* the encoding: [`CborPayload`]'s
-//! default methods run them through ciborium, which is how the deployed
-//! implementation wrote the golden vectors. A type may override a method with a
+//! The serde derives on these types *are* the encoding: the deployed
+//! implementation wrote the golden vectors by running them through ciborium
+//! ([`serde_encode`], [`serde_decode`]: the serde path). [`CborPayload`]'s
+//! default methods run the same derives through the crate's own CBOR
+//! serializer and plain-form reader ([`fast_encode`], [`fast_decode`]), which
+//! give the same bytes and values and defer to the serde path for anything
+//! they do not cover. A type may override a method with a
 //! faster path (the data-carrying payloads do, to hand out [`Bytes`] views of
 //! the frame instead of copies); such a path falls back to the serde path for
 //! any input it does not recognise, so the two cannot disagree.
@@ -13,6 +17,7 @@ pub mod core;
 pub mod exec;
 mod fast;
 pub mod fs;
+mod serde_fast;
 pub mod tcp;
 pub mod workload;
 
@@ -57,7 +62,9 @@ impl<E: std::fmt::Debug> From<ciborium::de::Error<E>> for PayloadError {
 /// How a payload type is written to and read from the envelope's `p` bytes.
 ///
 /// Every method has a default that goes through the type's serde derives and
-/// ciborium; the hottest payloads override them (see the module docs). Decoding first checks the bytes with the crate's own iterative
+/// the crate's own CBOR reader and writer, deferring to ciborium for what they
+/// do not cover; the hottest payloads override them (see the module docs). The
+/// serde path's decoding first checks the bytes with the crate's own iterative
 /// reader: one well-formed item, nothing left over, at most
 /// [`MAX_NESTING_DEPTH`] levels, every claimed length backed by bytes that are
 /// present. Only then does the serde path see them.
@@ -82,13 +89,13 @@ pub trait CborPayload: Serialize + DeserializeOwned {
     fn encoded_len(&self) -> Result<usize, PayloadError> {
         match self.exact_encoded_len() {
             Some(len) => Ok(len),
-            None => serde_encoded_len(self),
+            None => fast_encoded_len(self),
         }
     }
 
     /// Appends the canonical encoding to `dst`.
     fn encode(&self, dst: &mut BytesMut) -> Result<(), PayloadError> {
-        serde_encode(self, dst)
+        fast_encode(self, dst)
     }
 
     /// [`CborPayload::encoded_len`] for a frame whose `v` is `generation`.
@@ -128,7 +135,7 @@ pub trait CborPayload: Serialize + DeserializeOwned {
     /// # Ok::<(), agentwire::payload::PayloadError>(())
     /// ```
     fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
-        serde_decode(p)
+        fast_decode(p)
     }
 }
 
@@ -236,6 +243,43 @@ pub fn serde_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Res
         dst.truncate(start);
         encode_error(e)
     })
+}
+
+/// Appends `value` as [`serde_encode`] does, through the type's serde derive and
+/// the crate's own CBOR serializer, which writes straight into `dst`; a value
+/// it does not cover (a float, a map of unknown length) is written by
+/// [`serde_encode`] instead. The default of [`CborPayload::encode`].
+pub fn fast_encode<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), PayloadError> {
+    let start = dst.len();
+    match serde_fast::to_sink(value, dst) {
+        Ok(()) => Ok(()),
+        Err(serde_fast::Declined) => {
+            dst.truncate(start);
+            serde_encode(value, dst)
+        }
+    }
+}
+
+/// Size of [`fast_encode`]'s output, counted without writing it.
+pub fn fast_encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, PayloadError> {
+    let mut counter = serde_fast::Counter(0);
+    match serde_fast::to_sink(value, &mut counter) {
+        Ok(()) => Ok(counter.0),
+        Err(serde_fast::Declined) => serde_encoded_len(value),
+    }
+}
+
+/// Decodes `p` as [`serde_decode`] does, through the type's serde derive and the
+/// crate's own reader of the plain CBOR form (definite lengths, no tags, no
+/// floats), borrowing strings from `p`. Whatever that reader declines (another
+/// form, or an error of any kind) is answered by [`serde_decode`], so values and
+/// error messages are always the serde path's. The default of
+/// [`CborPayload::decode_slice`].
+pub fn fast_decode<T: DeserializeOwned>(p: &[u8]) -> Result<T, PayloadError> {
+    match serde_fast::from_slice(p) {
+        Ok(value) => Ok(value),
+        Err(serde_fast::Declined) => serde_decode(p),
+    }
 }
 
 /// Decodes `p` through the type's serde derive and ciborium after checking it:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Measures the VM transport at the virtio-serial port's limit: boots the image
+# from vm/build.sh once with /bench-init as the initramfs's init, times a raw
+# copy over the agent's port in both directions at several guest read and
+# write sizes (the agent binary's hidden `vm-bench --guest`, before the agent
+# starts), then the agent's transfers over the same port through the host
+# client (file write and read in /tmp, exec stdin into dd and stdout from dd),
+# and prints MB/s, the guest's CPU ticks and page faults of each agent
+# transfer, and each one's ratio to the best raw copy of its direction.
+#
+#   vm/bench.sh [--build] [agentwire vm-bench options: --mib N --rounds N
+#               --machine q35|microvm --exec-window-kib N]
+#
+# --build runs vm/build.sh first. The image is $AGENTWIRE_VM_DIR (default
+# target/vm); the agentwire binary the one vm/build.sh built (static musl,
+# under ${CARGO_TARGET_DIR:-target}). AGENTWIRE_VM_SMP sets the guest's vCPUs
+# (default 1). Software emulation on a shared machine varies from run to run:
+# use --rounds 2 or more and compare ratios, not absolute rates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. vm/lib.sh
+if [ "${1:-}" = "--build" ]; then
+  shift
+  vm/build.sh
+fi
+image=${AGENTWIRE_VM_DIR:-target/vm}
+bin="${CARGO_TARGET_DIR:-target}/$vm_target/release/agentwire"
+[ -x "$bin" ] || { echo "no $bin: run vm/build.sh (or vm/bench.sh --build) first" >&2; exit 2; }
+exec "$bin" vm-bench --image "$image" "$@"
