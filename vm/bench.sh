@@ -4,9 +4,12 @@
 # copy over the agent's port in both directions at several guest read and
 # write sizes (the agent binary's hidden `vm-bench --guest`, before the agent
 # starts), then the agent's transfers over the same port through the host
-# client (file write and read in /tmp, exec stdin into dd and stdout from dd),
-# and prints MB/s, the guest's CPU ticks and page faults of each agent
-# transfer, and each one's ratio to the best raw copy of its direction.
+# client (file write and read in /tmp, exec stdin into dd and stdout from dd,
+# exec cat with its output checked byte for byte against its input), and the
+# guest's tmpfs alone (dd in the guest), and prints MB/s, the guest's CPU ticks
+# and page faults of each agent transfer, and each one's ratio to the best raw
+# copy of its direction in the same boot (a file transfer also to tmpfs alone,
+# when that is lower). A lost or changed byte is an error.
 #
 #   vm/bench.sh [--build] [agentwire vm-bench options: --mib N --rounds N
 #               --machine q35|microvm --exec-window-kib N]
@@ -16,6 +19,12 @@
 # under ${CARGO_TARGET_DIR:-target}). AGENTWIRE_VM_SMP sets the guest's vCPUs
 # (default 1). Software emulation on a shared machine varies from run to run:
 # use --rounds 2 or more and compare ratios, not absolute rates.
+#
+# More knobs, as environment variables: AGENTWIRE_VM_APPEND adds words to the
+# guest kernel's command line; AGENTWIRE_VM_BENCH_ONLY=0,4 runs only those agent transfers (0 fs
+# write, 1 fs read, 2 exec stdin, 3 exec stdout, 4 exec cat) and no raw copy;
+# AGENTWIRE_VM_BENCH_LEGACY=1 sends no exec policy, so executions are legacy
+# ones, whose stdin the agent drops beyond its 1 MiB queue (exec cat fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . vm/lib.sh

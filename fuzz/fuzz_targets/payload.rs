@@ -21,6 +21,12 @@ fuzz_target!(|data: &[u8]| {
     for t in MessageType::ALL {
         let from_slice = t.decode_payload_slice(data);
         assert_eq!(t.decode_payload(&p), from_slice, "{t}: from Bytes and from a slice differ");
+        // The serde path alone gives the same answer, errors included; but
+        // `core.shutdown` reads an empty payload on purpose (older senders
+        // wrote nothing), where the serde path sees no item.
+        if t.has_envelope() && !(t == MessageType::Shutdown && data.is_empty()) {
+            assert_eq!(from_slice, t.decode_payload_serde(data), "{t}: the fast and serde decoders differ");
+        }
         let Ok(value) = from_slice else { continue };
         let mut ours = BytesMut::new();
         value.encode(&mut ours).expect("a decoded payload encodes");

@@ -195,6 +195,26 @@ impl Drop for Tasks {
     }
 }
 
+/// The largest pipe [`widen_pipe`] asks for (the kernel's default
+/// `/proc/sys/fs/pipe-max-size`, which an unprivileged process may reach).
+const MAX_PIPE: usize = 1024 * 1024;
+
+/// Gives the stdout pipe room for a whole chunk of `chunk` bytes (at most
+/// [`MAX_PIPE`]) when that is more than the kernel's default 64 KiB, so that
+/// a command writing fast fills chunks of the size the policy allows instead
+/// of 64 KiB ones. Only stdout, and only under a policy whose chunks are
+/// larger than the default pipe: the room counts against the user's pipe
+/// quota. Best effort: a refusal leaves the pipe as it is.
+fn widen_pipe(pipe: &impl std::os::fd::AsFd, chunk: usize) {
+    const DEFAULT_PIPE: usize = 64 * 1024;
+    if chunk > DEFAULT_PIPE {
+        let size = chunk.min(MAX_PIPE) as i32;
+        if let Err(e) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
+            tracing::debug!("a {size}-byte output pipe: {e}");
+        }
+    }
+}
+
 /// Where stdin goes: the child's pipe, or its terminal.
 enum StdinSink {
     Pipe(tokio::process::ChildStdin),
@@ -232,6 +252,25 @@ impl Source {
                 read
             }
         }
+    }
+
+    /// Appends at most `max` bytes that the command has written already to
+    /// its pipe, without waiting for more: `None` when there are none yet
+    /// (and always from a terminal, whose output goes as it is read).
+    async fn read_ready(&mut self, buf: &mut BytesMut, max: usize) -> Option<std::io::Result<usize>> {
+        // A terminal's read grows the buffer before it reads: it must not be
+        // dropped half-way.
+        if matches!(self, Source::Pty(_)) {
+            return None;
+        }
+        let read = self.read(buf, max);
+        tokio::pin!(read);
+        // Dropped when not ready: a read that has not completed has taken nothing.
+        std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 }
 
@@ -384,6 +423,7 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
         }
         None => {
             if let Some(r) = child.stdout.take() {
+                widen_pipe(&r, chunk);
                 pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone()));
             }
             if let Some(r) = child.stderr.take() {
@@ -690,7 +730,19 @@ async fn pump(
         buf.reserve(max);
         match source.read(&mut buf, max).await {
             Ok(0) => return,
-            Ok(n) => {
+            Ok(_) => {
+                // What else the command has written already goes in the same
+                // chunk (a pipe holds up to a chunk, see `widen_pipe`): fewer,
+                // larger frames, none of them later than it would have been.
+                while buf.len() < max {
+                    let room = max - buf.len();
+                    match source.read_ready(&mut buf, room).await {
+                        Some(Ok(n)) if n > 0 => {}
+                        // The end, an error or nothing yet: the next read says which.
+                        _ => break,
+                    }
+                }
+                let n = buf.len();
                 // The other stream may have taken some meanwhile: this chunk waits for its charge.
                 if let Some(a) = &allowance {
                     a.wait(n as u64 + OVERHEAD, true).await;

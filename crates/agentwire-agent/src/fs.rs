@@ -890,10 +890,11 @@ async fn read(fs: &Fs, id: u32, handle: u64, offset: u64, len: Option<u64>, out:
     let OpenedFile { file, path, .. } = fs.file(id, handle)?;
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
+    let mut spare = None;
     while at < end {
         // Sized by what is left and the chunk limit, never by a length the request only claims.
         let want = (end - at).min(FS_CHUNK_SIZE as u64) as usize;
-        let (chunk, permit) = read_chunk(fs, &file, &path, want, at).await?;
+        let (chunk, permit) = read_chunk(fs, &file, &path, want, at, &mut spare).await?;
         if chunk.is_empty() {
             break;
         }
@@ -926,6 +927,7 @@ async fn read_bulk(
     let mut tx = BulkSender::new(kind, flow, accepted.max_record_payload, accepted.guest_to_host_credit_limit);
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
+    let mut spare = None;
     while at < end {
         // What the host said meanwhile: credit, or a cancel. Without credit, wait for it.
         loop {
@@ -948,7 +950,7 @@ async fn read_bulk(
             }
         }
         let want = (end - at).min(tx.window() as u64) as usize;
-        let (chunk, permit) = read_chunk(fs, &file, &path, want, at).await?;
+        let (chunk, permit) = read_chunk(fs, &file, &path, want, at, &mut spare).await?;
         if chunk.is_empty() {
             break;
         }
@@ -977,34 +979,53 @@ pub(crate) async fn violation(route: &Route, v: BulkViolation) -> String {
 /// Reads up to `want` bytes at `at`, once the connection's read budget has
 /// room for them; the budget's share comes back when the permit is dropped
 /// (after the connection has taken the chunk).
+///
+/// `spare` is the previous chunk of the same read: once the connection has
+/// written and dropped it, its allocation takes this chunk (no new memory to
+/// fault in); otherwise it is let go and a new one is made. It then becomes
+/// this chunk, so a read keeps at most one chunk beyond what is in flight.
 async fn read_chunk<'a>(
     fs: &'a Fs,
     file: &Arc<File>,
     path: &str,
     want: usize,
     at: u64,
+    spare: &mut Option<Bytes>,
 ) -> Result<(Bytes, tokio::sync::SemaphorePermit<'a>), String> {
     let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
     let f = file.clone();
-    let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at))
+    let reuse = spare.take().and_then(|b| b.try_into_mut().ok()).map(Vec::from).filter(|v| v.capacity() >= want);
+    let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at, reuse))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{path}: read at {at}: {e}"))?;
+    *spare = Some(chunk.clone());
     Ok((chunk, permit))
 }
 
-fn read_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Bytes> {
-    let mut buf = vec![0u8; want];
-    let mut filled = 0;
-    while filled < want {
-        match file.read_at(&mut buf[filled..], at + filled as u64) {
+/// Reads up to `want` bytes at `at` into `reuse` (emptied; a fresh buffer
+/// without it), never zeroed first: the file's bytes land in the allocation
+/// that goes out as the frame's data (the record or chunk is a view of it,
+/// written from where it is), so a chunk costs one copy, the kernel's.
+fn read_at_most(file: &File, want: usize, at: u64, reuse: Option<Vec<u8>>) -> std::io::Result<Bytes> {
+    let mut buf = match reuse {
+        Some(mut v) => {
+            v.clear();
+            v
+        }
+        None => Vec::with_capacity(want),
+    };
+    while buf.len() < want {
+        let from = at + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), from) {
             Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    buf.truncate(filled);
+    // A capacity above `want` may have taken more: the chunk is `want` at most.
+    buf.truncate(want);
     Ok(Bytes::from(buf))
 }
 

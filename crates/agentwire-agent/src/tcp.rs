@@ -11,7 +11,7 @@ use agentwire::payload::tcp::{TcpClosed, TcpConnect, TcpConnected, TcpData, TcpE
 use agentwire::{Message, Payload};
 use agentwire_session::bulk::{BulkOperation, BulkReceiver, BulkSender, BulkViolation};
 use agentwire_session::driver::Route;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -161,12 +161,18 @@ async fn relay_bulk(
     let window = DEFAULT_BULK_WINDOW;
     let mut rx = BulkReceiver::new(kind, BulkFlow::HostToGuest, max, accepted.host_to_guest_credit_limit, window);
     let (mut rd, mut wr) = stream.into_split();
-    let mut scratch = vec![0u8; max as usize];
+    // Read into spare room here, each record's bytes split off as they are
+    // (no copy); the room left over serves the next read.
+    let mut buf = BytesMut::new();
     let (mut their_eof, mut our_eof) = (false, false);
     while !(their_eof && our_eof) {
         let window = tx.window();
+        if !their_eof && window > 0 {
+            buf.reserve(window);
+        }
+        let mut room = (&mut buf).limit(window.max(1));
         tokio::select! {
-            read = rd.read(&mut scratch[..window.max(1)]), if !their_eof && window > 0 => {
+            read = rd.read_buf(&mut room), if !their_eof && window > 0 => {
                 match read.map_err(|e| format!("{target}: {e}"))? {
                     0 => {
                         their_eof = true;
@@ -175,7 +181,8 @@ async fn relay_bulk(
                         }
                     }
                     n => {
-                        let record = tx.record(Bytes::copy_from_slice(&scratch[..n])).map_err(|v| v.to_string())?;
+                        debug_assert_eq!(room.get_ref().len(), n);
+                        let record = tx.record(room.get_mut().split().freeze()).map_err(|v| v.to_string())?;
                         if route.send(record).await.is_err() {
                             return Ok(false);
                         }

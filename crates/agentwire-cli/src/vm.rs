@@ -166,11 +166,17 @@ fn qemu_command(
 /// calibration of the TSC against the PIT fails now and then, and the microvm
 /// machine has no other timer to fall back on (it hangs in early boot): the
 /// emulated TSC runs at the host's rate, so tell the kernel that rate.
+///
+/// `AGENTWIRE_VM_APPEND` adds words of its own (a `NAME=value` word the
+/// kernel does not know goes to init's environment).
 fn kernel_command_line(append: &str) -> String {
     let mut line = String::from("console=ttyS0 panic=-1 quiet");
-    if !append.is_empty() {
-        line.push(' ');
-        line.push_str(append);
+    let extra = std::env::var("AGENTWIRE_VM_APPEND").unwrap_or_default();
+    for words in [append, extra.trim()] {
+        if !words.is_empty() {
+            line.push(' ');
+            line.push_str(words);
+        }
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let mhz = cpuinfo.lines().find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1)?.trim().parse::<f64>().ok());
@@ -555,19 +561,93 @@ impl tokio::io::AsyncWrite for Counter {
     }
 }
 
+/// Compares what is written to it with the bytes expected, as they come.
+struct Check<'a> {
+    expected: &'a [u8],
+    got: usize,
+    /// The offset of the first byte that differs.
+    differs: Option<usize>,
+    /// The output from there on (64 bytes), to find where in the input it is.
+    after: Vec<u8>,
+}
+
+impl Check<'_> {
+    /// Where the output that differs is found in the input, said in words.
+    fn explain(&self) -> String {
+        let Some(at) = self.differs else { return String::new() };
+        let found = (self.after.len() >= 16)
+            .then(|| self.expected.windows(self.after.len()).position(|w| w == &self.after[..]))
+            .flatten();
+        let zeros = self.after.iter().all(|b| *b == 0);
+        match found {
+            Some(p) if p > at => format!("input bytes {at}..{p} are missing ({} bytes lost)", p - at),
+            Some(p) => format!("input bytes {p}..{at} come again ({} bytes repeated)", at - p),
+            None if zeros => "zeros that were never sent come instead".into(),
+            None => format!(
+                "bytes that are nowhere in the input come instead: {:02x?}",
+                &self.after[..16.min(self.after.len())]
+            ),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Check<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let at = self.got;
+        let want = self.expected.get(at..).unwrap_or_default();
+        if self.differs.is_none() {
+            let same = want.iter().zip(buf).take_while(|(a, b)| a == b).count();
+            if same < buf.len() {
+                self.differs = Some(at + same);
+                self.after.extend_from_slice(&buf[same..]);
+            }
+        } else if self.after.len() < 64 {
+            self.after.extend_from_slice(buf);
+        }
+        self.after.truncate(64);
+        self.got += buf.len();
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The agent's transfers, each of `data.len()` bytes: the name, and the
+/// direction of the raw copy it is compared with (0 host → guest, 1 guest →
+/// host). See [`agent_transfer`].
+const TRANSFERS: [(&str, usize); 5] = [
+    ("fs write to /tmp (host->guest)", 0),
+    ("fs read from /tmp (guest->host)", 1),
+    ("exec stdin to dd (host->guest)", 0),
+    ("exec stdout from dd (guest->host)", 1),
+    ("exec cat, stdin echoed to stdout, checked byte for byte (both ways)", 1),
+];
+
 /// One agent transfer of `data.len()` bytes: 0 file write to /tmp (tmpfs), 1
 /// file read of it, 2 exec stdin into `dd of=/dev/null`, 3 exec stdout of
-/// `dd if=/dev/zero` (dd, not busybox's head or cat: those copy at under
-/// 20 MB/s under software emulation by themselves).
+/// `dd if=/dev/zero` (dd, not busybox's head: it copies at under 20 MB/s
+/// under software emulation by itself), 4 exec `cat` with `data` as its
+/// input, its output compared with it byte for byte (each byte crosses the
+/// port both ways; a byte lost or changed is an error). The time is the
+/// host's, from the request to the last reply.
 async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Duration, String> {
     let n = data.len();
     let path = "/tmp/agentwire-bench.bin";
     let block = 64 << 10;
-    let dd = |args: &[String]| {
-        let mut req = ExecRequest::new("dd");
-        req.args = args.to_vec();
-        req
-    };
     let t = Instant::now();
     let moved = match which {
         0 => client.write_file(path, data, Some(n as u64)).await.map_err(|e| e.to_string())?,
@@ -577,22 +657,42 @@ async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Du
             out.0
         }
         2 => {
-            let exec =
-                client.exec(dd(&["of=/dev/null".into(), format!("bs={block}")])).await.map_err(|e| e.to_string())?;
+            let exec = client.exec(command("dd", &["of=/dev/null".into(), format!("bs={block}")])).await;
+            let exec = exec.map_err(|e| e.to_string())?;
             let (mut out, mut err) = (Counter::default(), Vec::new());
             let status = exec.pipe(data, &mut out, &mut err).await.map_err(|e| e.to_string())?;
-            // dd says what it read: "N+M records in" and "B bytes ... copied" (busybox: only records).
             if !status.success() {
                 return Err(format!("dd of=/dev/null: {status:?}: {}", String::from_utf8_lossy(&err)));
             }
             n as u64
         }
-        _ => {
+        3 => {
             let args = ["if=/dev/zero".into(), format!("bs={block}"), format!("count={}", n / block)];
-            let exec = client.exec(dd(&args)).await.map_err(|e| e.to_string())?;
+            let exec = client.exec(command("dd", &args)).await.map_err(|e| e.to_string())?;
             let (mut out, mut err) = (Counter::default(), Counter::default());
             exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
             out.0 + (n % block) as u64
+        }
+        _ => {
+            let exec = client.exec(command("cat", &[])).await.map_err(|e| e.to_string())?;
+            let mut out = Check { expected: data, got: 0, differs: None, after: Vec::new() };
+            let mut err = Vec::new();
+            let status = exec.pipe(data, &mut out, &mut err).await.map_err(|e| e.to_string())?;
+            if let Some(at) = out.differs {
+                return Err(format!(
+                    "exec cat: the output ({} bytes of {n}) differs from the input from byte {at} on: {}",
+                    out.got,
+                    out.explain()
+                ));
+            }
+            if !status.success() || out.got != n {
+                return Err(format!(
+                    "exec cat: {} bytes of output for {n} of input (LOST BYTES), {status:?}: {}",
+                    out.got,
+                    String::from_utf8_lossy(&err)
+                ));
+            }
+            n as u64
         }
     };
     let took = t.elapsed();
@@ -600,6 +700,52 @@ async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Du
         return Err(format!("transfer {which}: {moved} bytes of {n}"));
     }
     Ok(took)
+}
+
+/// The command `cmd` with `args`.
+fn command(cmd: &str, args: &[String]) -> ExecRequest {
+    let mut req = ExecRequest::new(cmd);
+    req.args = args.to_vec();
+    req
+}
+
+/// What the guest's tmpfs takes and gives alone, as MB/s of `dd` inside the
+/// guest (its own figure when it prints one, else the host's time of the
+/// exec): writing `mib` MiB to /tmp, and reading that file back.
+async fn tmpfs_alone(client: &Client, mib: usize) -> Result<[f64; 2], String> {
+    let mut rates = [0f64; 2];
+    let runs = [
+        vec![
+            "if=/dev/zero".to_string(),
+            "of=/tmp/agentwire-cap.bin".into(),
+            "bs=64k".into(),
+            format!("count={}", mib * 16),
+        ],
+        vec!["if=/tmp/agentwire-cap.bin".to_string(), "of=/dev/null".into(), "bs=64k".into()],
+    ];
+    for (rate, args) in rates.iter_mut().zip(runs) {
+        let t = Instant::now();
+        let exec = client.exec(command("dd", &args)).await.map_err(|e| e.to_string())?;
+        let (mut out, mut err) = (Counter::default(), Vec::new());
+        let status = exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
+        let took = t.elapsed();
+        let text = String::from_utf8_lossy(&err);
+        if !status.success() {
+            return Err(format!("dd {}: {status:?}: {text}", args.join(" ")));
+        }
+        // busybox: "N bytes (X MB) copied, S seconds, R MB/s".
+        let seconds = text
+            .split_once("copied, ")
+            .and_then(|(_, r)| r.split_whitespace().next()?.parse::<f64>().ok())
+            .filter(|s| *s > 0.0);
+        *rate = match seconds {
+            Some(s) => (mib << 20) as f64 / s / 1e6,
+            None => mb_per_s(mib << 20, took),
+        };
+    }
+    let exec = client.exec(command("rm", &["-f".into(), "/tmp/agentwire-cap.bin".into()])).await;
+    exec.map_err(|e| e.to_string())?.output().await.map_err(|e| e.to_string())?;
+    Ok(rates)
 }
 
 /// The guest's CPU time in ticks (USER_HZ): user, system, idle, irq+softirq of
@@ -657,6 +803,9 @@ async fn bench_session(
     let mut best_raw = [0f64; 2];
     for round in 0..rounds {
         for copy in RAW_COPIES {
+            if std::env::var_os("AGENTWIRE_VM_BENCH_ONLY").is_some() {
+                break;
+            }
             let took = tokio::time::timeout(BOOT_TIMEOUT * 2, raw_copy(&mut stream, copy, n, &data[..256 << 10]))
                 .await
                 .map_err(|_| format!("raw copy {copy:?}: nothing within {:?}", BOOT_TIMEOUT * 2))??;
@@ -685,7 +834,11 @@ async fn bench_session(
     // so a connection whose start-up exchange gets no answer is made again.
     drop(stream);
     let mut attempt = 0;
-    let limits = (opts.exec_window_kib > 0).then(|| {
+    // AGENTWIRE_VM_BENCH_LEGACY=1: no exec policy, every execution a legacy
+    // (generation 7) one: stdin is not flow-controlled, and what the agent
+    // cannot queue it drops (the exec cat check then fails).
+    let legacy = std::env::var_os("AGENTWIRE_VM_BENCH_LEGACY").is_some_and(|v| v == "1");
+    let limits = (opts.exec_window_kib > 0 && !legacy).then(|| {
         let window = opts.exec_window_kib.saturating_mul(1024);
         let chunk = (window / 4).clamp(4096, 1 << 20);
         agentwire::payload::exec::ExecLimits {
@@ -700,29 +853,34 @@ async fn bench_session(
         attempt += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
-        let connected = Client::builder()
-            .exec_limits(limits)
+        let mut builder = Client::builder()
             .bootstrap(GuestBootstrap { hostname: Some("agentwire-bench".into()), ..GuestBootstrap::default() })
-            .handshake_timeout(Duration::from_secs(15))
-            .connect(stream)
-            .await;
+            .handshake_timeout(Duration::from_secs(15));
+        // `exec_limits(None)` would send no policy and make every execution a
+        // legacy one, whose stdin beyond the agent's 1 MiB queue is dropped
+        // (an earlier version of this bench did so, and lost bytes):
+        // the client's default policy unless a window is given.
+        if limits.is_some() || legacy {
+            builder = builder.exec_limits(limits);
+        }
+        let connected = builder.connect(stream).await;
         match connected {
             Ok(c) => break c,
             Err(e) if attempt < 4 => eprintln!("agentwire vm-bench: connecting to the agent: {e}; again"),
             Err(e) => return Err(e.to_string()),
         }
     };
-    let names = [
-        "fs write to /tmp (host->guest)",
-        "fs read from /tmp (guest->host)",
-        "exec stdin to dd (host->guest)",
-        "exec stdout from dd (guest->host)",
-    ];
-    // Host → guest for 0 and 2, guest → host for 1 and 3.
-    let direction = [0, 1, 0, 1];
-    let mut best = [0f64; 4];
+    let mut best = [0f64; TRANSFERS.len()];
+    // AGENTWIRE_VM_BENCH_ONLY=2,4: only these transfers (numbers as in agent_transfer).
+    let only: Option<Vec<usize>> = std::env::var("AGENTWIRE_VM_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|w| w.trim().parse().ok()).collect());
+    let mut best_alone = [0f64; 2];
     for round in 0..rounds {
-        for (which, name) in names.iter().enumerate() {
+        for (which, (name, _)) in TRANSFERS.iter().enumerate() {
+            if !only.as_ref().is_none_or(|o| o.contains(&which)) {
+                continue;
+            }
             let before = guest_cpu(&client).await?;
             let took = tokio::time::timeout(BOOT_TIMEOUT * 2, agent_transfer(&client, which, &data))
                 .await
@@ -736,22 +894,38 @@ async fn bench_session(
                 opts.mib, d[0], d[1], d[2], d[3], d[4], d[5], d[6]
             );
         }
+        let alone = tmpfs_alone(&client, opts.mib).await?;
+        println!(
+            "round {round}: guest tmpfs alone (dd in the guest, bs 64k): write {:.1} MB/s, read {:.1} MB/s",
+            alone[0], alone[1]
+        );
+        best_alone = [best_alone[0].max(alone[0]), best_alone[1].max(alone[1])];
     }
     println!(
-        "summary ({:?}, {} vCPU, {} MiB, best of {rounds}; exec limits {}):",
+        "summary ({:?}, {} vCPU, {} MiB, best of {rounds}, one boot; exec limits {}; kernel: {}):",
         opts.machine,
         vcpus(),
         opts.mib,
-        limits.as_ref().map_or("the client's defaults".to_string(), |l| format!(
-            "window {} KiB, chunks {} KiB",
-            l.input_limit / 1024,
-            l.stdin_chunk_size / 1024
-        ))
+        limits.as_ref().map_or(
+            if legacy { "none (legacy executions)" } else { "the client's defaults" }.to_string(),
+            |l| format!("window {} KiB, chunks {} KiB", l.input_limit / 1024, l.stdin_chunk_size / 1024)
+        ),
+        kernel_command_line("")
     );
     println!("  raw port host->guest {:.1} MB/s, guest->host {:.1} MB/s", best_raw[0], best_raw[1]);
-    for (which, name) in names.iter().enumerate() {
-        let raw = best_raw[direction[which]];
-        println!("  agent {name}: {:.1} MB/s, {:.2} of the raw port", best[which], best[which] / raw);
+    println!("  guest tmpfs alone: write {:.1} MB/s, read {:.1} MB/s", best_alone[0], best_alone[1]);
+    for (which, (name, dir)) in TRANSFERS.iter().enumerate() {
+        let raw = best_raw[*dir];
+        let mut line = format!("  agent {name}: {:.1} MB/s, {:.2} of the raw port", best[which], best[which] / raw);
+        // A file transfer can go no faster than tmpfs alone either.
+        if which < 2 && best_alone[which] < raw {
+            line.push_str(&format!(
+                ", {:.2} of min(raw port, tmpfs {})",
+                best[which] / best_alone[which],
+                if which == 0 { "write" } else { "read" }
+            ));
+        }
+        println!("{line}");
     }
     client.shutdown(SHUTDOWN_TIMEOUT).await.map_err(|e| e.to_string())?;
     let status = tokio::time::timeout(SHUTDOWN_TIMEOUT, qemu.wait())

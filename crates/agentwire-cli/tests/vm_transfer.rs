@@ -3,7 +3,9 @@
 //! copy over the agent's port in both directions (the guest's side is the
 //! agent binary's `vm-bench --guest`, before the agent starts), then the
 //! agent's transfers over the same port through the host client (file write
-//! and read, exec stdin and stdout), and prints MB/s and the ratios.
+//! and read, exec stdin and stdout, and an `exec cat` whose output is checked
+//! byte for byte against its input), the guest's tmpfs alone, and prints MB/s
+//! and the ratios. A lost or changed byte fails it.
 //!
 //! Ignored by default: it boots QEMU. Run it with
 //! `cargo test -p agentwire-cli --test vm_transfer -- --include-ignored --nocapture`
@@ -39,7 +41,15 @@ fn raw_port_copy_and_agent_transfers_over_virtio_serial() {
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "agentwire vm-bench ended with {}", out.status);
-    for line in ["raw port host->guest", "agent fs write", "agent fs read", "agent exec stdin", "agent exec stdout"] {
+    for line in [
+        "raw port host->guest",
+        "guest tmpfs alone",
+        "agent fs write",
+        "agent fs read",
+        "agent exec stdin",
+        "agent exec stdout",
+        "agent exec cat",
+    ] {
         assert!(stdout.contains(line), "no {line:?} in the summary");
     }
 }

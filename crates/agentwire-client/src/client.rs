@@ -58,7 +58,12 @@ impl Builder {
     /// application consumes it (see [`Exec`](crate::Exec)) and stdin is sent
     /// in the advertised chunks within the advertised allowance (see
     /// [`ExecInput`](crate::ExecInput)); otherwise executions run as with a
-    /// generation-7 agent. [`Client::exec_limits`] says which.
+    /// generation-7 agent. [`Client::exec_limits`] says which. Without flow
+    /// control, stdin goes out as fast as it is written, and an agent may
+    /// drop what it cannot queue (agentwire's agent keeps 1 MiB per
+    /// execution), answering `core.exec.stdin.error` without an errno:
+    /// [`Exec::pipe`](crate::Exec::pipe) turns that into
+    /// [`ClientError::InputDropped`](crate::ClientError::InputDropped).
     ///
     /// ```
     /// use agentwire_client::{agentwire::payload::exec::ExecLimits, Client};

@@ -608,7 +608,9 @@ impl Exec {
 
     /// Feeds `stdin` to the command and copies its output to `stdout` and
     /// `stderr` as it comes, until it ends. Output is read only as fast as
-    /// the writers take it.
+    /// the writers take it. Input the agent drops (see
+    /// [`ClientError::InputDropped`]) ends it with that error: the command's
+    /// output would not be the output of the input given.
     pub async fn pipe(
         mut self,
         mut stdin: impl AsyncRead + Unpin,
@@ -641,6 +643,11 @@ impl Exec {
                 event = self.next() => match event? {
                     Some(ExecEvent::Stdout(d)) => stdout.write_all(&d).await?,
                     Some(ExecEvent::Stderr(d)) => stderr.write_all(&d).await?,
+                    // An errno is the command's side (it closed its input),
+                    // as with a local pipe; none means input was dropped.
+                    Some(ExecEvent::StdinError(e)) if e.errno.is_none() => {
+                        return Err(ClientError::InputDropped(e.message));
+                    }
                     Some(ExecEvent::StdinError(e)) => tracing::debug!("the command's input: {}", e.message),
                     Some(ExecEvent::Started(_)) => {}
                     Some(ExecEvent::Exited(status)) => break status,

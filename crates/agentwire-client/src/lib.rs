@@ -85,6 +85,12 @@ pub enum ClientError {
         /// The agent's reason.
         message: String,
     },
+    /// The agent dropped input of a command (`core.exec.stdin.error` without
+    /// an errno: the frame broke the execution's input limits, or, for an
+    /// execution without flow control, the agent's input queue was full), so
+    /// the command did not get all of its input.
+    #[error("the agent dropped input of the command: {0}")]
+    InputDropped(String),
     /// The agent could not connect, or the connection failed.
     #[error("tcp: {0}")]
     TcpFailed(String),

@@ -9,7 +9,8 @@ use std::time::Duration;
 use agentwire::payload::bootstrap::GuestBootstrap;
 use agentwire::payload::core::{Ready, ReadyCapabilities, ResolvedUser};
 use agentwire::payload::exec::{
-    EXEC_OUTPUT_EVENT_OVERHEAD, ExecExited, ExecLimits, ExecStarted, ExecStderr, ExecStdinAck, ExecStdout,
+    EXEC_OUTPUT_EVENT_OVERHEAD, ExecExited, ExecLimits, ExecStarted, ExecStderr, ExecStdinAck, ExecStdinError,
+    ExecStdout,
 };
 use agentwire::{Message, MessageType, Payload};
 use agentwire_client::{Builder, Client, Command, ExecEvent};
@@ -547,4 +548,55 @@ async fn the_bootstrap_carries_the_builders_policy() {
     assert_eq!(agent.bootstrap, own);
     let (_, agent) = connect(Client::builder().bootstrap(own).exec_limits(None), None).await;
     assert_eq!((agent.bootstrap.exec_limits, agent.bootstrap.hostname.as_deref()), (None, Some("h")));
+}
+
+/// A scripted legacy command (already started) that answers its first stdin
+/// frame with `core.exec.stdin.error` carrying `errno`, and exits once the
+/// input ends.
+async fn refuse_first_input(mut route: Route, errno: Option<i32>) {
+    let mut refused = false;
+    while let Some(m) = route.recv().await {
+        let Payload::ExecStdin(stdin) = m.payload else { continue };
+        if !refused {
+            refused = true;
+            let error =
+                ExecStdinError { errno, errno_name: errno.map(|_| "EPIPE".into()), message: "scripted refusal".into() };
+            route.send(error).await.unwrap();
+        }
+        if stdin.data.is_empty() {
+            let _ = route.send(ExecExited { code: 0 }).await;
+            return;
+        }
+    }
+}
+
+/// `pipe` of 10,000 bytes into a scripted legacy command that refuses its
+/// first input frame with `errno`.
+async fn pipe_into_a_refusal(
+    errno: Option<i32>,
+) -> Result<agentwire_client::ExitStatus, agentwire_client::ClientError> {
+    let (client, mut agent) = connect(Client::builder(), None).await;
+    let (exec, route) = tokio::join!(client.exec(Command::new("legacy")), async {
+        let (_, route) = agent.request().await;
+        route.send(ExecStarted { pid: 9 }).await.unwrap();
+        route
+    });
+    tokio::spawn(refuse_first_input(route, errno));
+    let input: &[u8] = &[b'i'; 10_000];
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    within(exec.unwrap().pipe(input, &mut out, &mut err)).await
+}
+
+#[tokio::test]
+async fn pipe_fails_when_the_agent_drops_input() {
+    match pipe_into_a_refusal(None).await {
+        Err(agentwire_client::ClientError::InputDropped(message)) => assert!(message.contains("scripted refusal")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pipe_goes_on_when_the_command_closed_its_input() {
+    let status = pipe_into_a_refusal(Some(32)).await.expect("a closed input is the command's business");
+    assert!(status.success());
 }

@@ -272,6 +272,8 @@ pub struct Connection {
     meter: InputMeter,
     /// Size on the wire of the frame being handled.
     last_frame_len: u64,
+    /// Stream offset just past the last frame decoded.
+    frame_end: u64,
 }
 
 impl Connection {
@@ -298,6 +300,7 @@ impl Connection {
             last_input: now,
             meter: InputMeter::default(),
             last_frame_len: 0,
+            frame_end: 0,
         }
     }
 
@@ -383,6 +386,27 @@ impl Connection {
         self.tap(&data);
         self.recv.unsplit(data);
         self.process(now)
+    }
+
+    /// Whether the input handed over so far ends at a frame boundary of the
+    /// established connection, with no part of a frame buffered here: the
+    /// next byte is a frame's length prefix. A driver may then gather each
+    /// frame whole before handing it over ([`Connection::handle_input_buf`]),
+    /// so that a large frame's data is one view of its read buffer.
+    pub fn at_frame_boundary(&self) -> bool {
+        self.phase == Phase::Established
+            && self.recv.is_empty()
+            && self.codec.frame_codec().stream_offset() == self.frame_end
+    }
+
+    /// Notes that input arrived at `now` that the driver holds back until
+    /// the frame it belongs to is whole (so that the frame is handed over in
+    /// one piece, see [`Connection::handle_input_buf`]): it counts as activity
+    /// for the idle timeout, as input handed over does.
+    pub fn input_arrived(&mut self, now: Instant) {
+        if self.phase != Phase::Closed {
+            self.last_input = now;
+        }
     }
 
     /// Whether the driver should read more: false while the application holds
@@ -502,6 +526,7 @@ impl Connection {
             self.frames_received += 1;
             let frames = self.codec.frame_codec();
             self.last_frame_len = frames.stream_offset() - frames.last_frame_offset();
+            self.frame_end = frames.stream_offset();
             match item {
                 Ok(m) => self.handle_message(m)?,
                 Err(rejected) => self.handle_rejected(rejected)?,

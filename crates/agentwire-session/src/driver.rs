@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use agentwire::{Flags, Message, Payload, WriteQueue};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -32,8 +32,40 @@ use crate::{Connection, Event, SendError};
 /// How many bytes may wait to be written before senders wait.
 pub const MAX_PENDING_WRITE: usize = 1024 * 1024;
 
-/// What one read takes from the transport at most.
+/// What one read takes from the transport at most (but for the rest of a
+/// large frame, read in one piece: see [`held_back`]).
 const READ_CHUNK: usize = 256 * 1024;
+
+/// A frame at least this long (length prefix included) is read to its end
+/// and no further, so that the next one starts a read; every frame is
+/// gathered whole in one buffer before the connection gets it, so that its
+/// data is a view of what the transport filled rather than a copy put
+/// together from reads.
+const LARGE_FRAME: usize = 64 * 1024;
+
+/// The longest frame gathered whole (the largest any peer may send); the
+/// connection gets a longer one's head at once, and refuses it.
+const MAX_GATHERED: usize = 4 + agentwire::MAX_FRAME_SIZE;
+
+/// The head of a frame that ends `buf` (input that starts at a frame
+/// boundary), which the driver keeps until the frame is whole: how many bytes
+/// of it `buf` holds and how many more complete it. `None` when `buf` ends
+/// with a whole frame, or with the head of a frame longer than any peer may
+/// send (which the connection gets at once, and refuses or skips).
+fn held_back(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut at = 0;
+    loop {
+        let have = buf.len() - at;
+        let Some(head) = buf.get(at..at + 4) else {
+            return (have > 0).then_some((have, 4 - have));
+        };
+        let total = 4 + u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if total > have {
+            return (total <= MAX_GATHERED).then_some((have, total - have));
+        }
+        at += total;
+    }
+}
 
 /// Frames and bytes of one direction.
 #[derive(Debug, Default)]
@@ -413,33 +445,79 @@ pub fn spawn(
     (Driver { reader, writer: Some(writer) }, Handle(shared), rx)
 }
 
+/// The two allocations large frames are read into, in turn: while the
+/// application still holds frames of one, the other (whose frames it has
+/// dropped by then, as a rule) takes the next, so that a stream of large
+/// frames reuses memory already faulted in rather than a fresh allocation
+/// each. Each is held by an empty view of its start; at most two are kept.
+#[derive(Default)]
+struct Pool {
+    /// The allocation large frames are read into now.
+    current: Option<Bytes>,
+    /// The one before.
+    spare: Option<Bytes>,
+}
+
+impl Pool {
+    /// A buffer of at least `capacity` bytes holding a copy of `head` (the
+    /// start of a frame): the spare allocation when nothing else uses it any
+    /// more and it is large enough, a new one otherwise.
+    fn switch(&mut self, head: &[u8], capacity: usize) -> BytesMut {
+        let mut next = match self.spare.take().map(Bytes::try_into_mut) {
+            Some(Ok(free)) if free.capacity() >= capacity => free,
+            _ => BytesMut::with_capacity(capacity),
+        };
+        let anchor = next.split_to(0).freeze();
+        self.spare = self.current.replace(anchor);
+        next.extend_from_slice(head);
+        next
+    }
+}
+
 async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     // Bytes are read into this buffer and handed over as they are: a data
     // frame the application gets is a view of what the transport filled.
+    // Once the connection is established, the head of a frame stays here
+    // until the frame is whole, the rest of it read into the same
+    // allocation, so that a frame is never put together by copies.
     let mut buf = BytesMut::new();
+    let mut pool = Pool::default();
     let why = loop {
         // Hold back while the application has not taken what it was given.
-        let (wanted, deadline) = {
+        let (wanted, deadline, aligned) = {
             let state = shared.lock();
             if let Some(why) = &state.ended {
                 break why.clone();
             }
-            (state.conn.wants_input(), state.conn.poll_timeout())
+            (state.conn.wants_input(), state.conn.poll_timeout(), state.conn.at_frame_boundary())
         };
         if !wanted {
             shared.to_read.notified().await;
             continue;
         }
-        buf.reserve(READ_CHUNK);
+        // While the connection holds no part of a frame, `buf` starts at a
+        // frame boundary: the head of a frame at its end is kept until the
+        // frame is whole (otherwise everything read is handed over).
+        let room = match aligned.then(|| held_back(&buf)).flatten() {
+            // The rest of a large frame, and no more: the next read starts at a boundary.
+            Some((head, rest)) if head + rest >= LARGE_FRAME => {
+                if buf.capacity() - buf.len() < rest {
+                    buf = pool.switch(&buf, head + rest + READ_CHUNK);
+                }
+                rest
+            }
+            _ => READ_CHUNK,
+        };
+        buf.reserve(room);
         let read = match deadline {
-            Some(at) => match tokio::time::timeout_at(at.into(), rd.read_buf(&mut buf)).await {
+            Some(at) => match tokio::time::timeout_at(at.into(), rd.read_buf(&mut (&mut buf).limit(room))).await {
                 Ok(r) => r,
                 Err(_) => match shared.lock().conn.handle_timeout(Instant::now()) {
                     Ok(()) => continue,
                     Err(e) => break e.to_string(),
                 },
             },
-            None => rd.read_buf(&mut buf).await,
+            None => rd.read_buf(&mut (&mut buf).limit(room)).await,
         };
         let n = match read {
             Ok(0) => break "the peer closed the connection".to_string(),
@@ -447,8 +525,18 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
             Err(e) => break format!("reading: {e}"),
         };
         let mut state = shared.lock();
+        let keep = match aligned.then(|| held_back(&buf)).flatten() {
+            Some((head, _)) => head,
+            None => 0,
+        };
+        if keep == buf.len() {
+            // Only the head of a frame so far: nothing to hand over yet.
+            state.conn.input_arrived(Instant::now());
+            shared.counters.received.add(0, n as u64);
+            continue;
+        }
         let before = state.conn.frames_received();
-        let result = state.conn.handle_input_buf(buf.split(), Instant::now());
+        let result = state.conn.handle_input_buf(buf.split_to(buf.len() - keep), Instant::now());
         shared.counters.received.add(state.conn.frames_received() - before, n as u64);
         let frames: Bytes = state.conn.take_tapped();
         if let Some(capture) = &mut state.capture {
@@ -501,5 +589,34 @@ async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
         }
         shared.counters.sent.add(frames, bytes as u64);
         shared.progress.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: usize) -> Vec<u8> {
+        let mut f = (body as u32).to_be_bytes().to_vec();
+        f.resize(4 + body, 7);
+        f
+    }
+
+    #[test]
+    fn the_head_of_the_last_frame_is_held_back_until_it_is_whole() {
+        assert_eq!(held_back(&[]), None);
+        let (a, b) = (frame(20), frame(100_000));
+        let mut buf = a.clone();
+        assert_eq!(held_back(&buf), None, "whole frames only");
+        buf.extend_from_slice(&b[..2]);
+        assert_eq!(held_back(&buf), Some((2, 2)), "a length prefix cut short");
+        buf.extend_from_slice(&b[2..5000]);
+        assert_eq!(held_back(&buf), Some((5000, b.len() - 5000)));
+        buf.extend_from_slice(&b[5000..]);
+        assert_eq!(held_back(&buf), None);
+        // A length beyond any frame's is the connection's to refuse, at once.
+        let mut huge = a;
+        huge.extend_from_slice(&(MAX_GATHERED as u32).to_be_bytes());
+        assert_eq!(held_back(&huge), None);
     }
 }

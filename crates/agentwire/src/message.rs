@@ -163,6 +163,14 @@ macro_rules! message_types {
                 Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, <$payload>::decode_slice(p)?)), )* })
             }
 
+            /// Decodes a payload of this type by the serde path alone
+            /// ([`crate::payload::serde_decode`]: ciborium after the check),
+            /// which every faster decoder must agree with, value for value and
+            /// error for error; for differential tests and fuzzing.
+            pub fn decode_payload_serde(self, p: &[u8]) -> Result<Payload, PayloadError> {
+                Ok(match self { $( MessageType::$variant => Payload::$variant(hold!($store, crate::payload::serde_decode::<$payload>(p)?)), )* })
+            }
+
             /// Whether a decoded payload of this type holds views of the
             /// payload bytes ([`CborPayload::HOLDS_VIEWS`]).
             ///

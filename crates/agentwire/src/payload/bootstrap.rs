@@ -3,9 +3,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use serde::{Deserialize, Serialize};
+use serde::de::MapAccess;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::exec::{ExecLimits, ExecRlimit};
+use super::tagged::{self, TagFirst};
 use super::{open_enum, serde_payload};
 
 /// `core.bootstrap`: everything the guest needs before `core.ready`. Every key
@@ -67,7 +69,7 @@ pub struct GuestBootstrap {
 
 /// The root filesystem (tagged by `kind`).
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum BootstrapBlockRoot {
@@ -90,7 +92,7 @@ pub enum BootstrapBlockRoot {
 
 /// The writable upper layer of an overlay root (tagged by `kind`).
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum BootstrapBlockRootUpper {
@@ -108,6 +110,138 @@ pub enum BootstrapBlockRootUpper {
         size_mib: Option<u32>,
     },
 }
+
+// Reading the two root enums: the derive's (which buffers the map) and the
+// tag-first one (see `super::tagged`). The field attributes below repeat the
+// enums' own, and the tests hold the readings to each other.
+
+#[derive(Deserialize)]
+#[serde(remote = "BootstrapBlockRoot", tag = "kind", rename_all = "kebab-case")]
+enum BlockRootDerived {
+    DiskImage {
+        device: String,
+        #[serde(default)]
+        fstype: Option<String>,
+    },
+    OciErofs {
+        lower: String,
+        upper: BootstrapBlockRootUpper,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(variant_identifier, rename_all = "kebab-case")]
+pub(crate) enum BlockRootKind {
+    DiskImage,
+    OciErofs,
+}
+
+#[derive(Deserialize)]
+struct DiskImageFields {
+    device: String,
+    #[serde(default)]
+    fstype: Option<String>,
+    #[serde(default, rename = "kind")]
+    repeated_tag: tagged::RepeatedTag,
+}
+
+#[derive(Deserialize)]
+struct OciErofsFields {
+    lower: String,
+    upper: BootstrapBlockRootUpper,
+    #[serde(default, rename = "kind")]
+    repeated_tag: tagged::RepeatedTag,
+}
+
+impl<'de> TagFirst<'de> for BootstrapBlockRoot {
+    const TAG: &'static str = "kind";
+    type Kind = BlockRootKind;
+    fn rest<A: MapAccess<'de>>(kind: BlockRootKind, rest: A) -> Result<Self, A::Error> {
+        Ok(match kind {
+            BlockRootKind::DiskImage => {
+                let f: DiskImageFields = tagged::fields(rest)?;
+                BootstrapBlockRoot::DiskImage { device: f.device, fstype: f.fstype }
+            }
+            BlockRootKind::OciErofs => {
+                let f: OciErofsFields = tagged::fields(rest)?;
+                BootstrapBlockRoot::OciErofs { lower: f.lower, upper: f.upper }
+            }
+        })
+    }
+    fn derived<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BlockRootDerived::deserialize(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for BootstrapBlockRoot {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        tagged::deserialize(d)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(remote = "BootstrapBlockRootUpper", tag = "kind", rename_all = "kebab-case")]
+enum BlockRootUpperDerived {
+    Device {
+        device: String,
+        fstype: String,
+    },
+    Tmpfs {
+        #[serde(default)]
+        size_mib: Option<u32>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(variant_identifier, rename_all = "kebab-case")]
+pub(crate) enum BlockRootUpperKind {
+    Device,
+    Tmpfs,
+}
+
+#[derive(Deserialize)]
+struct DeviceFields {
+    device: String,
+    fstype: String,
+    #[serde(default, rename = "kind")]
+    repeated_tag: tagged::RepeatedTag,
+}
+
+#[derive(Deserialize)]
+struct TmpfsFields {
+    #[serde(default)]
+    size_mib: Option<u32>,
+    #[serde(default, rename = "kind")]
+    repeated_tag: tagged::RepeatedTag,
+}
+
+impl<'de> TagFirst<'de> for BootstrapBlockRootUpper {
+    const TAG: &'static str = "kind";
+    type Kind = BlockRootUpperKind;
+    fn rest<A: MapAccess<'de>>(kind: BlockRootUpperKind, rest: A) -> Result<Self, A::Error> {
+        Ok(match kind {
+            BlockRootUpperKind::Device => {
+                let f: DeviceFields = tagged::fields(rest)?;
+                BootstrapBlockRootUpper::Device { device: f.device, fstype: f.fstype }
+            }
+            BlockRootUpperKind::Tmpfs => {
+                let f: TmpfsFields = tagged::fields(rest)?;
+                BootstrapBlockRootUpper::Tmpfs { size_mib: f.size_mib }
+            }
+        })
+    }
+    fn derived<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BlockRootUpperDerived::deserialize(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for BootstrapBlockRootUpper {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        tagged::deserialize(d)
+    }
+}
+
+tagged::repeated_tag!(DiskImageFields, OciErofsFields, DeviceFields, TmpfsFields);
 
 /// Mount flags; each defaults to false.
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -276,3 +410,72 @@ pub struct BootstrapHandoffInit {
 }
 
 serde_payload!(GuestBootstrap);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{CborPayload, serde_decode, serde_fast};
+    use ciborium::Value;
+
+    fn cbor(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(v, &mut out).unwrap();
+        out
+    }
+
+    fn map(entries: &[(&str, Value)]) -> Value {
+        Value::Map(entries.iter().map(|(k, v)| (Value::Text((*k).into()), v.clone())).collect())
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    /// The tag-first reading answers what the derive answers, for the forms
+    /// it reads and for those it leaves to the serde path.
+    #[test]
+    fn the_tag_first_reading_agrees_with_the_derive() {
+        let upper = map(&[("kind", text("tmpfs")), ("size_mib", Value::Integer(64.into()))]);
+        let cases = [
+            // (root, read by the fast reader itself)
+            (map(&[("kind", text("oci-erofs")), ("lower", text("/dev/vdb")), ("upper", upper.clone())]), true),
+            (map(&[("kind", text("disk-image")), ("device", text("/dev/vda"))]), true),
+            (map(&[("kind", text("disk-image")), ("device", text("/dev/vda")), ("extra", Value::Null)]), true),
+            // A variant index, the tag elsewhere, twice, unknown, missing; a
+            // missing field.
+            (map(&[("kind", Value::Integer(0.into())), ("device", text("/dev/vda"))]), false),
+            (map(&[("device", text("/dev/vda")), ("kind", text("disk-image"))]), false),
+            (map(&[("kind", text("disk-image")), ("device", text("/dev/vda")), ("kind", text("disk-image"))]), false),
+            (map(&[("kind", text("floppy")), ("device", text("/dev/vda"))]), false),
+            (map(&[("device", text("/dev/vda"))]), false),
+            (map(&[("kind", text("disk-image"))]), false),
+            (
+                map(&[
+                    ("kind", text("oci-erofs")),
+                    ("lower", text("/dev/vdb")),
+                    ("upper", map(&[("size_mib", Value::Integer(1.into())), ("kind", text("tmpfs"))])),
+                ]),
+                false,
+            ),
+        ];
+        for (root, fast) in cases {
+            let p = cbor(&map(&[("block_root", root.clone())]));
+            let slow = serde_decode::<GuestBootstrap>(&p);
+            let quick = serde_fast::from_slice::<GuestBootstrap>(&p);
+            assert_eq!(quick.is_ok(), fast, "{root:?}");
+            if let Ok(value) = quick {
+                assert_eq!(Some(value), slow.clone().ok(), "{root:?}");
+            }
+            assert_eq!(GuestBootstrap::decode_slice(&p), slow, "{root:?}");
+        }
+        // The derive reads the tag anywhere, and refuses it twice.
+        let later = cbor(&map(&[("block_root", map(&[("device", text("/d")), ("kind", text("disk-image"))]))]));
+        let root = GuestBootstrap::decode_slice(&later).unwrap().block_root;
+        assert_eq!(root, Some(BootstrapBlockRoot::DiskImage { device: "/d".into(), fstype: None }));
+        let twice = cbor(&map(&[(
+            "block_root",
+            map(&[("kind", text("disk-image")), ("device", text("/d")), ("kind", text("disk-image"))]),
+        )]));
+        assert!(GuestBootstrap::decode_slice(&twice).is_err());
+    }
+}

@@ -18,6 +18,7 @@ pub mod exec;
 mod fast;
 pub mod fs;
 mod serde_fast;
+mod tagged;
 pub mod tcp;
 pub mod workload;
 

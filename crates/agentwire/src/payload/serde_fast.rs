@@ -384,9 +384,29 @@ pub(crate) struct De<'de> {
 /// Reads `p` as exactly one plain item of type `T`; `Err` means "ask the serde path".
 #[inline]
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(p: &'de [u8]) -> Result<T, Declined> {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            READING.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(READING.with(|r| r.replace(true)));
     let mut d = De { buf: p, pos: 0, depth: 0 };
     let value = T::deserialize(&mut d)?;
     if d.pos == p.len() { Ok(value) } else { Err(Declined) }
+}
+
+thread_local! {
+    /// Whether this thread is inside [`from_slice`], where a `Deserialize` may
+    /// take a shortcut that fails on forms it does not cover: the failure
+    /// sends the whole payload to the serde path (see `super::tagged`).
+    static READING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the value being deserialized is read by [`from_slice`], whose
+/// every error is answered again by the serde path.
+pub(crate) fn reading() -> bool {
+    READING.with(std::cell::Cell::get)
 }
 
 /// An 8-aligned copy of a short text, padded with zeros.
