@@ -275,7 +275,7 @@ impl Client {
     /// ahead of it, 4 MiB through a relay, less when
     /// [`Builder::buffer_limits`](crate::Builder::buffer_limits) allows a
     /// session less), so a slow `out` holds the agent back; the file's size
-    /// is asked for alongside (`FStat`), so that no credit goes out once the
+    /// is asked for first (`FStat`), so that no credit goes out once the
     /// agent can read to the end without it. Otherwise the file comes as
     /// `core.fs.data` chunks, held back by the connection's buffer limits.
     pub async fn read_file(&self, path: &str, out: &mut (impl AsyncWrite + Unpin)) -> Result<u64, ClientError> {
@@ -324,13 +324,15 @@ impl Client {
         let what = format!("read {path}");
         let op = BulkOperation::FileRead;
         let offer = op.offer(MAX_BULK_RECORD_PAYLOAD as u32, self.read_window);
-        // The file's size, asked for alongside the read: once the credit
-        // passes the end of the file the agent can finish without more, and
-        // a credit sent then could reach it after its response (which the
-        // deployed agent answers with a cancel and a second response).
+        // The file's size, asked for before the read: once the credit passes
+        // the end of the file the agent can finish without more, and a credit
+        // sent then could reach it after its response (which the deployed
+        // agent answers with a cancel and a second response). Not alongside
+        // it: the read's first credit fills what the connection lets one
+        // session hold, and an agent serving sessions at once may send those
+        // records before the size, which would then wait behind them, unread,
+        // while this waits for it.
         let mut stat = self.request(FsRequest::new(FsOp::FStat { handle })).await?;
-        let request = FsRequest { op: FsOp::Read { handle, offset: 0, len: None }, bulk: Some(offer) };
-        let mut s = self.request(request).await?;
         let size = match self.within(stat.recv()).await?.map(|m| m.payload) {
             Some(Payload::FsResponse(r)) => match (r.ok, r.data) {
                 (true, Some(FsResponseData::Stat(info))) => Some(info.size),
@@ -339,6 +341,8 @@ impl Client {
             _ => None,
         };
         drop(stat);
+        let request = FsRequest { op: FsOp::Read { handle, offset: 0, len: None }, bulk: Some(offer) };
+        let mut s = self.request(request).await?;
         let accepted = self.fs_accepted(&mut s, &what, op, &offer).await?;
         let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
         let granted = accepted.guest_to_host_credit_limit;

@@ -619,3 +619,82 @@ async fn a_tcp_stream_moves_records_within_credit_both_ways() {
     }
     assert!(capture.count("bulk.record") >= 2 * size / (256 * 1024));
 }
+
+/// An agent serves sessions concurrently, so the answer to the `FStat` a read
+/// asks for its size may come after the read's first records, up to its whole
+/// initial credit: the client must still get to that answer, although those
+/// unread records fill what the connection lets one session hold. (Asked for
+/// alongside the read, the size waited behind them, unread, for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_size_comes_after_its_first_records_does_not_stall() {
+    let (client, mut agent, _capture) = connect(Client::builder()).await;
+    let size = 12 << 20;
+    let data = Bytes::from(pattern(size));
+    let stat_answer = move || {
+        let info = FsEntryInfo { kind: "file".into(), size: size as u64, ..FsEntryInfo::default() };
+        FsResponse::success(Some(FsResponseData::Stat(info)))
+    };
+    let guest = tokio::spawn({
+        let data = data.clone();
+        async move {
+            let mut stat: Option<Route> = None;
+            let (req, mut route) = loop {
+                let (m, route) = if stat.is_some() {
+                    match tokio::time::timeout(Duration::from_millis(500), agent.request()).await {
+                        Ok(next) => next,
+                        // A client that waits for the size before it asks for the read.
+                        Err(_) => {
+                            stat.take().unwrap().send(stat_answer()).await.unwrap();
+                            continue;
+                        }
+                    }
+                } else {
+                    agent.request().await
+                };
+                let Payload::FsRequest(req) = m.payload else { panic!("{m:?}") };
+                match req.op {
+                    FsOp::OpenFile { .. } => {
+                        route.send(FsResponse::success(Some(FsResponseData::Handle(HANDLE)))).await.unwrap()
+                    }
+                    FsOp::FStat { .. } => stat = Some(route),
+                    FsOp::Read { .. } => break (*req, route),
+                    ref other => panic!("{other:?}"),
+                }
+            };
+            let (_, accepted) = accept_read(&req);
+            route.send(accepted).await.unwrap();
+            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
+            let mut tx = BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit);
+            // The whole initial credit in 1 MiB records, and only then the size.
+            while tx.window() > 0 {
+                let at = tx.sent() as usize;
+                let n = tx.window().min(1 << 20);
+                route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
+            }
+            if let Some(stat) = stat {
+                stat.send(stat_answer()).await.unwrap();
+            }
+            loop {
+                while tx.window() == 0 {
+                    let m = within(route.recv()).await.unwrap();
+                    let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
+                    tx.credit(&c).unwrap();
+                }
+                let at = tx.sent() as usize;
+                if at == size {
+                    break;
+                }
+                let n = tx.window().min(size - at).min(1 << 20);
+                route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
+            }
+            route.send(tx.finish()).await.unwrap();
+            route.send(FsResponse::success(None)).await.unwrap();
+            agent.serve_the_rest();
+        }
+    });
+    let mut out = Vec::new();
+    let got = within(client.read_file("/big", &mut out)).await.unwrap();
+    assert_eq!(got, size as u64);
+    assert!(out == data, "the file arrives intact");
+    within(guest).await.unwrap();
+}

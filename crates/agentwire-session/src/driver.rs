@@ -186,7 +186,17 @@ impl Shared {
                     let (tx, rx) = mpsc::unbounded_channel();
                     state.routes.insert(message.id, tx);
                     let route = Route { id: message.id, rx, handle: Handle(self.clone()), done: false };
-                    let _ = incoming.send(Incoming::Request { message, route });
+                    if let Err(mpsc::error::SendError(Incoming::Request { mut route, .. })) =
+                        incoming.send(Incoming::Request { message, route })
+                    {
+                        // Nobody takes requests any more. Dropped as it is, the
+                        // route would forget its session by taking the lock this
+                        // holds: forget it here instead.
+                        route.done = true;
+                        state.routes.remove(&route.id);
+                        state.conn.forget(route.id);
+                        self.to_read.notify_one();
+                    }
                 }
                 Event::ClientDisconnected { ids, sessions } => {
                     for id in &sessions {
