@@ -469,13 +469,16 @@ struct Pool {
 }
 
 impl Pool {
-    /// A buffer of at least `capacity` bytes holding a copy of `head` (the
-    /// start of a frame): the spare allocation when nothing else uses it any
-    /// more and it is large enough, a new one otherwise.
+    /// A buffer holding a copy of `head` (the start of a frame) with room for
+    /// `capacity` bytes in all: the spare allocation when nothing else uses it
+    /// any more and it is large enough. A new one is sized by what arrived,
+    /// not by the length the frame claims: at most twice `head` and a read
+    /// more, so that a frame that really comes grows its buffer a few times
+    /// and, once the pool holds large enough buffers, not at all.
     fn switch(&mut self, head: &[u8], capacity: usize) -> BytesMut {
         let mut next = match self.spare.take().map(Bytes::try_into_mut) {
             Some(Ok(free)) if free.capacity() >= capacity => free,
-            _ => BytesMut::with_capacity(capacity),
+            _ => BytesMut::with_capacity(capacity.min(2 * head.len() + READ_CHUNK)),
         };
         let anchor = next.split_to(0).freeze();
         self.spare = self.current.replace(anchor);
@@ -489,7 +492,8 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     // frame the application gets is a view of what the transport filled.
     // Once the connection is established, the head of a frame stays here
     // until the frame is whole, the rest of it read into the same
-    // allocation, so that a frame is never put together by copies.
+    // allocation (one of the pool's, once it holds large enough ones), so
+    // that a frame is not put together by copies.
     let mut buf = BytesMut::new();
     let mut pool = Pool::default();
     let why = loop {
@@ -514,7 +518,7 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
                 if buf.capacity() - buf.len() < rest {
                     buf = pool.switch(&buf, head + rest + READ_CHUNK);
                 }
-                rest
+                rest.min(buf.capacity() - buf.len())
             }
             _ => READ_CHUNK,
         };
@@ -610,6 +614,24 @@ mod tests {
         let mut f = (body as u32).to_be_bytes().to_vec();
         f.resize(4 + body, 7);
         f
+    }
+
+    #[test]
+    fn a_new_buffer_is_sized_by_what_arrived_and_a_free_spare_is_reused() {
+        let mut pool = Pool::default();
+        // A 4 MiB frame claimed by its 4-byte head: no 4 MiB allocation.
+        let head = (4u32 << 20).to_be_bytes();
+        let first = pool.switch(&head, (4 << 20) + 4 + READ_CHUNK);
+        assert_eq!(&first[..], &head[..]);
+        assert!(first.capacity() < 2 * READ_CHUNK, "{}", first.capacity());
+        // Once buffers large enough have been made and let go, they are reused.
+        let big = vec![1u8; 3 << 20];
+        let grown = pool.switch(&big, (4 << 20) + READ_CHUNK);
+        assert!(grown.capacity() >= (4 << 20) + READ_CHUNK);
+        let at = grown.as_ptr();
+        drop((first, grown));
+        pool.switch(&head, 100);
+        assert_eq!(pool.switch(&head, (4 << 20) + READ_CHUNK).as_ptr(), at);
     }
 
     #[test]
