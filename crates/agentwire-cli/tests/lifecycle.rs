@@ -32,12 +32,19 @@ fn start_with(socket: &Path, root: &Path, extra: &[&str]) -> Child {
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    try_wait_for(child, limit).unwrap_or_else(|| panic!("still running after {limit:?}"))
+}
+
+/// The child's exit status once it exits within `limit`; `None` if it is still running then.
+fn try_wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            return status;
+            return Some(status);
         }
-        assert!(Instant::now() < deadline, "still running after {limit:?}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -52,11 +59,16 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_left_alone() {
     let mut first = start(&socket, &tmp.0);
     wait_listening(&socket);
     // A second agent on the same path must not take it over.
-    let mut second = start(&socket, &tmp.0);
-    let status = wait_exit(&mut second, Duration::from_secs(20));
+    let mut second = start_with(&socket, &tmp.0, &["-vv"]);
+    let status = try_wait_for(&mut second, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(2), "{err}");
+    let first_state = first.try_wait().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "second agent: {err}\nfirst agent exited: {first_state:?}");
     assert!(err.contains("another process is listening"), "{err}");
     std::os::unix::net::UnixStream::connect(&socket).expect("the first agent still serves");
     let _ = first.kill();

@@ -349,6 +349,7 @@ message_types! {
 
 impl MessageType {
     /// Whether a peer of generation `generation` knows this type.
+    #[inline]
     pub const fn is_available_at(self, generation: u8) -> bool {
         self.generation() <= generation
     }
