@@ -4,7 +4,8 @@
 # shell and utilities and the virtio modules the transport needs.
 #
 # Installs what it needs from Debian's packages (qemu-system-x86, cpio,
-# busybox-static); the kernel package is downloaded and unpacked, not installed.
+# busybox-static, musl-tools for mimalloc's C code); the kernel package is
+# downloaded and unpacked, not installed.
 # Writes $AGENTWIRE_VM_DIR (default target/vm): vmlinuz, initramfs.cpio.gz,
 # kernel-release. Nothing prebuilt is committed. vm/lib.sh holds the steps
 # shared with vm/build-reference.sh.
@@ -15,14 +16,16 @@ out=${AGENTWIRE_VM_DIR:-target/vm}
 work="$out/work"
 target=$vm_target
 
-vm_install_packages qemu-system-x86 cpio busybox-static
+vm_install_packages qemu-system-x86 cpio busybox-static musl-tools
 
 rm -rf "$work"
 mkdir -p "$work"
 vm_fetch_kernel "$work" "$out"
 
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
-cargo build --release --locked --target "$target" -p agentwire-cli --bin agentwire
+# With mimalloc as the allocator: musl's is slow (see the `global_allocator`
+# in crates/agentwire-cli/src/main.rs); musl-gcc compiles mimalloc's C code.
+cargo build --release --locked --target "$target" -p agentwire-cli --bin agentwire --features mimalloc
 agent="${CARGO_TARGET_DIR:-target}/$target/release/agentwire"
 
 root="$work/initramfs"
