@@ -58,13 +58,9 @@
 //! writer's socket (the kernel doubles it).
 //!
 //! CPU times: the writer's and reader's are their threads' CPU time
-//! (`CLOCK_THREAD_CPUTIME_ID`), user and system together (the prototype,
-//! which used `getrusage(RUSAGE_THREAD)` through `libc`, also split out the
-//! writer's system time; its user time was near zero in every case, and
-//! rustix offers no per-thread `getrusage`). The child's is the change in
-//! `cutime + cstime` of `/proc/self/stat` across the case (children waited
-//! for), in clock ticks, so to 10 ms, where the prototype had
-//! `getrusage(RUSAGE_CHILDREN)`'s microseconds.
+//! (`CLOCK_THREAD_CPUTIME_ID`), user and system together. The child's is the
+//! change in `cutime + cstime` of `/proc/self/stat` across the case (children
+//! waited for), in clock ticks, so to 10 ms.
 
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
