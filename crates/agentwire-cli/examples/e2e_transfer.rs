@@ -15,7 +15,7 @@
 //!
 //! - raw: `MIB` MiB written into one end of a socketpair and read from the
 //!   other, 256 KiB at a time, by two threads;
-//! - local pipe: the two commands below run here, their stdout read from a
+//! - local pipe: the commands below run here, their stdout read from a
 //!   pipe 1 MiB at a time (what a command and a pipe reach without the
 //!   agent: the ceiling of an exec stream);
 //! - exec: `head -c N /dev/zero` through `core.exec.*`, its stdout taken as
@@ -23,6 +23,8 @@
 //!   sets (`--chunk`, default 1024 KiB output chunks; `--window`, default
 //!   8192 KiB output allowance);
 //! - exec cat: `cat` of the tmpfs file;
+//! - exec dd: `dd if=/dev/zero bs=1M`, which writes 1 MiB a write (GNU
+//!   `head` writes 8 KiB: on this kind of machine it is the limit by itself);
 //! - fs read: `Client::read_file` of an N-byte file on tmpfs (`/dev/shm`)
 //!   into a sink, as raw bulk records.
 
@@ -62,13 +64,15 @@ fn raw_copy(n: u64) -> Duration {
     start.elapsed()
 }
 
-/// The same command run here with its stdout on a pipe read 1 MiB at a
-/// time: what the command and a pipe alone reach (the limit of an exec stream).
+/// The same command run here with its stdout on a pipe of 1 MiB read 1 MiB
+/// at a time: what the command and a pipe alone reach (the limit of an exec stream).
 fn local_pipe(program: &str, args: &[String], n: u64) -> Duration {
     let start = Instant::now();
     let mut child =
         std::process::Command::new(program).args(args).stdout(std::process::Stdio::piped()).spawn().expect("spawn");
     let mut out = child.stdout.take().expect("stdout");
+    // 1 MiB, as the agent widens a command's stdout pipe for 1 MiB chunks.
+    nix::fcntl::fcntl(&out, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20)).expect("F_SETPIPE_SZ");
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
     loop {
@@ -194,6 +198,8 @@ async fn main() {
 
     let mut pipe_head = Vec::new();
     let mut pipe_cat = Vec::new();
+    let mut pipe_dd = Vec::new();
+    let mut exec_dd = Vec::new();
     let mut raw = Vec::new();
     let mut exec = Vec::new();
     let mut cat = Vec::new();
@@ -206,6 +212,11 @@ async fn main() {
         raw.push(tokio::task::spawn_blocking(move || raw_copy(n)).await.expect("raw"));
         let head_args = vec!["-c".to_string(), n.to_string(), "/dev/zero".to_string()];
         pipe_head.push(tokio::task::spawn_blocking(move || local_pipe("head", &head_args, n)).await.expect("pipe"));
+        // dd writes 1 MiB a write where head writes 8 KiB: a faster command.
+        let dd_args = ["if=/dev/zero".to_string(), "bs=1M".into(), format!("count={mib}"), "status=none".into()];
+        let local_dd_args = dd_args.to_vec();
+        pipe_dd.push(tokio::task::spawn_blocking(move || local_pipe("dd", &local_dd_args, n)).await.expect("pipe"));
+        exec_dd.push(within("exec dd", exec_stream(&client, Command::new("dd").args(dd_args), n)).await);
         let cat_args = vec![root.join("e2e.bin").display().to_string()];
         pipe_cat.push(tokio::task::spawn_blocking(move || local_pipe("cat", &cat_args, n)).await.expect("pipe"));
         let head = Command::new("head").args(["-c".to_string(), n.to_string(), "/dev/zero".into()]);
@@ -232,8 +243,10 @@ async fn main() {
     for (name, d) in [
         ("local head -c | pipe", pipe_head),
         ("local cat tmpfs | pipe", pipe_cat),
+        ("local dd bs=1M | pipe", pipe_dd),
         ("exec head -c (stdout)", exec),
         ("exec cat tmpfs (stdout)", cat),
+        ("exec dd bs=1M (stdout)", exec_dd),
         ("fs read tmpfs", read),
     ] {
         let (best, med) = (*d.iter().min().expect("rounds"), median(d));
