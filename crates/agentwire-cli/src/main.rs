@@ -53,7 +53,9 @@ fn tune_allocator() {
     /// libmimalloc-sys 0.1.49 builds (pinned in Cargo.toml), which has no
     /// constant for it; -1 is "never purge".
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets one option word of mimalloc's, before any other thread exists.
+    // SAFETY: a foreign call with no memory-safety preconditions: the option
+    // number is a valid one of this version's (checked against its header),
+    // and mimalloc only stores the value.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
