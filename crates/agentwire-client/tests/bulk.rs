@@ -4,6 +4,8 @@
 //! frame by frame, checking what the client sends with the session core's
 //! own bulk rules.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,48 @@ use agentwire_session::{Config, Connection, Event};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
+
+/// Counts allocations of [`LARGE_SIZE`] or more on the threads that ask for it (each
+/// test runs on its own thread; a current-thread runtime keeps a test's tasks
+/// on it), in const thread-locals so that counting never allocates.
+struct CountingLarge;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static LARGE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// What counts as a large allocation: a quarter of a record, below any
+/// buffer a 1 MiB frame is gathered in, above anything else the read makes.
+const LARGE_SIZE: usize = 256 << 10;
+
+fn note(size: usize) {
+    if size >= LARGE_SIZE && COUNTING.with(Cell::get) {
+        LARGE.with(|c| c.set(c.get() + 1));
+    }
+}
+
+// SAFETY: every call goes to the system allocator unchanged; the counting
+// touches only const-initialised thread-locals of plain integers.
+unsafe impl GlobalAlloc for CountingLarge {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingLarge = CountingLarge;
 
 /// The handle the scripted agent gives every opened file.
 const HANDLE: u64 = 7;
@@ -218,6 +262,24 @@ fn accept_read(req: &FsRequest) -> (BulkOffer, BulkAccepted) {
     assert_eq!(offer.max_record_payload, MAX_BULK_RECORD_PAYLOAD as u32);
     assert_eq!(offer.guest_to_host_credit_limit, 8 << 20, "8 MiB of credit up front");
     (offer, BulkOperation::FileRead.accept(&offer).unwrap())
+}
+
+/// Sends the rest of `data`, from `tx`'s offset on, in records of at most
+/// 1 MiB within the credit the client grants.
+async fn send_rest(route: &mut Route, tx: &mut BulkSender, data: &Bytes) {
+    loop {
+        let at = tx.sent() as usize;
+        if at == data.len() {
+            return;
+        }
+        while tx.window() == 0 {
+            let m = within(route.recv()).await.unwrap();
+            let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
+            tx.credit(&c).unwrap();
+        }
+        let n = tx.window().min(data.len() - at).min(1 << 20);
+        route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
+    }
 }
 
 /// A read's records go to a slow destination; the client credits only what
@@ -674,19 +736,7 @@ async fn a_read_whose_size_comes_after_its_first_records_does_not_stall() {
             if let Some(stat) = stat {
                 stat.send(stat_answer()).await.unwrap();
             }
-            loop {
-                while tx.window() == 0 {
-                    let m = within(route.recv()).await.unwrap();
-                    let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
-                    tx.credit(&c).unwrap();
-                }
-                let at = tx.sent() as usize;
-                if at == size {
-                    break;
-                }
-                let n = tx.window().min(size - at).min(1 << 20);
-                route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
-            }
+            send_rest(&mut route, &mut tx, &data).await;
             route.send(tx.finish()).await.unwrap();
             route.send(FsResponse::success(None)).await.unwrap();
             agent.serve_the_rest();
@@ -696,5 +746,43 @@ async fn a_read_whose_size_comes_after_its_first_records_does_not_stall() {
     let got = within(client.read_file("/big", &mut out)).await.unwrap();
     assert_eq!(got, size as u64);
     assert!(out == data, "the file arrives intact");
+    within(guest).await.unwrap();
+}
+
+/// 32 records of 1 MiB read by the client: its driver gathers each whole in
+/// one buffer, made at its size once frames that large have come (or the
+/// pool's spare, when the client has let go of it), so the read makes about
+/// one large allocation a record (48 counted; with the session buffering up
+/// to 8 MiB ahead of the client, most records need a buffer of their own). At
+/// 29d7530, where every outgrown buffer took the reusable spare's place and
+/// each record grew its buffer from a read's size, the count was 119.
+#[tokio::test]
+async fn a_long_read_reuses_the_drivers_buffers() {
+    let (client, mut agent, _capture) = connect(Client::builder()).await;
+    let size = 32 << 20;
+    let data = Bytes::from(pattern(size));
+    let guest = tokio::spawn({
+        let data = data.clone();
+        async move {
+            let (m, mut route) = agent.next(size as u64).await;
+            let Payload::FsRequest(req) = m.payload else { panic!("{m:?}") };
+            let (_, accepted) = accept_read(&req);
+            route.send(accepted).await.unwrap();
+            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
+            let mut tx = BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit);
+            send_rest(&mut route, &mut tx, &data).await;
+            route.send(tx.finish()).await.unwrap();
+            route.send(FsResponse::success(None)).await.unwrap();
+            agent.serve_the_rest();
+        }
+    });
+    let mut out = Vec::with_capacity(size);
+    COUNTING.with(|c| c.set(true));
+    let got = within(client.read_file("/big", &mut out)).await.unwrap();
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(got, size as u64);
+    assert!(out == data, "the file arrives intact");
+    let large = LARGE.with(Cell::get);
+    assert!(large <= 64, "{large} allocations of 256 KiB or more for 32 records of 1 MiB");
     within(guest).await.unwrap();
 }
