@@ -1011,6 +1011,9 @@ fn read_at_most(file: &File, want: usize, at: u64, reuse: Option<Vec<u8>>) -> st
     let mut buf = match reuse {
         Some(mut v) => {
             v.clear();
+            // `pread` fills all the spare room it is given: no more than the
+            // chunk (shrinking an empty buffer moves nothing).
+            v.shrink_to(want);
             v
         }
         None => Vec::with_capacity(want),
@@ -1024,8 +1027,6 @@ fn read_at_most(file: &File, want: usize, at: u64, reuse: Option<Vec<u8>>) -> st
             Err(e) => return Err(e.into()),
         }
     }
-    // A capacity above `want` may have taken more: the chunk is `want` at most.
-    buf.truncate(want);
     Ok(Bytes::from(buf))
 }
 
