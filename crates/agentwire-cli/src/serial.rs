@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -94,7 +94,7 @@ impl AsyncRead for SerialStream {
             // SAFETY: read(2) only writes into this memory, and only the bytes
             // it says it wrote are marked initialized and filled below.
             let unfilled = unsafe { buf.unfilled_mut() };
-            let (n, drained) = read_available(guard.get_inner().as_raw_fd(), unfilled);
+            let (n, drained) = read_available(guard.get_inner().as_fd(), unfilled);
             match n {
                 Ok(n) => {
                     if drained {
@@ -116,23 +116,16 @@ impl AsyncRead for SerialStream {
 /// Reads into `buf` until it is full, the device has nothing more (then the
 /// second value is true) or ends. An error after some bytes is left for the
 /// next call, which meets it again.
-fn read_available(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> (io::Result<usize>, bool) {
+fn read_available(fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>]) -> (io::Result<usize>, bool) {
     let mut n = 0;
     while n < buf.len() {
-        let rest = &mut buf[n..];
-        // SAFETY: the pointer and length are those of `rest`, memory that read(2) may write.
-        let k = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
-        match k {
-            0 => break,
-            k if k > 0 => n += k as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    kind if n > 0 => return (Ok(n), kind == io::ErrorKind::WouldBlock),
-                    _ => return (Err(e), false),
-                }
-            }
+        // rustix reads into uninitialized memory without `unsafe` here.
+        match rustix::io::read(fd, &mut buf[n..]) {
+            Ok(([], _)) => break,
+            Ok((read, _)) => n += read.len(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) if n > 0 => return (Ok(n), e == rustix::io::Errno::AGAIN),
+            Err(e) => return (Err(e.into()), false),
         }
     }
     (Ok(n), false)
