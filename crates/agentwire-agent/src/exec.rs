@@ -13,6 +13,7 @@
 //! `core.exec.stdin.ack`. Any other execution is *legacy* (generation 7):
 //! 4096-byte output chunks and no acknowledgements.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,10 +23,11 @@ use agentwire::payload::exec::{
     EXEC_OUTPUT_EVENT_OVERHEAD, ExecExited, ExecFailed, ExecFailureKind, ExecLimits, ExecRequest, ExecStarted,
     ExecStderr, ExecStdinAck, ExecStdinError, ExecStdout,
 };
-use agentwire::{Message, Payload};
+use agentwire::{Message, MessageType, Payload, PipedData};
 
 use agentwire_session::driver::{MAX_PENDING_WRITE, Route, RouteSender};
 use bytes::{Bytes, BytesMut};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -422,12 +424,27 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
             Some(StdinSink::Pty(m.clone()))
         }
         None => {
+            // Where the connection splices, output goes from the command's
+            // pipe to the transport without passing through the agent.
+            let piped = |pipe: &dyn std::os::fd::AsFd| out.handle().splices().then(|| watch_pipe(pipe)).flatten();
             if let Some(r) = child.stdout.take() {
                 widen_pipe(&r, chunk);
-                pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone()));
+                match piped(&r) {
+                    Some(from) => {
+                        let task = pump_piped(from, out.clone(), MessageType::ExecStdout, chunk, allowance.clone());
+                        pumps.spawn(task)
+                    }
+                    None => pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone())),
+                };
             }
             if let Some(r) = child.stderr.take() {
-                pumps.spawn(pump(Source::Stderr(r), out.clone(), stderr_frame, chunk, allowance.clone()));
+                match piped(&r) {
+                    Some(from) => {
+                        let task = pump_piped(from, out.clone(), MessageType::ExecStderr, chunk, allowance.clone());
+                        pumps.spawn(task)
+                    }
+                    None => pumps.spawn(pump(Source::Stderr(r), out.clone(), stderr_frame, chunk, allowance.clone())),
+                };
             }
             child.stdin.take().map(StdinSink::Pipe)
         }
@@ -705,6 +722,18 @@ fn spawn_failure(req: &ExecRequest, e: &std::io::Error) -> ExecFailed {
     failure(kind, errno, format!("{}: {e}", req.cmd), "spawn")
 }
 
+/// The most the next chunk of output may carry: `chunk`, or less while the
+/// allowance (if any) has less free, once it has room for a byte.
+async fn next_chunk(chunk: usize, allowance: Option<&Allowance>) -> usize {
+    match allowance {
+        Some(a) => {
+            let free = a.wait(OVERHEAD + 1, false).await;
+            chunk.min(usize::try_from(free - OVERHEAD).unwrap_or(usize::MAX))
+        }
+        None => chunk,
+    }
+}
+
 /// Streams one output (a pipe, or the terminal) as frames of at most
 /// `chunk` bytes, each as soon as it is read, until its end. With an
 /// allowance (a controlled execution) each chunk is charged `len + 256`
@@ -720,13 +749,7 @@ async fn pump(
 ) {
     let mut buf = BytesMut::new();
     loop {
-        let max = match &allowance {
-            Some(a) => {
-                let free = a.wait(OVERHEAD + 1, false).await;
-                chunk.min(usize::try_from(free - OVERHEAD).unwrap_or(usize::MAX))
-            }
-            None => chunk,
-        };
+        let max = next_chunk(chunk, allowance.as_deref()).await;
         buf.reserve(max);
         match source.read(&mut buf, max).await {
             Ok(0) => return,
@@ -757,6 +780,105 @@ async fn pump(
             }
         }
     }
+}
+
+/// A descriptor of the command's output pipe `pipe` (a duplicate: the
+/// original, dropped, closes only itself) registered for readiness, for
+/// [`pump_piped`]; `None` when it cannot be made (then [`pump`] reads it).
+fn watch_pipe(pipe: &dyn std::os::fd::AsFd) -> Option<AsyncFd<OwnedFd>> {
+    let fd = pipe.as_fd().try_clone_to_owned().ok()?;
+    // tokio made the pipe non-blocking already (the flag is the open file's,
+    // which the duplicate shares); set it all the same.
+    rustix::io::ioctl_fionbio(&fd, true).ok()?;
+    // The safe constructor is deprecated for any `T: AsRawFd`; an `OwnedFd`
+    // moved in stays open and the same until the `AsyncFd` drops it, which
+    // is what its `unsafe` replacement asks (see `pty.rs`).
+    #[allow(deprecated)]
+    let watched = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE);
+    watched.map_err(|e| tracing::debug!("the output pipe is read instead of spliced: {e}")).ok()
+}
+
+/// [`pump`] for a command's pipe when the connection splices: each chunk
+/// moves from the command's pipe into a pipe of its own (`splice` between
+/// pipes moves the pages, copying nothing), which the connection's writer
+/// splices into the transport. The chunks, their sizes and the allowance are
+/// as [`pump`]'s.
+async fn pump_piped(
+    from: AsyncFd<OwnedFd>,
+    out: RouteSender,
+    t: MessageType,
+    chunk: usize,
+    allowance: Option<Arc<Allowance>>,
+) {
+    let mut spare = None;
+    loop {
+        let max = next_chunk(chunk, allowance.as_deref()).await;
+        let moved = loop {
+            let mut ready = match from.readable().await {
+                Ok(ready) => ready,
+                Err(e) => break Err(e),
+            };
+            match ready.try_io(|fd| move_output(fd.get_ref(), max, &mut spare)) {
+                Ok(result) => break result,
+                Err(_nothing_yet) => continue,
+            }
+        };
+        let data = match moved {
+            Ok(Some(data)) => data,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("moving the command's output (id {}): {e}", out.id());
+                return;
+            }
+        };
+        // The other stream may have taken some meanwhile: this chunk waits for its charge.
+        if let Some(a) = &allowance {
+            a.wait(data.len() as u64 + OVERHEAD, true).await;
+        }
+        if out.send_piped_data(t, data).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Moves up to `max` bytes that the command has written from its pipe `from`
+/// into a pipe of their own (`spare`, or a new one): `None` at the end of
+/// the output, `WouldBlock` when nothing waits (the pipe made is kept in
+/// `spare` for the next try).
+fn move_output(
+    from: &OwnedFd,
+    max: usize,
+    spare: &mut Option<(OwnedFd, OwnedFd)>,
+) -> std::io::Result<Option<PipedData>> {
+    use rustix::io::Errno;
+    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
+    let (read_end, write_end) = match spare.take() {
+        Some(pipe) => pipe,
+        None => {
+            let pipe = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+            // Best effort: a smaller pipe makes smaller chunks.
+            let _ = fcntl_setpipe_size(&pipe.1, max.min(MAX_PIPE));
+            pipe
+        }
+    };
+    let mut got = 0;
+    while got < max {
+        match splice(from, None, &write_end, None, max - got, SpliceFlags::NONBLOCK) {
+            // The end of the output: what came before it goes first.
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::INTR) => {}
+            // Nothing more waits, or the pipe is full.
+            Err(Errno::AGAIN) if got > 0 => break,
+            Err(Errno::AGAIN) => {
+                *spare = Some((read_end, write_end));
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(PipedData::new(read_end, got)))
 }
 
 /// Writes queued stdin into the child as it reads, counting in `written`

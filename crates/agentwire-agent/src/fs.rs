@@ -57,7 +57,7 @@ use agentwire::payload::fs::{
     FS_CHUNK_SIZE, FsData, FsEntryInfo, FsOp, FsRequest, FsResponse, FsResponseData, FsSetAttrs,
 };
 use agentwire::relay::client_for_id;
-use agentwire::{Message, Payload};
+use agentwire::{Message, Payload, PipedData};
 use agentwire_session::bulk::{BulkOperation, BulkReceiver, BulkSender, BulkViolation};
 use agentwire_session::driver::Route;
 use bytes::Bytes;
@@ -928,6 +928,9 @@ async fn read_bulk(
     let end = len.map_or(u64::MAX, |l| offset.saturating_add(l));
     let mut at = offset;
     let mut spare = None;
+    // Records go from the file to the transport by `splice` where the
+    // connection can (until the file refuses it), read into memory otherwise.
+    let mut piped = route.handle().splices();
     while at < end {
         // What the host said meanwhile: credit, or a cancel. Without credit, wait for it.
         loop {
@@ -950,6 +953,28 @@ async fn read_bulk(
             }
         }
         let want = (end - at).min(tx.window() as u64) as usize;
+        if piped {
+            let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
+            let f = file.clone();
+            let filled = tokio::task::spawn_blocking(move || splice_at_most(&f, want, at))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{path}: read at {at}: {e}"))?;
+            match filled {
+                Some(Filled { data: None, .. }) => break,
+                Some(Filled { data: Some(data), end_of_file }) => {
+                    at += data.len() as u64;
+                    let record = tx.piped_record(data).map_err(|v| v.to_string())?;
+                    route.send_piped(record).await.map_err(|_| "connection closed")?;
+                    drop(permit);
+                    if end_of_file {
+                        break;
+                    }
+                    continue;
+                }
+                None => piped = false,
+            }
+        }
         let (chunk, permit) = read_chunk(fs, &file, &path, want, at, &mut spare).await?;
         if chunk.is_empty() {
             break;
@@ -1028,6 +1053,60 @@ fn read_at_most(file: &File, want: usize, at: u64, reuse: Option<Vec<u8>>) -> st
         }
     }
     Ok(Bytes::from(buf))
+}
+
+/// The largest pipe an unprivileged process may ask for by default
+/// (`/proc/sys/fs/pipe-max-size`).
+const DEFAULT_PIPE_MAX: usize = 1024 * 1024;
+
+/// What [`splice_at_most`] put in a pipe.
+struct Filled {
+    /// The bytes, `None` at the end of the file.
+    data: Option<PipedData>,
+    /// The file ended before `want` bytes.
+    end_of_file: bool,
+}
+
+/// Fills a new pipe with up to `want` bytes of `file` at `at` by `splice`:
+/// the file's pages are referenced, not copied (so a write to the file before
+/// they reach the transport can show in them, as in a read racing a write).
+/// Fewer when the pipe holds less (its size is raised to `want` where the
+/// system allows). `None` when the file does not splice (`EINVAL`) or no
+/// pipe can be made: read it.
+fn splice_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Option<Filled>> {
+    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice};
+    // Out of descriptors (or pipe memory), the read goes on through memory.
+    let Ok((read_end, write_end)) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
+        return Ok(None);
+    };
+    // Above `/proc/sys/fs/pipe-max-size` (1 MiB by default) only an agent
+    // with CAP_SYS_RESOURCE may go; otherwise the records are as large as
+    // the pipe.
+    let room = match fcntl_setpipe_size(&write_end, want) {
+        Ok(size) => size,
+        Err(_) => match fcntl_setpipe_size(&write_end, want.min(DEFAULT_PIPE_MAX)) {
+            Ok(size) => size,
+            Err(_) => fcntl_getpipe_size(&write_end)?,
+        },
+    };
+    let want = want.min(room);
+    let (mut got, mut from) = (0, at);
+    let end_of_file = loop {
+        if got == want {
+            break false;
+        }
+        match splice(file, Some(&mut from), &write_end, None, want - got, SpliceFlags::NONBLOCK) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            // The pipe is full (pages that start mid-page take more room).
+            Err(rustix::io::Errno::AGAIN) if got > 0 => break false,
+            Err(rustix::io::Errno::INVAL) if got == 0 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let data = (got > 0).then(|| PipedData::new(read_end, got));
+    Ok(Some(Filled { data, end_of_file }))
 }
 
 /// A streamed write: chunks until the empty one, then the response. On an

@@ -42,6 +42,7 @@ use agentwire::payload::exec::{ExecLimits, ExecRlimit};
 use agentwire_session::driver::{self, Incoming, Route};
 use agentwire_session::{Connection, Event};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 pub use agentwire_session;
@@ -203,7 +204,28 @@ impl Agent {
     pub async fn serve(self: Arc<Self>, io: impl AsyncRead + AsyncWrite + Send + 'static) -> Result<Ended, String> {
         let started = Instant::now();
         let conn = Connection::agent(self.config.session.clone(), started);
-        let (driver, handle, mut incoming) = driver::spawn(conn, io, None);
+        self.run(driver::spawn(conn, io, None), started).await
+    }
+
+    /// [`Agent::serve`], given also `fd`, a descriptor of `io`'s transport (a
+    /// duplicate of its own): file reads then go from the file to the
+    /// transport by `splice`, never copied through the agent
+    /// (`driver::spawn_splicing`).
+    pub async fn serve_splicing(
+        self: Arc<Self>,
+        io: impl AsyncRead + AsyncWrite + Send + 'static,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<Ended, String> {
+        let started = Instant::now();
+        let conn = Connection::agent(self.config.session.clone(), started);
+        self.run(driver::spawn_splicing(conn, io, None, fd), started).await
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        (driver, handle, mut incoming): (driver::Driver, driver::Handle, UnboundedReceiver<Incoming>),
+        started: Instant,
+    ) -> Result<Ended, String> {
         let services = (self.services)(&self.config);
         let mut defaults = Arc::new(Defaults::default());
         let mut tasks = JoinSet::new();

@@ -3,7 +3,7 @@
 //! in the same run (issue 16).
 //!
 //! ```text
-//! cargo run --release -p agentwire-cli --example e2e_transfer -- [MIB] [ROUNDS] [--child] [--chunk KIB] [--window KIB]
+//! cargo run --release -p agentwire-cli --example e2e_transfer -- [MIB] [ROUNDS] [--child [--no-splice]] [--fs-only] [--chunk KIB] [--window KIB]
 //! ```
 //!
 //! `MIB` (default 1024) is the size of every transfer; `ROUNDS` (default 3)
@@ -11,7 +11,8 @@
 //! The agent runs in this process on one end of a Unix socketpair, or with
 //! `--child` as `agentwire agent` (the binary next to this example's
 //! directory, built by `cargo build --release -p agentwire-cli`) listening on
-//! a Unix socket. Transfers:
+//! a Unix socket (with `--no-splice` passed on to it: no `splice` of file
+//! reads and command output). `--fs-only` runs the file read alone. Transfers:
 //!
 //! - raw: `MIB` MiB written into one end of a socketpair and read from the
 //!   other, 256 KiB at a time, by two threads;
@@ -143,6 +144,8 @@ async fn main() {
     let n = mib << 20;
     // `--fs-only`: the fs read alone (for a profiler).
     let fs_only = args.iter().any(|a| a == "--fs-only");
+    // `--no-splice` (with `--child`): the agent writes every frame from memory.
+    let no_splice = args.iter().any(|a| a == "--no-splice");
 
     let dir = tempfile::Builder::new().prefix("agentwire-e2e-").tempdir_in("/dev/shm").expect("tmpfs dir");
     let root = dir.path().join("root");
@@ -164,6 +167,7 @@ async fn main() {
         let process = tokio::process::Command::new(&bin)
             .args(["agent", "--listen", &listen, "--root"])
             .arg(&root)
+            .args(no_splice.then_some("--no-splice"))
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
@@ -182,7 +186,11 @@ async fn main() {
     } else {
         let (host, guest) = tokio::net::UnixStream::pair().expect("socketpair");
         let agent = Arc::new(Agent::new(Config::new(root.clone())));
-        tokio::spawn(agent.serve(guest));
+        // As `agentwire agent` serves a Unix connection: a send buffer of
+        // 1 MiB (its `UNIX_SEND_BUFFER`), file reads spliced.
+        rustix::net::sockopt::set_socket_send_buffer_size(&guest, 1 << 20).expect("SO_SNDBUF");
+        let fd = std::os::fd::AsFd::as_fd(&guest).try_clone_to_owned().expect("dup");
+        tokio::spawn(agent.serve_splicing(guest, fd));
         host
     };
     let limits = ExecLimits {

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -145,32 +146,59 @@ impl Listener {
         }
     }
 
-    /// The next connection, with a name for the peer.
-    pub async fn accept(&self) -> io::Result<(Stream, String)> {
-        match self {
-            Listener::Unix(l, _) => Ok((Box::new(l.accept().await?.0), "unix peer".to_string())),
+    /// The next connection, with a duplicate of its descriptor (for the
+    /// agent's writer to splice file data into; `None` if it could not be
+    /// made) and a name for the peer.
+    pub async fn accept(&self) -> io::Result<(Stream, Option<OwnedFd>, String)> {
+        let (stream, fd, peer): (Stream, _, _) = match self {
+            Listener::Unix(l, _) => {
+                let s = l.accept().await?.0;
+                widen_send_buffer(&s);
+                let fd = s.as_fd().try_clone_to_owned();
+                (Box::new(s), fd, "unix peer".to_string())
+            }
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((Box::new(s), peer.to_string()))
+                let fd = s.as_fd().try_clone_to_owned();
+                (Box::new(s), fd, peer.to_string())
             }
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
+                let fd = s.as_fd().try_clone_to_owned();
+                (Box::new(s), fd, format!("vsock:{}:{}", peer.cid(), peer.port()))
             }
             Listener::Port(name) => {
                 let path = crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?;
-                accept_serial(&path).await
+                accept_serial(&path).await?
             }
-            Listener::Device(path) => accept_serial(path).await,
-        }
+            Listener::Device(path) => accept_serial(path).await?,
+        };
+        let fd = fd.map_err(|e| tracing::debug!("no duplicate of the connection's descriptor: {e}")).ok();
+        Ok((stream, fd, peer))
+    }
+}
+
+/// What the agent asks for as a Unix connection's send buffer: one record of a
+/// file read (the largest pipe it splices) fits at once, so the writer moves a
+/// record with one `splice` and one wake-up rather than five. Measured with
+/// `e2e_transfer 1024 9 --fs-only --child`, interleaved, two runs: 2,986 and
+/// 3,675 MB/s (medians) with the default (208 KiB), 4,065 and 4,666 with
+/// this, 3,696 and 4,209 with 2 MiB. The kernel caps it at `wmem_max`.
+pub const UNIX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Asks for [`UNIX_SEND_BUFFER`]; a refusal leaves the default, which works.
+pub fn widen_send_buffer(s: &impl AsFd) {
+    if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(s, UNIX_SEND_BUFFER) {
+        tracing::debug!("send buffer of {UNIX_SEND_BUFFER} bytes refused: {e}");
     }
 }
 
 /// The host's side of a serial device, once it is open.
-async fn accept_serial(path: &std::path::Path) -> io::Result<(Stream, String)> {
+async fn accept_serial(path: &std::path::Path) -> io::Result<(Stream, io::Result<OwnedFd>, String)> {
     let stream = crate::serial::SerialStream::open_when_connected(path).await?;
-    Ok((Box::new(stream), format!("host on {}", path.display())))
+    let fd = stream.as_fd().try_clone_to_owned();
+    Ok((Box::new(stream), fd, format!("host on {}", path.display())))
 }
 
 impl Drop for Listener {

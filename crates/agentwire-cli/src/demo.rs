@@ -129,8 +129,11 @@ async fn script(opts: &Options) -> Result<usize, String> {
     let root = root.canonicalize().map_err(|e| e.to_string())?;
     let socket = Addr::Unix(tmp.path().join("agent.sock"));
     let listener = Listener::bind(&socket).await.map_err(|e| format!("cannot listen on {socket}: {e}"))?;
-    let agent_task =
-        tokio::spawn(agent::serve(listener, Arc::new(agent::Agent::new(agent::Config::new(root.clone()))), false));
+    let agent_task = tokio::spawn(agent::serve(
+        listener,
+        Arc::new(agent::Agent::new(agent::Config::new(root.clone()))),
+        agent::Serving { verbose: false, splice: true },
+    ));
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let echo_port = echo.local_addr().map_err(|e| e.to_string())?.port();
     let echo_task = tokio::spawn(echo_server(echo));

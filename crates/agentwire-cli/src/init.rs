@@ -57,7 +57,13 @@ pub async fn run(start_ns: u64) -> ExitCode {
                         tokio::task::spawn_blocking(agent::reap_orphans);
                     }
                 });
-                agent::serve(listener, Arc::new(agent::Agent::new(config)), true).await.map_err(|e| e.to_string())
+                agent::serve(
+                    listener,
+                    Arc::new(agent::Agent::new(config)),
+                    agent::Serving { verbose: true, splice: true },
+                )
+                .await
+                .map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("{addr}: {e}")),
         },

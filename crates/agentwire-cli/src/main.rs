@@ -136,6 +136,11 @@ enum Command {
         /// Close a connection on which nothing arrives for SECS (0: never).
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         idle_timeout: u64,
+        /// Write every frame from memory: no `splice` of file reads and
+        /// command output from their pipes into the connection (for a
+        /// transport that mishandles it, or to compare).
+        #[arg(long)]
+        no_splice: bool,
     },
     /// Talk to an agent as its host.
     Host {
@@ -297,10 +302,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Inspect { file, json } => inspect::run(file.as_deref(), json),
         Command::Encode { file, out } => encode::run(file.as_deref(), out.as_deref()),
-        Command::Agent { listen, root, allow_net, handshake_timeout, idle_timeout } => {
+        Command::Agent { listen, root, allow_net, handshake_timeout, idle_timeout, no_splice } => {
             let timeouts =
                 (Duration::from_secs(handshake_timeout), (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)));
-            runtime(async move { serve(&listen, root, allow_net, timeouts, verbose, start_ns).await })
+            let serving = agent::Serving { verbose, splice: !no_splice };
+            runtime(async move { serve(&listen, root, allow_net, timeouts, serving, start_ns).await })
         }
         Command::Host { connect, action } => runtime(async move { host::run(&connect, action).await }),
         Command::Relay { agent, listen, bootstrap } => runtime(relay::run(relay::Options { agent, listen, bootstrap })),
@@ -359,7 +365,7 @@ async fn serve(
     root: PathBuf,
     allow_net: bool,
     (handshake_timeout, idle_timeout): (Duration, Option<Duration>),
-    verbose: bool,
+    serving: agent::Serving,
     start_ns: u64,
 ) -> ExitCode {
     let usage = |m: String| {
@@ -387,7 +393,7 @@ async fn serve(
     config.session.idle_timeout = idle_timeout;
     config.boot_time_ns = start_ns;
     config.init_time_ns = sys::boottime_ns().saturating_sub(start_ns);
-    let served = agent::serve(listener, Arc::new(agent::Agent::new(config)), verbose);
+    let served = agent::serve(listener, Arc::new(agent::Agent::new(config)), serving);
     // SIGINT or SIGTERM: the listener is dropped (its socket file removed), the
     // runtime's shutdown ends every session (killing their process groups).
     tokio::select! {

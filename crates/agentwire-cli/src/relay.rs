@@ -165,7 +165,7 @@ pub async fn run(opts: Options) -> ExitCode {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => admit(&shared, stream, &mut clients),
+                Ok((stream, _, _)) => admit(&shared, stream, &mut clients),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) => {
                     tracing::warn!("accept: {e}; a client waits until a descriptor is free");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

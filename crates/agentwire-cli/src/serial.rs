@@ -29,6 +29,12 @@ pub struct SerialStream {
 /// What one write(2) of a virtio port takes at most (the guest driver's limit).
 const PORT_WRITE_MAX: usize = 32 * 1024;
 
+impl std::os::fd::AsFd for SerialStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
 impl SerialStream {
     fn open(path: &Path) -> io::Result<SerialStream> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -256,7 +262,8 @@ impl AsyncWrite for SerialStream {
 /// [`RAW_COMMAND_LEN`] bytes: the operation (0 end: [`RAW_READY`], and the
 /// port is closed once the host hangs up; 1 sink N bytes then write one byte;
 /// 2 source N bytes), the mode (0
-/// blocking, 1 non-blocking with poll), N and the read or write size, both as
+/// blocking, 1 non-blocking with poll, 2 for a source: `splice` from a pipe
+/// of that size), N and the read or write size, both as
 /// u64 little-endian.
 pub fn raw_copy_guest(name: &str) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -297,6 +304,7 @@ pub fn raw_copy_guest(name: &str) -> io::Result<()> {
         port.read_exact(&mut command)?;
         let n = u64::from_le_bytes(command[2..10].try_into().unwrap_or_default()) as usize;
         let size = (u64::from_le_bytes(command[10..18].try_into().unwrap_or_default()) as usize).clamp(1, 16 << 20);
+        // Mode 2 (splice) writes blocking.
         let nonblocking = command[1] == 1;
         set_nonblocking(&port, nonblocking)?;
         let mut buf = vec![0x5au8; size];
@@ -329,6 +337,27 @@ pub fn raw_copy_guest(name: &str) -> io::Result<()> {
                 }
                 set_nonblocking(&port, false)?;
                 port.write_all(&[1])?;
+            }
+            // Source by `splice`, as the agent's file reads go: pieces of
+            // `size` mapped into a pipe (`vmsplice`, no copy) and spliced
+            // into the port, which takes a whole pipe as one buffer.
+            2 if command[1] == 2 => {
+                use nix::fcntl::{SpliceFFlags, splice, vmsplice};
+                let (from, to) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+                let _ = fcntl(to.as_fd(), FcntlArg::F_SETPIPE_SZ(size as i32));
+                let room = fcntl(to.as_fd(), FcntlArg::F_GETPIPE_SZ)? as usize;
+                while done < n {
+                    let want = size.min(room).min(n - done);
+                    let mut filled = 0;
+                    while filled < want {
+                        filled += vmsplice(&to, &[io::IoSlice::new(&buf[filled..want])], SpliceFFlags::empty())?;
+                    }
+                    let mut moved = 0;
+                    while moved < want {
+                        moved += splice(&from, None, &port, None, want - moved, SpliceFFlags::SPLICE_F_MOVE)?;
+                    }
+                    done += want;
+                }
             }
             2 => {
                 while done < n {

@@ -439,9 +439,10 @@ pub struct BenchOptions {
 
 /// The raw copies measured, as (operation, mode, guest read or write size):
 /// operation 1 host → guest, 2 guest → host; mode 0 blocking, 1 non-blocking
-/// with poll (see [`crate::serial::raw_copy_guest`]). A port's read gives at
-/// most one of its 4 KiB receive buffers; a write takes at most 32 KiB.
-const RAW_COPIES: [(u8, u8, usize); 7] = [
+/// with poll, 2 `splice` (see [`crate::serial::raw_copy_guest`]). A port's
+/// read gives at most one of its 4 KiB receive buffers; a write takes at most
+/// 32 KiB; a splice takes the whole pipe as one buffer.
+const RAW_COPIES: [(u8, u8, usize); 8] = [
     (1, 0, 4096),
     (1, 0, 64 << 10),
     (1, 1, 64 << 10),
@@ -449,6 +450,8 @@ const RAW_COPIES: [(u8, u8, usize); 7] = [
     (2, 0, 32 << 10),
     (2, 1, 32 << 10),
     (2, 1, 256 << 10),
+    // `splice` of 1 MiB pipes, as the agent's file reads go out.
+    (2, 2, 1 << 20),
 ];
 
 /// Boots the image with `/bench-init` as the initramfs's init: first a raw
@@ -799,7 +802,11 @@ async fn bench_session(
     let n = opts.mib << 20;
     let rounds = opts.rounds.max(1);
     let data = pattern(n, 7);
-    let mode = |m: u8| if m == 0 { "blocking" } else { "non-blocking+poll" };
+    let mode = |m: u8| match m {
+        0 => "blocking",
+        1 => "non-blocking+poll",
+        _ => "splice",
+    };
     let mut best_raw = [0f64; 2];
     for round in 0..rounds {
         for copy in RAW_COPIES {

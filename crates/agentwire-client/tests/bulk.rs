@@ -76,7 +76,7 @@ const HANDLE: u64 = 7;
 /// hands each request to the test.
 struct FakeAgent {
     _driver: Driver,
-    _handle: Handle,
+    handle: Handle,
     requests: mpsc::UnboundedReceiver<(Message, Route)>,
 }
 
@@ -179,7 +179,26 @@ impl Capture {
 async fn connect(builder: Builder) -> (Client, FakeAgent, Capture) {
     let (host_io, agent_io) = tokio::io::duplex(256 * 1024);
     let conn = Connection::agent(Config::default(), std::time::Instant::now());
-    let (driver, handle, mut incoming) = driver::spawn(conn, agent_io, None);
+    connect_to(builder, host_io, driver::spawn(conn, agent_io, None)).await
+}
+
+/// The same over a Unix socketpair, the scripted agent's driver splicing
+/// piped records into its end (with `agent_capture`, it may not).
+async fn connect_splicing(
+    builder: Builder,
+    agent_capture: Option<Box<dyn std::io::Write + Send>>,
+) -> (Client, FakeAgent, Capture) {
+    let (host_io, agent_io) = tokio::net::UnixStream::pair().unwrap();
+    let fd = std::os::fd::AsFd::as_fd(&agent_io).try_clone_to_owned().unwrap();
+    let conn = Connection::agent(Config::default(), std::time::Instant::now());
+    connect_to(builder, host_io, driver::spawn_splicing(conn, agent_io, agent_capture, fd)).await
+}
+
+async fn connect_to(
+    builder: Builder,
+    host_io: impl AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    (driver, handle, mut incoming): (Driver, Handle, mpsc::UnboundedReceiver<Incoming>),
+) -> (Client, FakeAgent, Capture) {
     let (tx, requests) = mpsc::unbounded_channel();
     let agent = handle.clone();
     tokio::spawn(async move {
@@ -202,7 +221,7 @@ async fn connect(builder: Builder) -> (Client, FakeAgent, Capture) {
     let capture = Capture::default();
     let client = within(builder.capture(capture.clone()).connect(host_io)).await.expect("the client connects");
     assert_eq!(client.negotiated(), 10);
-    (client, FakeAgent { _driver: driver, _handle: handle, requests }, capture)
+    (client, FakeAgent { _driver: driver, handle, requests }, capture)
 }
 
 fn pattern(n: usize) -> Vec<u8> {
@@ -264,6 +283,24 @@ fn accept_read(req: &FsRequest) -> (BulkOffer, BulkAccepted) {
     (offer, BulkOperation::FileRead.accept(&offer).unwrap())
 }
 
+/// Accepts the read `req` on `route` ([`accept_read`]): its sender of
+/// records of at most 1 MiB within the client's credit.
+async fn accept_and_send(req: &FsRequest, route: &Route) -> BulkSender {
+    let (_, accepted) = accept_read(req);
+    route.send(accepted).await.unwrap();
+    let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
+    BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit)
+}
+
+/// Takes the client's credits until `tx` may send again.
+async fn wait_for_credit(route: &mut Route, tx: &mut BulkSender) {
+    while tx.window() == 0 {
+        let m = within(route.recv()).await.unwrap();
+        let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
+        tx.credit(&c).unwrap();
+    }
+}
+
 /// Sends the rest of `data`, from `tx`'s offset on, in records of at most
 /// 1 MiB within the credit the client grants.
 async fn send_rest(route: &mut Route, tx: &mut BulkSender, data: &Bytes) {
@@ -272,11 +309,7 @@ async fn send_rest(route: &mut Route, tx: &mut BulkSender, data: &Bytes) {
         if at == data.len() {
             return;
         }
-        while tx.window() == 0 {
-            let m = within(route.recv()).await.unwrap();
-            let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
-            tx.credit(&c).unwrap();
-        }
+        wait_for_credit(route, tx).await;
         let n = tx.window().min(data.len() - at).min(1 << 20);
         route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
     }
@@ -298,10 +331,7 @@ async fn a_read_is_credited_as_its_destination_takes_the_data_and_not_past_the_e
         let data = data.clone();
         async move {
             let (req, mut route) = agent.fs_request(size as u64).await;
-            let (_, accepted) = accept_read(&req);
-            route.send(accepted).await.unwrap();
-            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
-            let mut tx = BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit);
+            let mut tx = accept_and_send(&req, &route).await;
             let mut credits = Vec::new();
             // Records of 1 MiB within the credit; a read at the end finishes.
             loop {
@@ -367,11 +397,7 @@ async fn a_read_of_a_file_that_grew_is_not_starved() {
             route.send(accepted).await.unwrap();
             let mut tx = BulkSender::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 1 << 20, 8 << 20);
             while (tx.sent() as usize) < size {
-                while tx.window() == 0 {
-                    let m = within(route.recv()).await.unwrap();
-                    let Payload::BulkCredit(c) = m.payload else { panic!("{m:?}") };
-                    tx.credit(&c).unwrap();
-                }
+                wait_for_credit(&mut route, &mut tx).await;
                 let at = tx.sent() as usize;
                 let n = tx.window().min(size - at);
                 route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
@@ -723,10 +749,7 @@ async fn a_read_whose_size_comes_after_its_first_records_does_not_stall() {
                     ref other => panic!("{other:?}"),
                 }
             };
-            let (_, accepted) = accept_read(&req);
-            route.send(accepted).await.unwrap();
-            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
-            let mut tx = BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit);
+            let mut tx = accept_and_send(&req, &route).await;
             // The whole initial credit in 1 MiB records, and only then the size.
             while tx.window() > 0 {
                 let at = tx.sent() as usize;
@@ -766,10 +789,7 @@ async fn a_long_read_reuses_the_drivers_buffers() {
         async move {
             let (m, mut route) = agent.next(size as u64).await;
             let Payload::FsRequest(req) = m.payload else { panic!("{m:?}") };
-            let (_, accepted) = accept_read(&req);
-            route.send(accepted).await.unwrap();
-            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
-            let mut tx = BulkSender::new(kind, flow, 1 << 20, accepted.guest_to_host_credit_limit);
+            let mut tx = accept_and_send(&req, &route).await;
             send_rest(&mut route, &mut tx, &data).await;
             route.send(tx.finish()).await.unwrap();
             route.send(FsResponse::success(None)).await.unwrap();
@@ -785,4 +805,119 @@ async fn a_long_read_reuses_the_drivers_buffers() {
     let large = LARGE.with(Cell::get);
     assert!(large <= 64, "{large} allocations of 256 KiB or more for 32 records of 1 MiB");
     within(guest).await.unwrap();
+}
+
+/// `data` in a new pipe (of the default 64 KiB: `data` must fit), its write
+/// end closed, as a record's piped data.
+fn in_a_pipe(data: &[u8]) -> agentwire::PipedData {
+    in_a_pipe_claiming(data, data.len())
+}
+
+/// The same, claiming `claimed` bytes.
+fn in_a_pipe_claiming(data: &[u8], claimed: usize) -> agentwire::PipedData {
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    let mut rest = data;
+    while !rest.is_empty() {
+        rest = &rest[rustix::io::write(&writer, rest).unwrap()..];
+    }
+    agentwire::PipedData::new(reader, claimed)
+}
+
+/// What a scripted read sent: records in all, and the piped ones and their bytes.
+struct Sent {
+    records: usize,
+    piped: u64,
+    piped_bytes: u64,
+}
+
+/// A read whose records alternate between piped data (64 KiB pipes) and
+/// data in memory (1 MiB): the piped ones go by `splice` into the socket,
+/// between the others in order, and the file arrives intact. `capture` on
+/// the agent's side: the driver may not splice (the capture must see every
+/// byte), so it reads the pipes into memory, with the same result on the wire.
+async fn read_with_piped_records(agent_capture: Option<Box<dyn std::io::Write + Send>>) -> (Handle, Capture, Sent) {
+    let capturing = agent_capture.is_some();
+    let (client, mut agent, capture) = connect_splicing(Client::builder(), agent_capture).await;
+    let handle = agent.handle.clone();
+    assert_eq!(handle.splices(), !capturing);
+    let size = 9 * ((1 << 20) + (64 << 10)) + 1000;
+    let data = Bytes::from(pattern(size));
+    let guest = tokio::spawn({
+        let data = data.clone();
+        async move {
+            let (req, mut route) = agent.fs_request(size as u64).await;
+            let mut tx = accept_and_send(&req, &route).await;
+            let mut sent = Sent { records: 0, piped: 0, piped_bytes: 0 };
+            while (tx.sent() as usize) < size {
+                wait_for_credit(&mut route, &mut tx).await;
+                let at = tx.sent() as usize;
+                let piped = sent.records % 2 == 1;
+                let most = if piped { 64 << 10 } else { 1 << 20 };
+                let n = tx.window().min(size - at).min(most);
+                if piped {
+                    let record = tx.piped_record(in_a_pipe(&data[at..at + n])).unwrap();
+                    route.send_piped(record).await.unwrap();
+                    sent.piped += 1;
+                    sent.piped_bytes += n as u64;
+                } else {
+                    route.send(tx.record(data.slice(at..at + n)).unwrap()).await.unwrap();
+                }
+                sent.records += 1;
+            }
+            route.send(tx.finish()).await.unwrap();
+            route.send(FsResponse::success(None)).await.unwrap();
+            agent.serve_the_rest();
+            sent
+        }
+    });
+    let mut out = Vec::new();
+    let got = within(client.read_file("/big", &mut out)).await.unwrap();
+    assert_eq!(got, size as u64);
+    assert!(out == data, "the file arrives intact");
+    let sent = within(guest).await.unwrap();
+    assert!(sent.piped >= 9, "{} piped records", sent.piped);
+    assert_eq!(capture.count("bulk.record"), sent.records);
+    (handle, capture, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_records_are_spliced_into_the_socket_in_order() {
+    let (handle, _, sent) = read_with_piped_records(None).await;
+    assert!(handle.splices(), "the socket takes splice");
+    let spliced = handle.counters().spliced.get();
+    assert_eq!(spliced, (sent.piped, sent.piped_bytes), "every piped record spliced, whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_capture_piped_records_are_read_into_memory_and_captured() {
+    let agent_side = Capture::default();
+    let (handle, _, sent) = read_with_piped_records(Some(Box::new(agent_side.clone()))).await;
+    assert_eq!(handle.counters().spliced.get(), (0, 0));
+    // The agent's capture saw every record, whole (its frames parse in turn).
+    assert_eq!(agent_side.count("bulk.record"), sent.records);
+}
+/// A pipe that holds less than its record claims cannot be sent whole: the
+/// connection ends, saying so, rather than cut the frame short and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipe_short_of_its_records_length_ends_the_connection() {
+    let (client, mut agent, _capture) = connect_splicing(Client::builder(), None).await;
+    let handle = agent.handle.clone();
+    let guest = tokio::spawn(async move {
+        let (req, route) = agent.fs_request(100_000).await;
+        let (_, accepted) = accept_read(&req);
+        route.send(accepted).await.unwrap();
+        let mut tx = BulkSender::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 1 << 20, 8 << 20);
+        let short = in_a_pipe_claiming(&[7; 500], 1000);
+        route.send_piped(tx.piped_record(short).unwrap()).await.unwrap();
+        // The agent's driver stays until the end: dropped, it would stop its
+        // writer before the writer finds the pipe short.
+        (route, agent)
+    });
+    let mut out = Vec::new();
+    let read = within(client.read_file("/short", &mut out)).await;
+    assert!(read.is_err(), "{read:?}");
+    let why = within(handle.closed()).await;
+    assert!(why.contains("500") || why.contains("ran dry"), "{why}");
+    assert!(why.contains("still owed"), "{why}");
+    drop(within(guest).await.unwrap());
 }

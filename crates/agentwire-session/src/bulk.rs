@@ -25,10 +25,12 @@
 //! # Ok::<(), agentwire_session::bulk::BulkViolation>(())
 //! ```
 
+#[cfg(unix)]
+use agentwire::PipedData;
 use agentwire::payload::bulk::{
     BULK_RECORD_FORMAT, BulkAccepted, BulkCredit, BulkFinish, BulkFlow, BulkKind, BulkOffer, BulkRecord,
     DEFAULT_BULK_WINDOW, DEFAULT_FS_BULK_RECORD_PAYLOAD, DEFAULT_TCP_BULK_RECORD_PAYLOAD, FLOW_GUEST_TO_HOST,
-    FLOW_HOST_TO_GUEST, MAX_BULK_RECORD_PAYLOAD, MAX_BULK_WINDOW, MIN_BULK_RECORD_PAYLOAD,
+    FLOW_HOST_TO_GUEST, MAX_BULK_RECORD_PAYLOAD, MAX_BULK_WINDOW, MIN_BULK_RECORD_PAYLOAD, PipedRecord,
 };
 use bytes::Bytes;
 
@@ -201,16 +203,28 @@ impl BulkSender {
     /// The record of `data` at the next offset, within the record size and
     /// the credit; the caller cuts `data` to [`BulkSender::window`] first.
     pub fn record(&mut self, data: Bytes) -> Result<BulkRecord, BulkViolation> {
-        let n = data.len();
+        let offset = self.take(data.len())?;
+        Ok(BulkRecord::new(self.kind, self.flow, offset, data))
+    }
+
+    /// [`BulkSender::record`] for data that waits in a pipe.
+    #[cfg(unix)]
+    pub fn piped_record(&mut self, data: PipedData) -> Result<PipedRecord, BulkViolation> {
+        let offset = self.take(data.len())?;
+        Ok(PipedRecord { kind: self.kind, flow: self.flow, offset, data })
+    }
+
+    /// Takes `n` bytes of the window for a record; returns its offset.
+    fn take(&mut self, n: usize) -> Result<u64, BulkViolation> {
         if self.finished {
             return Err(self.violation("a record after the finish".into()));
         }
         if n == 0 || n > self.window() {
             return Err(self.violation(format!("a record of {n} bytes where {} may go", self.window())));
         }
-        let record = BulkRecord::new(self.kind, self.flow, self.next_offset, data);
+        let offset = self.next_offset;
         self.next_offset += n as u64;
-        Ok(record)
+        Ok(offset)
     }
 
     /// Applies the receiver's credit (spec 7.3). `Ok(true)` when it granted

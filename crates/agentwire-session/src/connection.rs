@@ -5,7 +5,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
-use agentwire::payload::bulk::{BulkCancel, BulkCancelReason, BulkCredit, BulkFinish, BulkKind, BulkRecord};
+use agentwire::payload::bulk::{
+    BulkCancel, BulkCancelReason, BulkCredit, BulkFinish, BulkKind, BulkRecord, PipedRecord,
+};
 use agentwire::payload::core::{
     CoreError, CoreErrorKind, InitAck, InitResolved, Pong, Ready, RelayClientDisconnected, ResolvedUser, Touched,
     WorkloadFailure, WorkloadFailureDisposition,
@@ -431,9 +433,18 @@ impl Connection {
     }
 
     /// The bytes to write, in order (empty when there are none), as one
-    /// buffer: large data is copied into it. A driver that writes vectored
-    /// takes them with [`Connection::poll_transmit_into`] instead.
+    /// buffer: large data is copied into it, and piped data
+    /// ([`Connection::send_piped`]) read into it. A driver that writes
+    /// vectored takes them with [`Connection::poll_transmit_into`] instead.
+    ///
+    /// A pipe that fails to give its data ends the connection: what preceded
+    /// its data is returned (its own record's headers included, as a driver
+    /// would have written them), and then nothing more, so the peer sees the
+    /// frame cut short at the end of the stream, never followed by another.
     pub fn poll_transmit(&mut self) -> Bytes {
+        if self.send.load_piped().is_err() {
+            self.phase = Phase::Closed;
+        }
         self.send.take_all()
     }
 
@@ -1010,6 +1021,51 @@ impl Connection {
         self.queue(Message::new(id, payload))?;
         if self.role == Role::Agent && t.flags().contains(Flags::TERMINAL) {
             self.sessions.close(id);
+        }
+        Ok(())
+    }
+
+    /// Sends bulk record `record` of the open session `id`, its data left in
+    /// its pipe: for a driver that moves it to the transport with `splice`
+    /// (the `tokio` driver does when it is given the transport's descriptor,
+    /// see `Handle::splices`). It is the same record on the wire as a
+    /// [`BulkRecord`] of those bytes, and under the same rules.
+    #[cfg(unix)]
+    pub fn send_piped(&mut self, id: u32, record: PipedRecord) -> Result<(), SendError> {
+        self.send_piped_frame(id, MessageType::BulkRecord, |frame, codec| frame.push_piped(codec, id, record))
+    }
+
+    /// Sends a `{data: bytes}` frame of type `t` (`core.exec.stdout`, say) of
+    /// the open session `id`, its data left in its pipe, as
+    /// [`Connection::send_piped`] sends a record: the same frame on the wire
+    /// as one of those bytes, under the same rules.
+    #[cfg(unix)]
+    pub fn send_piped_data(&mut self, id: u32, t: MessageType, data: agentwire::PipedData) -> Result<(), SendError> {
+        self.send_piped_frame(id, t, |frame, codec| frame.push_piped_data(codec, id, t, data))
+    }
+
+    /// Queues the frame `push` makes, of type `t` on the open session `id`,
+    /// after the checks [`Connection::send`] makes.
+    #[cfg(unix)]
+    fn send_piped_frame(
+        &mut self,
+        id: u32,
+        t: MessageType,
+        push: impl FnOnce(&mut WriteQueue, &MessageCodec) -> Result<usize, EncodeError>,
+    ) -> Result<(), SendError> {
+        self.check_send(t)?;
+        if !self.sessions.contains(id) {
+            return Err(SendError::NoSession { id, message_type: t });
+        }
+        let mut frame = WriteQueue::new();
+        let len = push(&mut frame, &self.codec)?;
+        if self.role == Role::Host && self.meter.is_enforcing() {
+            self.meter.admit(frame, is_data(t), &mut self.send);
+        } else {
+            self.send.append(&mut frame);
+            if self.role == Role::Host {
+                self.meter.count_sent(len, is_data(t));
+            }
         }
         Ok(())
     }

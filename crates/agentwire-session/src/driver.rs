@@ -13,10 +13,15 @@
 //! against the connection's limits ([`Connection::wants_input`]), so the
 //! reader stops reading while the application is behind; and senders wait
 //! while more than [`MAX_PENDING_WRITE`] bytes wait to be written.
+//!
+//! Given the transport's descriptor ([`spawn_splicing`], Linux), the writer
+//! moves piped bulk records ([`Route::send_piped`]) from their pipes into the
+//! transport with `splice`: a file's pages reach the socket or port without a
+//! copy through this process.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -93,6 +98,8 @@ pub struct Counters {
     pub sent: Count,
     /// Read from the peer.
     pub received: Count,
+    /// Of what was sent, the piped records moved by `splice` (frames, data bytes).
+    pub spliced: Count,
 }
 
 /// What the application gets that is not a frame of a routed session.
@@ -131,6 +138,9 @@ struct Shared {
     counters: Counters,
     /// Where what the application must act on goes.
     incoming: mpsc::UnboundedSender<Incoming>,
+    /// The writer splices piped data into the transport (rather than reading
+    /// it into memory first).
+    splices: AtomicBool,
 }
 
 impl Shared {
@@ -293,6 +303,15 @@ impl Handle {
         self.0.end(why.to_string());
     }
 
+    /// Whether piped records ([`Route::send_piped`]) go to the transport by
+    /// `splice`, never through memory: the driver has the transport's
+    /// descriptor ([`spawn_splicing`]), no capture, and the transport has
+    /// taken `splice` so far. Without it they are read into memory first,
+    /// which costs more than reading the data into memory in the first place.
+    pub fn splices(&self) -> bool {
+        self.0.splices.load(Ordering::Relaxed)
+    }
+
     /// Frames and bytes each way.
     pub fn counters(&self) -> &Counters {
         &self.0.counters
@@ -373,6 +392,26 @@ impl Route {
         Ok(())
     }
 
+    /// Sends a bulk record of this session whose data waits in a pipe
+    /// ([`Connection::send_piped`]), waiting while the peer is behind.
+    #[cfg(unix)]
+    pub async fn send_piped(&self, record: agentwire::payload::bulk::PipedRecord) -> Result<(), SendError> {
+        let id = self.id;
+        self.handle.send_with(|conn| conn.send_piped(id, record)).await
+    }
+
+    /// Sends a `{data: bytes}` frame of type `t` of this session whose data
+    /// waits in a pipe ([`Connection::send_piped_data`]), waiting while the
+    /// peer is behind.
+    #[cfg(unix)]
+    pub async fn send_piped_data(
+        &self,
+        t: agentwire::MessageType,
+        data: agentwire::PipedData,
+    ) -> Result<(), SendError> {
+        self.sender().send_piped_data(t, data).await
+    }
+
     /// A sender of this session's frames, for another task.
     pub fn sender(&self) -> RouteSender {
         RouteSender { id: self.id, handle: self.handle.clone() }
@@ -403,6 +442,22 @@ impl RouteSender {
     /// Sends a frame of the session, waiting while the peer is behind.
     pub async fn send(&self, payload: impl Into<Payload>) -> Result<(), SendError> {
         self.handle.send(self.id, payload).await
+    }
+
+    /// [`Route::send_piped_data`], from another task.
+    #[cfg(unix)]
+    pub async fn send_piped_data(
+        &self,
+        t: agentwire::MessageType,
+        data: agentwire::PipedData,
+    ) -> Result<(), SendError> {
+        let id = self.id;
+        self.handle.send_with(|conn| conn.send_piped_data(id, t, data)).await
+    }
+
+    /// The connection.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 }
 
@@ -435,9 +490,52 @@ impl Drop for Driver {
 /// what the application must act on. `capture`, if given, gets every frame
 /// of both directions, whole, in the order this side saw them.
 pub fn spawn(
+    conn: Connection,
+    io: impl AsyncRead + AsyncWrite + Send + 'static,
+    capture: Option<Box<dyn Write + Send>>,
+) -> (Driver, Handle, mpsc::UnboundedReceiver<Incoming>) {
+    spawn_inner(conn, io, capture, None)
+}
+
+/// [`spawn`], with `fd`, a descriptor of the transport `io` (a duplicate of
+/// its own, as `io.as_fd().try_clone_to_owned()` makes), into which the
+/// writer splices piped records ([`Route::send_piped`]). The writer is still
+/// the only one to write: `io` for everything else, in order. Without a
+/// capture only (which must see every byte); a transport that refuses
+/// `splice` (`EINVAL`) turns it off, and its records are read into memory.
+#[cfg(target_os = "linux")]
+pub fn spawn_splicing(
+    conn: Connection,
+    io: impl AsyncRead + AsyncWrite + Send + 'static,
+    capture: Option<Box<dyn Write + Send>>,
+    fd: std::os::fd::OwnedFd,
+) -> (Driver, Handle, mpsc::UnboundedReceiver<Incoming>) {
+    // tokio 1.54 deprecates the safe constructors for any `T: AsRawFd`, which
+    // could report another descriptor later or close it while registered. An
+    // `OwnedFd` moved in can do neither (its `unsafe` replacement asks for
+    // exactly that), and this crate forbids `unsafe`.
+    #[allow(deprecated)]
+    let target = match capture {
+        None => tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::WRITABLE)
+            .map_err(|e| tracing::debug!("no splicing into the transport: {e}"))
+            .ok(),
+        Some(_) => None,
+    };
+    spawn_inner(conn, io, capture, target)
+}
+
+/// The transport's descriptor to splice into, where there is one.
+#[cfg(target_os = "linux")]
+type SpliceTarget = tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>;
+/// No splicing off Linux.
+#[cfg(not(target_os = "linux"))]
+type SpliceTarget = std::convert::Infallible;
+
+fn spawn_inner(
     mut conn: Connection,
     io: impl AsyncRead + AsyncWrite + Send + 'static,
     capture: Option<Box<dyn Write + Send>>,
+    target: Option<SpliceTarget>,
 ) -> (Driver, Handle, mpsc::UnboundedReceiver<Incoming>) {
     conn.set_tap(capture.is_some());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -448,10 +546,11 @@ pub fn spawn(
         progress: Notify::new(),
         counters: Counters::default(),
         incoming: tx,
+        splices: AtomicBool::new(target.is_some()),
     });
     let (rd, wr) = tokio::io::split(io);
     let reader = tokio::spawn(read_loop(shared.clone(), rd));
-    let writer = tokio::spawn(write_loop(shared.clone(), wr));
+    let writer = tokio::spawn(write_loop(shared.clone(), wr, target));
     (Driver { reader, writer: Some(writer) }, Handle(shared), rx)
 }
 
@@ -640,23 +739,32 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     let _ = shared.incoming.send(Incoming::Ended(why));
 }
 
-async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
+async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin, mut target: Option<SpliceTarget>) {
     // Frames go out as they were queued: small ones gathered, large data
-    // written from where the application left it, by vectored writes.
+    // written from where the application left it, by vectored writes, piped
+    // data spliced.
     let mut out = WriteQueue::new();
     let mut frames_counted = 0;
     loop {
         let notified = shared.to_write.notified();
-        let ended = {
+        let (ended, loaded) = {
             let mut state = shared.lock();
             state.conn.poll_transmit_into(&mut out);
+            let mut loaded = Ok(());
             if let Some(capture) = &mut state.capture {
+                loaded = out.load_piped();
                 for chunk in out.chunks() {
                     let _ = capture.write_all(chunk);
                 }
             }
-            state.ended.is_some()
+            (state.ended.is_some(), loaded)
         };
+        if let Err(e) = loaded {
+            shared.end(format!("reading piped data: {e}"));
+            // Nothing may follow a frame cut short: the peer sees the end.
+            let _ = wr.shutdown().await;
+            return;
+        }
         if out.is_empty() {
             if ended {
                 let _ = wr.flush().await;
@@ -668,12 +776,73 @@ async fn write_loop(shared: Arc<Shared>, mut wr: impl AsyncWrite + Unpin) {
         }
         let (frames, bytes) = (out.frames() - frames_counted, out.len());
         frames_counted = out.frames();
-        if let Err(e) = out.write_all_to(&mut wr).await {
+        if let Err(e) = write_out(&mut out, &mut wr, &mut target, &shared).await {
             shared.end(format!("writing: {e}"));
+            // A frame may be cut short: the peer sees the end rather than wait for the rest.
+            let _ = wr.shutdown().await;
             return;
         }
         shared.counters.sent.add(frames, bytes as u64);
         shared.progress.notify_waiters();
+    }
+}
+
+/// Writes everything in `out`: bytes in memory through `wr`, piped data
+/// spliced into `target` where there is one (after `wr` is flushed, so the
+/// two never interleave), read into memory otherwise. A target that refuses
+/// `splice` is dropped, and `splices` cleared.
+async fn write_out(
+    out: &mut WriteQueue,
+    wr: &mut (impl AsyncWrite + Unpin),
+    target: &mut Option<SpliceTarget>,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        #[cfg(target_os = "linux")]
+        if let (Some(piped), Some(fd)) = (out.front_piped(), target.as_ref()) {
+            wr.flush().await?;
+            let whole = piped.len();
+            match splice_some(piped, fd).await {
+                Ok(n) => {
+                    out.advance(n);
+                    shared.counters.spliced.add(u64::from(n == whole), n as u64);
+                }
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    tracing::debug!("the transport refuses splice ({e}); piped data is read into memory");
+                    *target = None;
+                    shared.splices.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (&target, shared);
+        // Piped data at the front is read into memory by the write itself.
+        std::future::poll_fn(|cx| out.poll_write_to(cx, std::pin::Pin::new(&mut *wr))).await?;
+    }
+    Ok(())
+}
+
+/// Splices what it can of `piped` into `fd` once it is writable; how much.
+/// `EINVAL` comes before anything moved (the target does not take splice).
+#[cfg(target_os = "linux")]
+async fn splice_some(piped: &agentwire::PipedData, fd: &SpliceTarget) -> std::io::Result<usize> {
+    use rustix::pipe::{SpliceFlags, splice};
+    loop {
+        let mut ready = fd.writable().await?;
+        let moved = ready.try_io(|fd| {
+            splice(piped.pipe(), None, fd.get_ref(), None, piped.len(), SpliceFlags::NONBLOCK | SpliceFlags::MOVE)
+                .map_err(std::io::Error::from)
+        });
+        match moved {
+            Ok(Ok(0)) => {
+                let msg = format!("a pipe ran dry with {} bytes of its frame's data still owed", piped.len());
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, msg));
+            }
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
     }
 }
 

@@ -584,3 +584,44 @@ fn exec_control_frames_longer_than_4096_bytes_are_refused() {
         "{out:?}"
     );
 }
+
+/// `data` in a new pipe (write end closed), as piped data claiming `claimed` bytes.
+fn in_a_pipe(data: &[u8], claimed: usize) -> agentwire::PipedData {
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    let mut rest = data;
+    while !rest.is_empty() {
+        rest = &rest[rustix::io::write(&writer, rest).unwrap()..];
+    }
+    agentwire::PipedData::new(reader, claimed)
+}
+
+#[test]
+fn a_piped_record_goes_out_under_the_session_rules_and_a_short_pipe_ends_the_connection() {
+    use crate::bulk::BulkSender;
+    use agentwire::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
+    use agentwire::payload::fs::{FsOp, FsRequest};
+    let mut agent = ready_agent(Config::default(), 10);
+    let now = Instant::now();
+    let read = FsRequest { op: FsOp::Read { handle: 1, offset: 0, len: None }, bulk: None };
+    agent.handle_input(&wire(&[Message::new(5, read)]), now).unwrap();
+    assert!(matches!(&events(&mut agent)[..], [Event::Request(m)] if m.id == 5));
+    let mut tx = BulkSender::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 1 << 20, 1 << 20);
+    // On a session that is not open: refused, nothing queued.
+    let stray = tx.clone().piped_record(in_a_pipe(b"xyz", 3)).unwrap();
+    assert!(matches!(agent.send_piped(6, stray), Err(SendError::NoSession { id: 6, .. })));
+    assert_eq!(agent.pending_transmit(), 0);
+    // On the open one: the same record as one of those bytes.
+    agent.send_piped(5, tx.piped_record(in_a_pipe(b"hello", 5)).unwrap()).unwrap();
+    let sent = frames(agent.poll_transmit());
+    let expected = BulkRecord::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 0, Bytes::from_static(b"hello"));
+    assert_eq!(sent, vec![Message::new(5, expected)]);
+    // A pipe short of its length: what came before goes out, then nothing.
+    agent.send(5, FsData { data: Bytes::from_static(b"before") }).unwrap();
+    agent.send_piped(5, tx.piped_record(in_a_pipe(b"ab", 4)).unwrap()).unwrap();
+    let before = agent.poll_transmit();
+    let whole = wire(&[Message::new(5, FsData { data: Bytes::from_static(b"before") })]);
+    assert_eq!(before.len(), whole.len() + agentwire::codec::BULK_WIRE_HEADER, "the record's headers, cut short");
+    assert_eq!(before[..whole.len()], whole[..]);
+    assert_eq!(agent.phase(), Phase::Closed);
+    assert!(agent.poll_transmit().is_empty());
+}

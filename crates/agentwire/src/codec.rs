@@ -279,12 +279,37 @@ fn encode_bulk_record(dst: &mut BytesMut, limit: usize, id: u32, record: &BulkRe
 /// # Ok::<(), agentwire::EncodeError>(())
 /// ```
 pub fn bulk_record_header(id: u32, record: &BulkRecord, limit: usize) -> Result<[u8; BULK_WIRE_HEADER], EncodeError> {
-    record.check().map_err(|e| EncodeError::Payload { message_type: "bulk.record", reason: e.to_string() })?;
-    let body_len = BULK_RECORD_HEADER_SIZE + record.data.len();
+    record.check().map_err(bulk_refused)?;
+    wire_header(id, record.header(), record.data.len(), limit)
+}
+
+/// [`bulk_record_header`] for a record whose data waits in a pipe.
+#[cfg(unix)]
+pub fn piped_record_header(
+    id: u32,
+    record: &crate::payload::bulk::PipedRecord,
+    limit: usize,
+) -> Result<[u8; BULK_WIRE_HEADER], EncodeError> {
+    record.check().map_err(bulk_refused)?;
+    wire_header(id, record.header(), record.data.len(), limit)
+}
+
+fn bulk_refused(e: crate::payload::bulk::BulkRecordError) -> EncodeError {
+    EncodeError::Payload { message_type: "bulk.record", reason: e.to_string() }
+}
+
+/// The frame header and body header of a record of `data_len` bytes.
+fn wire_header(
+    id: u32,
+    body_header: [u8; BULK_RECORD_HEADER_SIZE],
+    data_len: usize,
+    limit: usize,
+) -> Result<[u8; BULK_WIRE_HEADER], EncodeError> {
+    let body_len = BULK_RECORD_HEADER_SIZE + data_len;
     frame::check_body_len(body_len, limit)?;
     let mut header = [0; BULK_WIRE_HEADER];
     header[..FRAME_HEAD].copy_from_slice(&frame::header_bytes(body_len, id, Flags::BULK));
-    header[FRAME_HEAD..].copy_from_slice(&record.header());
+    header[FRAME_HEAD..].copy_from_slice(&body_header);
     Ok(header)
 }
 
@@ -619,6 +644,18 @@ impl MessageCodec {
 }
 
 impl MessageCodec {
+    /// The bytes that precede a piped record's data on the wire
+    /// ([`piped_record_header`]), refused below generation 8 as any record is.
+    #[cfg(unix)]
+    pub fn piped_record_header(
+        &self,
+        id: u32,
+        record: &crate::payload::bulk::PipedRecord,
+    ) -> Result<[u8; BULK_WIRE_HEADER], EncodeError> {
+        version::check_available(MessageType::BulkRecord, self.negotiated)?;
+        piped_record_header(id, record, self.frames.max_frame_len())
+    }
+
     /// Writes `m` for a vectored write: everything up to its data into `dst`,
     /// and the data itself, when it is at least [`VECTORED_DATA_MIN`] bytes
     /// and ends the frame, returned as it is, to be written after `dst`'s new
@@ -660,20 +697,57 @@ impl MessageCodec {
             dst.put_slice(&bulk_record_header(m.id, record, limit)?);
             return Ok(Some(data.clone()));
         }
-        // `{"data": h'…'}`, as the payload's own encoder writes it.
-        let data_head = cbor::head_len(data.len() as u64);
-        let payload_len = DATA_KEY_PREFIX.len() + data_head + data.len();
-        let type_name = message_type.wire_name();
-        let body_len = envelope::body_len(m.version, type_name, payload_len);
-        frame::check_body_len(body_len, limit)?;
-        dst.reserve(FRAME_HEAD + body_len - data.len());
-        frame::put_header(dst, body_len, m.id, m.flags);
-        envelope::put_prefix(dst, m.version, type_name);
-        cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
-        dst.put_slice(DATA_KEY_PREFIX);
-        cbor::put_head(dst, cbor::MAJOR_BYTES, data.len() as u64);
+        put_data_frame_head(dst, (m.id, m.flags, m.version), message_type, data.len(), limit)?;
         Ok(Some(data.clone()))
     }
+
+    /// Writes into `dst` everything of a `{data: bytes}` frame of type
+    /// `message_type` (`core.exec.stdin/stdout/stderr`, `core.fs.data`,
+    /// `core.tcp.data`) on `id` up to its `data_len` bytes of data, which
+    /// the caller writes after them (as [`MessageCodec::encode_vectored`]
+    /// splits a frame): for data that is not in memory, such as a pipe's
+    /// ([`WriteQueue::push_piped_data`](crate::WriteQueue::push_piped_data)).
+    /// Another type, or one above the negotiated generation, writes nothing
+    /// and is an error.
+    pub fn encode_data_head(
+        &self,
+        id: u32,
+        message_type: MessageType,
+        data_len: usize,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        use MessageType::{ExecStderr, ExecStdin, ExecStdout, FsData, TcpData};
+        if !matches!(message_type, ExecStdin | ExecStdout | ExecStderr | FsData | TcpData) {
+            let message_type = message_type.wire_name();
+            return Err(EncodeError::Payload { message_type, reason: "not a {data: bytes} payload".into() });
+        }
+        version::check_available(message_type, self.negotiated)?;
+        let (flags, limit) = (message_type.flags(), self.frames.max_frame_len());
+        put_data_frame_head(dst, (id, flags, PROTOCOL_VERSION), message_type, data_len, limit)
+    }
+}
+
+/// The head of a `{"data": h'…'}` frame with `data_len` bytes of data, as
+/// the payload's own encoder writes it; nothing when the frame is too long.
+fn put_data_frame_head(
+    dst: &mut BytesMut,
+    (id, flags, version): (u32, Flags, u8),
+    message_type: MessageType,
+    data_len: usize,
+    limit: usize,
+) -> Result<(), EncodeError> {
+    let data_head = cbor::head_len(data_len as u64);
+    let payload_len = DATA_KEY_PREFIX.len() + data_head + data_len;
+    let type_name = message_type.wire_name();
+    let body_len = envelope::body_len(version, type_name, payload_len);
+    frame::check_body_len(body_len, limit)?;
+    dst.reserve(FRAME_HEAD + body_len - data_len);
+    frame::put_header(dst, body_len, id, flags);
+    envelope::put_prefix(dst, version, type_name);
+    cbor::put_head(dst, cbor::MAJOR_BYTES, payload_len as u64);
+    dst.put_slice(DATA_KEY_PREFIX);
+    cbor::put_head(dst, cbor::MAJOR_BYTES, data_len as u64);
+    Ok(())
 }
 
 /// The smallest data [`MessageCodec::encode_vectored`] leaves where it is:

@@ -74,4 +74,6 @@ pub use frame::{
 pub use message::{Direction, Message, MessageType, Payload, RawMessage, TypeName, TypedPayload};
 pub use payload::fs::FS_CHUNK_SIZE;
 pub use version::PROTOCOL_VERSION;
+#[cfg(unix)]
+pub use write::PipedData;
 pub use write::{MessageSink, WriteQueue};

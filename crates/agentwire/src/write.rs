@@ -46,14 +46,40 @@ pub const MAX_WRITE_SLICES: usize = 64;
 #[derive(Debug, Default)]
 pub struct WriteQueue {
     /// Whole pieces, in order, before `tail`.
-    pieces: VecDeque<Bytes>,
+    pieces: VecDeque<Piece>,
     /// Small writes gathered after the last piece.
     tail: BytesMut,
-    /// Bytes in `pieces`.
+    /// Bytes in `pieces`, piped ones included.
     pieces_len: usize,
-    /// Frames ever pushed by [`WriteQueue::push_message`] or
-    /// [`WriteQueue::push_raw`], or appended with them.
+    /// Frames ever pushed by [`WriteQueue::push_message`],
+    /// [`WriteQueue::push_raw`] or [`WriteQueue::push_piped`], or appended with them.
     frames: u64,
+}
+
+/// One piece of a [`WriteQueue`]: bytes in memory, or data waiting in a pipe.
+#[derive(Debug)]
+enum Piece {
+    Memory(Bytes),
+    #[cfg(unix)]
+    Piped(PipedData),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Memory(b) => b.len(),
+            #[cfg(unix)]
+            Piece::Piped(p) => p.len(),
+        }
+    }
+
+    fn memory(&self) -> Option<&Bytes> {
+        match self {
+            Piece::Memory(b) => Some(b),
+            #[cfg(unix)]
+            Piece::Piped(_) => None,
+        }
+    }
 }
 
 impl WriteQueue {
@@ -62,7 +88,7 @@ impl WriteQueue {
         WriteQueue::default()
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes waiting to be written (piped data included).
     pub fn len(&self) -> usize {
         self.pieces_len + self.tail.len()
     }
@@ -92,15 +118,68 @@ impl WriteQueue {
         Ok(self.tail.len() - before)
     }
 
+    /// Queues bulk record `id` whose data waits in a pipe: its headers, then
+    /// the pipe, for the writer to move on ([`WriteQueue::front_piped`]).
+    /// Returns its size on the wire. On failure (a record below generation 8,
+    /// or one that breaks the layout) nothing is queued and the pipe is closed.
+    #[cfg(unix)]
+    pub fn push_piped(
+        &mut self,
+        codec: &MessageCodec,
+        id: u32,
+        record: crate::payload::bulk::PipedRecord,
+    ) -> Result<usize, EncodeError> {
+        let header = codec.piped_record_header(id, &record)?;
+        self.tail.extend_from_slice(&header);
+        Ok(header.len() + self.push_piped_piece(record.data))
+    }
+
+    /// Queues a `{data: bytes}` frame of type `message_type` on `id` (see
+    /// [`MessageCodec::encode_data_head`]) whose data waits in a pipe: its
+    /// head, then the pipe, as [`WriteQueue::push_piped`] does for a record.
+    /// Returns its size on the wire. On failure nothing is queued and the
+    /// pipe is closed.
+    #[cfg(unix)]
+    pub fn push_piped_data(
+        &mut self,
+        codec: &MessageCodec,
+        id: u32,
+        message_type: crate::MessageType,
+        data: PipedData,
+    ) -> Result<usize, EncodeError> {
+        let before = self.tail.len();
+        codec.encode_data_head(id, message_type, data.len(), &mut self.tail)?;
+        let head = self.tail.len() - before;
+        Ok(head + self.push_piped_piece(data))
+    }
+
+    /// Queues piped data after everything queued, as one more frame; returns its length.
+    #[cfg(unix)]
+    fn push_piped_piece(&mut self, data: PipedData) -> usize {
+        self.frames += 1;
+        let len = data.len();
+        if len == 0 {
+            // Nothing to move: the frame is its head.
+            return 0;
+        }
+        self.close_tail();
+        self.pieces_len += len;
+        self.pieces.push_back(Piece::Piped(data));
+        len
+    }
+
     /// How many frames have been pushed (and appended) so far, written or not.
     pub fn frames(&self) -> u64 {
         self.frames
     }
 
-    /// The bytes queued, in order, as slices.
+    /// The bytes queued in memory, in order, as slices, up to the first piped
+    /// data (all of them when nothing is piped).
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
-        let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
-        self.pieces.iter().map(|p| &p[..]).chain(tail)
+        let memory = self.pieces.iter().map_while(Piece::memory).map(|b| &b[..]);
+        let all_memory = self.pieces.iter().all(|p| p.memory().is_some());
+        let tail = (all_memory && !self.tail.is_empty()).then_some(&self.tail[..]);
+        memory.chain(tail)
     }
 
     /// The buffer small writes go into: bytes appended here are written after
@@ -109,28 +188,34 @@ impl WriteQueue {
         &mut self.tail
     }
 
+    /// Ends the tail as a piece, so that what comes next follows it.
+    fn close_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.pieces_len += self.tail.len();
+            self.pieces.push_back(Piece::Memory(self.tail.split().freeze()));
+        }
+    }
+
     /// Queues `bytes` as they are, after everything queued; returns their length.
     pub fn push_piece(&mut self, bytes: Bytes) -> usize {
         let len = bytes.len();
         if len == 0 {
             return 0;
         }
-        if !self.tail.is_empty() {
-            self.pieces_len += self.tail.len();
-            self.pieces.push_back(self.tail.split().freeze());
-        }
+        self.close_tail();
         self.pieces_len += len;
-        self.pieces.push_back(bytes);
+        self.pieces.push_back(Piece::Memory(bytes));
         len
     }
 
     /// Moves everything from `other` to the end of this queue, copying no data.
     pub fn append(&mut self, other: &mut WriteQueue) {
         self.frames += std::mem::take(&mut other.frames);
-        for piece in other.pieces.drain(..) {
-            self.push_piece(piece);
+        if !other.pieces.is_empty() {
+            self.close_tail();
+            self.pieces_len += std::mem::take(&mut other.pieces_len);
+            self.pieces.append(&mut other.pieces);
         }
-        other.pieces_len = 0;
         if self.pieces.is_empty() {
             self.tail.unsplit(other.tail.split());
         } else {
@@ -138,7 +223,8 @@ impl WriteQueue {
         }
     }
 
-    /// Fills `dst` with the next slices to write, in order; returns how many.
+    /// Fills `dst` with the next slices to write, in order, up to the first
+    /// piped data; returns how many.
     pub fn io_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
         for piece in self.chunks() {
@@ -149,10 +235,13 @@ impl WriteQueue {
         n
     }
 
-    /// Drops the first `n` bytes (those a write took).
+    /// Drops the first `n` bytes (those a write took), or the piped data's
+    /// first `n` (those moved out of its pipe) when it is at the front.
     ///
     /// # Panics
-    /// When `n` is more than [`WriteQueue::len`].
+    /// When `n` is more than the slices of [`WriteQueue::io_slices`] hold
+    /// (at most all of [`WriteQueue::chunks`]), or than the piped data at the
+    /// front holds.
     pub fn advance(&mut self, mut n: usize) {
         assert!(n <= self.len(), "advancing {n} bytes past the {} queued", self.len());
         while n > 0 {
@@ -161,28 +250,75 @@ impl WriteQueue {
                 return;
             };
             let step = n.min(front.len());
-            front.advance(step);
+            match front {
+                Piece::Memory(b) => b.advance(step),
+                #[cfg(unix)]
+                Piece::Piped(p) => {
+                    assert_eq!(step, n, "advancing past piped data");
+                    p.moved(step);
+                }
+            }
             self.pieces_len -= step;
             n -= step;
-            if front.is_empty() {
+            if front.len() == 0 {
                 self.pieces.pop_front();
             }
         }
     }
 
-    /// Takes everything queued as one buffer (copying when it is in pieces),
-    /// for a writer that does not write vectored.
+    /// The piped data at the front of the queue, if the front is piped: the
+    /// writer moves its bytes out of the pipe and then calls
+    /// [`WriteQueue::advance`] with their number.
+    #[cfg(unix)]
+    pub fn front_piped(&self) -> Option<&PipedData> {
+        match self.pieces.front() {
+            Some(Piece::Piped(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Reads all piped data into memory, for a writer without a descriptor
+    /// to splice into (or one that must see every byte, as a capture). An
+    /// error leaves the queue unfit to write (the frame of the failed pipe
+    /// would be cut short): the caller ends the connection.
+    #[cfg(unix)]
+    pub fn load_piped(&mut self) -> io::Result<()> {
+        for piece in self.pieces.iter_mut() {
+            if let Piece::Piped(p) = piece {
+                *piece = Piece::Memory(p.read_all()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes everything queued in memory as one buffer (copying when it is in
+    /// pieces), for a writer that does not write vectored: all of it when
+    /// nothing is piped, otherwise what precedes the first piped data (the
+    /// rest stays; [`WriteQueue::load_piped`] first reads it into memory).
     pub fn take_all(&mut self) -> Bytes {
+        let memory = self.pieces.iter().take_while(|p| p.memory().is_some()).count();
+        if memory < self.pieces.len() {
+            let mut front = BytesMut::new();
+            for piece in self.pieces.drain(..memory) {
+                let b = piece.memory().expect("a piece in memory");
+                self.pieces_len -= b.len();
+                front.extend_from_slice(b);
+            }
+            return front.freeze();
+        }
         match (self.pieces.len(), self.tail.is_empty()) {
             (0, _) => self.tail.split().freeze(),
             (1, true) => {
                 self.pieces_len = 0;
-                self.pieces.pop_front().expect("one piece")
+                match self.pieces.pop_front() {
+                    Some(Piece::Memory(b)) => b,
+                    _ => Bytes::new(),
+                }
             }
             _ => {
                 let mut all = BytesMut::with_capacity(self.len());
                 for piece in self.pieces.drain(..) {
-                    all.extend_from_slice(&piece);
+                    all.extend_from_slice(piece.memory().expect("a piece in memory"));
                 }
                 all.extend_from_slice(&self.tail);
                 self.tail.clear();
@@ -195,6 +331,7 @@ impl WriteQueue {
     /// Writes from the front of the queue with one vectored write; `Ready(Ok(0))`
     /// only when the queue is empty. A writer that is not vectored gets the
     /// first slice, as [`AsyncWrite::poll_write_vectored`] does by default.
+    /// Piped data at the front is read into memory first.
     pub fn poll_write_to<W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
@@ -202,6 +339,10 @@ impl WriteQueue {
     ) -> Poll<io::Result<usize>> {
         if self.is_empty() {
             return Poll::Ready(Ok(0));
+        }
+        #[cfg(unix)]
+        if let Some(Piece::Piped(_)) = self.pieces.front() {
+            self.load_piped()?;
         }
         let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
         let n = self.io_slices(&mut slices);
@@ -213,7 +354,7 @@ impl WriteQueue {
         Poll::Ready(Ok(written))
     }
 
-    /// Writes everything queued to `writer`.
+    /// Writes everything queued to `writer` (piped data read into memory).
     pub async fn write_all_to<W: AsyncWrite + Unpin + ?Sized>(&mut self, writer: &mut W) -> io::Result<()> {
         std::future::poll_fn(|cx| {
             while !self.is_empty() {
@@ -222,6 +363,75 @@ impl WriteQueue {
             Poll::Ready(Ok(()))
         })
         .await
+    }
+}
+
+/// Data of a frame that waits in a pipe rather than in memory: a file's pages
+/// that `splice` put there, for a writer to move to its transport with
+/// `splice`, never copied through this process. The pipe holds exactly
+/// [`PipedData::len`] bytes, so the frame's length is known before its
+/// header is written (a file that shrinks meanwhile cannot cut it short).
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct PipedData {
+    /// The read end (a `File` for its `Read`).
+    pipe: std::fs::File,
+    len: usize,
+}
+
+#[cfg(unix)]
+impl PipedData {
+    /// The `len` bytes waiting in the pipe whose read end is `pipe`. The
+    /// caller has put exactly that many there: fewer make the writer fail
+    /// (and the connection end, its frame cut short); more are never read.
+    /// Best with the read end non-blocking, so that a short pipe is an error
+    /// rather than a wait.
+    pub fn new(pipe: std::os::fd::OwnedFd, len: usize) -> PipedData {
+        PipedData { pipe: pipe.into(), len }
+    }
+
+    /// Bytes still in the pipe.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pipe's read end, to splice from.
+    pub fn pipe(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.pipe.as_fd()
+    }
+
+    /// `n` bytes were moved out of the pipe.
+    fn moved(&mut self, n: usize) {
+        self.len -= n;
+    }
+
+    /// Reads what is left into memory (its size is the caller's, at most
+    /// one record's); a pipe with fewer bytes is an error naming both counts.
+    fn read_all(&mut self) -> io::Result<Bytes> {
+        use std::io::Read;
+        let mut data = vec![0; self.len];
+        let mut got = 0;
+        while got < data.len() {
+            match (&self.pipe).read(&mut data[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if got < data.len() {
+            let msg = format!("a pipe gave {got} of the {} bytes of its frame's data", data.len());
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, msg));
+        }
+        self.len = 0;
+        Ok(Bytes::from(data))
     }
 }
 
@@ -336,6 +546,7 @@ impl<W: AsyncWrite + Unpin> Sink<Message> for MessageSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::BULK_WIRE_HEADER;
     use crate::payload::bulk::{BulkFlow, BulkKind, BulkRecord};
     use crate::payload::core::Ping;
     use crate::payload::exec::ExecStdout;
@@ -430,6 +641,78 @@ mod tests {
         let big = ExecStdout { data: Bytes::from(vec![0; 5000]) };
         assert!(q.push_message(&mut codec, &Message::new(2, big)).is_err());
         assert_eq!(q.len(), before);
+    }
+
+    /// `data` in a new pipe, its write end closed (`data` within the
+    /// default 64 KiB), as piped data claiming `claimed` bytes.
+    fn piped(data: &[u8], claimed: usize) -> PipedData {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        let mut rest = data;
+        while !rest.is_empty() {
+            rest = &rest[rustix::io::write(&writer, rest).unwrap()..];
+        }
+        PipedData::new(reader, claimed)
+    }
+
+    fn piped_record(offset: u64, data: PipedData) -> crate::payload::bulk::PipedRecord {
+        crate::payload::bulk::PipedRecord { kind: BulkKind::Filesystem, flow: BulkFlow::GuestToHost, offset, data }
+    }
+
+    #[test]
+    fn a_piped_record_is_the_same_record_on_the_wire() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let record = BulkRecord::new(BulkKind::Filesystem, BulkFlow::GuestToHost, 9, Bytes::from(data.clone()));
+        let expected = whole(&[Message::new(1, Ping {}), Message::new(6, record), Message::new(2, Ping {})]);
+
+        let mut q = WriteQueue::new();
+        let mut codec = MessageCodec::new();
+        q.push_message(&mut codec, &Message::new(1, Ping {})).unwrap();
+        let n = q.push_piped(&codec, 6, piped_record(9, piped(&data, data.len()))).unwrap();
+        q.push_message(&mut codec, &Message::new(2, Ping {})).unwrap();
+        assert_eq!(n, BULK_WIRE_HEADER + data.len());
+        assert_eq!(q.len(), expected.len());
+        assert_eq!(q.frames(), 3);
+        // The slices stop before the pipe: the ping and the record's headers.
+        let mut slices = [IoSlice::new(&[]); 8];
+        let k = q.io_slices(&mut slices);
+        let before: Vec<u8> = slices[..k].iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(before, expected[..before.len()]);
+        let ping = whole(&[Message::new(1, Ping {})]).len();
+        assert_eq!(before.len(), ping + BULK_WIRE_HEADER, "up to the data");
+        assert!(q.front_piped().is_none());
+        q.advance(before.len());
+        assert_eq!(q.front_piped().map(PipedData::len), Some(data.len()));
+        // Read into memory, the queue is the record's bytes, and what follows.
+        q.load_piped().unwrap();
+        assert!(q.front_piped().is_none());
+        assert_eq!(q.take_all(), expected[before.len()..]);
+    }
+
+    #[test]
+    fn take_all_stops_at_piped_data_and_a_short_pipe_is_an_error_naming_both_counts() {
+        let mut q = WriteQueue::new();
+        let codec = MessageCodec::new();
+        q.tail_mut().extend_from_slice(b"head");
+        q.push_piped(&codec, 6, piped_record(0, piped(&[1; 500], 1000))).unwrap();
+        q.tail_mut().extend_from_slice(b"after");
+        assert_eq!(q.len(), 4 + BULK_WIRE_HEADER + 1000 + 5);
+        assert_eq!(q.chunks().map(<[u8]>::len).sum::<usize>(), 4 + BULK_WIRE_HEADER, "in memory up to the pipe");
+        let front = q.take_all();
+        assert_eq!(front.len(), 4 + BULK_WIRE_HEADER);
+        assert_eq!(q.len(), 1000 + 5, "the pipe and what follows stay");
+        let e = q.load_piped().unwrap_err();
+        assert!(e.to_string().contains("500 of the 1000"), "{e}");
+    }
+
+    #[test]
+    fn a_piped_record_below_generation_8_or_empty_is_refused_and_nothing_queued() {
+        let mut q = WriteQueue::new();
+        let mut old = MessageCodec::new();
+        old.set_peer_generation(7);
+        assert!(q.push_piped(&old, 6, piped_record(0, piped(&[1; 10], 10))).is_err());
+        assert!(q.push_piped(&MessageCodec::new(), 6, piped_record(0, piped(&[], 0))).is_err());
+        assert!(q.is_empty());
+        assert_eq!(q.frames(), 0);
     }
 
     #[tokio::test]

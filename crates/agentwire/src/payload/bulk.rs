@@ -267,8 +267,7 @@ impl BulkRecord {
     /// The 12-byte body header that precedes the data: with the frame header,
     /// everything a vectored write needs besides the data itself.
     pub fn header(&self) -> [u8; BULK_RECORD_HEADER_SIZE] {
-        let o = self.offset.to_be_bytes();
-        [self.kind.to_wire(), self.flow.to_wire(), 0, 0, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
+        record_header(self.kind, self.flow, self.offset)
     }
 
     /// The offset just past this record's data.
@@ -281,6 +280,41 @@ impl BulkRecord {
     pub fn check(&self) -> Result<(), BulkRecordError> {
         check_data(self.data.len(), self.offset)
     }
+}
+
+/// A bulk record whose data is not in memory but waits in a pipe
+/// ([`PipedData`]), for a writer that moves it on with `splice`
+/// ([`WriteQueue::push_piped`](crate::WriteQueue::push_piped)): on the wire
+/// it is the same record as a [`BulkRecord`] of those bytes.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct PipedRecord {
+    /// What the correlation carries.
+    pub kind: BulkKind,
+    /// Which way the record goes.
+    pub flow: BulkFlow,
+    /// Offset of the first data byte in its flow.
+    pub offset: u64,
+    /// The data, 1 to [`MAX_BULK_RECORD_PAYLOAD`] bytes.
+    pub data: crate::write::PipedData,
+}
+
+#[cfg(unix)]
+impl PipedRecord {
+    /// The 12-byte body header, as [`BulkRecord::header`].
+    pub fn header(&self) -> [u8; BULK_RECORD_HEADER_SIZE] {
+        record_header(self.kind, self.flow, self.offset)
+    }
+
+    /// Checks the layout's rules, as [`BulkRecord::check`].
+    pub fn check(&self) -> Result<(), BulkRecordError> {
+        check_data(self.data.len(), self.offset)
+    }
+}
+
+fn record_header(kind: BulkKind, flow: BulkFlow, offset: u64) -> [u8; BULK_RECORD_HEADER_SIZE] {
+    let o = offset.to_be_bytes();
+    [kind.to_wire(), flow.to_wire(), 0, 0, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]
 }
 
 /// A bulk record body that breaks the layout (spec section 7.1). On the wire
