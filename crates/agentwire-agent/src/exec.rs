@@ -32,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::piped::MIN_PIPED;
 use crate::{Defaults, Service, SessionTask, sys};
 
 // Declared here, its only user, rather than in lib.rs.
@@ -431,8 +432,8 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
                 widen_pipe(&r, chunk);
                 match piped(&r) {
                     Some(from) => {
-                        let task = pump_piped(from, out.clone(), MessageType::ExecStdout, chunk, allowance.clone());
-                        pumps.spawn(task)
+                        let frame = (MessageType::ExecStdout, stdout_frame as fn(Bytes) -> Payload);
+                        pumps.spawn(pump_piped(from, out.clone(), frame, chunk, allowance.clone()))
                     }
                     None => pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone())),
                 };
@@ -440,8 +441,8 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
             if let Some(r) = child.stderr.take() {
                 match piped(&r) {
                     Some(from) => {
-                        let task = pump_piped(from, out.clone(), MessageType::ExecStderr, chunk, allowance.clone());
-                        pumps.spawn(task)
+                        let frame = (MessageType::ExecStderr, stderr_frame as fn(Bytes) -> Payload);
+                        pumps.spawn(pump_piped(from, out.clone(), frame, chunk, allowance.clone()))
                     }
                     None => pumps.spawn(pump(Source::Stderr(r), out.clone(), stderr_frame, chunk, allowance.clone())),
                 };
@@ -801,65 +802,92 @@ fn watch_pipe(pipe: &dyn std::os::fd::AsFd) -> Option<AsyncFd<OwnedFd>> {
 /// [`pump`] for a command's pipe when the connection splices: each chunk
 /// moves from the command's pipe into a pipe of its own (`splice` between
 /// pipes moves the pages, copying nothing), which the connection's writer
-/// splices into the transport. The chunks, their sizes and the allowance are
-/// as [`pump`]'s.
+/// splices into the transport; a chunk below [`MIN_PIPED`] is read into
+/// memory instead. The chunks, their sizes and the allowance are as
+/// [`pump`]'s; `t` is the type `frame` makes.
 async fn pump_piped(
     from: AsyncFd<OwnedFd>,
     out: RouteSender,
-    t: MessageType,
+    (t, frame): (MessageType, fn(Bytes) -> Payload),
     chunk: usize,
     allowance: Option<Arc<Allowance>>,
 ) {
     let mut spare = None;
     loop {
         let max = next_chunk(chunk, allowance.as_deref()).await;
-        let moved = loop {
+        let taken = loop {
             let mut ready = match from.readable().await {
                 Ok(ready) => ready,
                 Err(e) => break Err(e),
             };
-            match ready.try_io(|fd| move_output(fd.get_ref(), max, &mut spare)) {
+            match ready.try_io(|fd| take_output(fd.get_ref(), max, &mut spare)) {
                 Ok(result) => break result,
                 Err(_nothing_yet) => continue,
             }
         };
-        let data = match moved {
-            Ok(Some(data)) => data,
+        let output = match taken {
+            Ok(Some(output)) => output,
             Ok(None) => return,
             Err(e) => {
-                tracing::debug!("moving the command's output (id {}): {e}", out.id());
+                tracing::debug!("taking the command's output (id {}): {e}", out.id());
                 return;
             }
         };
         // The other stream may have taken some meanwhile: this chunk waits for its charge.
         if let Some(a) = &allowance {
-            a.wait(data.len() as u64 + OVERHEAD, true).await;
+            a.wait(output.len() as u64 + OVERHEAD, true).await;
         }
-        if out.send_piped_data(t, data).await.is_err() {
+        let sent = match output {
+            Output::Piped(data) => out.send_piped_data(t, data).await,
+            Output::Read(data) => out.send(frame(data)).await,
+        };
+        if sent.is_err() {
             return;
         }
     }
 }
 
-/// Moves up to `max` bytes that the command has written from its pipe `from`
-/// into a pipe of their own (`spare`, or a new one): `None` at the end of
-/// the output, `WouldBlock` when nothing waits (the pipe made is kept in
-/// `spare` for the next try).
-fn move_output(
-    from: &OwnedFd,
-    max: usize,
-    spare: &mut Option<(OwnedFd, OwnedFd)>,
-) -> std::io::Result<Option<PipedData>> {
-    use rustix::io::Errno;
-    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
-    let (read_end, write_end) = match spare.take() {
-        Some(pipe) => pipe,
-        None => {
-            let pipe = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-            // Best effort: a smaller pipe makes smaller chunks.
-            let _ = fcntl_setpipe_size(&pipe.1, max.min(MAX_PIPE));
-            pipe
+/// A chunk of a command's output: in a pipe of its own, or read into memory.
+enum Output {
+    Piped(PipedData),
+    Read(Bytes),
+}
+
+impl Output {
+    fn len(&self) -> usize {
+        match self {
+            Output::Piped(data) => data.len(),
+            Output::Read(data) => data.len(),
         }
+    }
+}
+
+/// Takes up to `max` bytes that the command has written to its pipe `from`:
+/// moved into a pipe of their own (`spare`, or a new one) when at least
+/// [`MIN_PIPED`] wait (or all of `max`), read into memory when fewer do or no
+/// pipe can be made. `None` at the end of the output; `WouldBlock` when
+/// nothing waits (a pipe made is kept in `spare` for the next try).
+fn take_output(from: &OwnedFd, max: usize, spare: &mut Option<(OwnedFd, OwnedFd)>) -> std::io::Result<Option<Output>> {
+    use rustix::io::Errno;
+    use rustix::pipe::{SpliceFlags, splice};
+    let waiting = rustix::io::ioctl_fionread(from).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let pipe = match waiting >= MIN_PIPED.min(max) {
+        true => spare.take().or_else(|| crate::piped::pipe_for(max).ok().map(|(r, w, _)| (r, w))),
+        false => None,
+    };
+    let Some((read_end, write_end)) = pipe else {
+        // Little waits (or none: the read tells the end from nothing yet), or
+        // no pipe could be made: through memory, as `pump` reads.
+        let mut data = vec![0; waiting.clamp(1, max)];
+        return match rustix::io::read(from, &mut data) {
+            Ok(0) => Ok(None),
+            Ok(n) => {
+                data.truncate(n);
+                Ok(Some(Output::Read(Bytes::from(data))))
+            }
+            Err(Errno::AGAIN) => Err(std::io::ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e.into()),
+        };
     };
     let mut got = 0;
     while got < max {
@@ -878,7 +906,7 @@ fn move_output(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(Some(PipedData::new(read_end, got)))
+    Ok(Some(Output::Piped(PipedData::new(read_end, got))))
 }
 
 /// Writes queued stdin into the child as it reads, counting in `written`

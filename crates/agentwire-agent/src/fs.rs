@@ -953,7 +953,8 @@ async fn read_bulk(
             }
         }
         let want = (end - at).min(tx.window() as u64) as usize;
-        if piped {
+        // A small window (a host crediting a little at a time) is read into memory.
+        if piped && want >= crate::piped::MIN_PIPED {
             let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
             let f = file.clone();
             let filled = tokio::task::spawn_blocking(move || splice_at_most(&f, want, at))
@@ -1055,10 +1056,6 @@ fn read_at_most(file: &File, want: usize, at: u64, reuse: Option<Vec<u8>>) -> st
     Ok(Bytes::from(buf))
 }
 
-/// The largest pipe an unprivileged process may ask for by default
-/// (`/proc/sys/fs/pipe-max-size`).
-const DEFAULT_PIPE_MAX: usize = 1024 * 1024;
-
 /// What [`splice_at_most`] put in a pipe.
 struct Filled {
     /// The bytes, `None` at the end of the file.
@@ -1074,20 +1071,10 @@ struct Filled {
 /// system allows). `None` when the file does not splice (`EINVAL`) or no
 /// pipe can be made: read it.
 fn splice_at_most(file: &File, want: usize, at: u64) -> std::io::Result<Option<Filled>> {
-    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice};
+    use rustix::pipe::{SpliceFlags, splice};
     // Out of descriptors (or pipe memory), the read goes on through memory.
-    let Ok((read_end, write_end)) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) else {
+    let Ok((read_end, write_end, room)) = crate::piped::pipe_for(want) else {
         return Ok(None);
-    };
-    // Above `/proc/sys/fs/pipe-max-size` (1 MiB by default) only an agent
-    // with CAP_SYS_RESOURCE may go; otherwise the records are as large as
-    // the pipe.
-    let room = match fcntl_setpipe_size(&write_end, want) {
-        Ok(size) => size,
-        Err(_) => match fcntl_setpipe_size(&write_end, want.min(DEFAULT_PIPE_MAX)) {
-            Ok(size) => size,
-            Err(_) => fcntl_getpipe_size(&write_end)?,
-        },
     };
     let want = want.min(room);
     let (mut got, mut from) = (0, at);

@@ -25,6 +25,7 @@
 
 mod exec;
 mod fs;
+mod piped;
 pub mod sys;
 mod tcp;
 
@@ -208,9 +209,10 @@ impl Agent {
     }
 
     /// [`Agent::serve`], given also `fd`, a descriptor of `io`'s transport (a
-    /// duplicate of its own): file reads then go from the file to the
-    /// transport by `splice`, never copied through the agent
-    /// (`driver::spawn_splicing`).
+    /// duplicate of its own): bulk file reads, and the output of commands on
+    /// pipes, then go from the file or pipe to the transport by `splice`,
+    /// never copied through the agent (`driver::spawn_splicing`); pieces
+    /// below 16 KiB are read into memory, so that the pipes queued stay few.
     pub async fn serve_splicing(
         self: Arc<Self>,
         io: impl AsyncRead + AsyncWrite + Send + 'static,

@@ -146,45 +146,51 @@ impl Listener {
         }
     }
 
-    /// The next connection, with a duplicate of its descriptor (for the
-    /// agent's writer to splice file data into; `None` if it could not be
-    /// made) and a name for the peer.
-    pub async fn accept(&self) -> io::Result<(Stream, Option<OwnedFd>, String)> {
-        let (stream, fd, peer): (Stream, _, _) = match self {
+    /// The next connection, with a name for the peer, and with `duplicate` a
+    /// duplicate of its descriptor (for the agent's writer to splice data
+    /// into; `None` if it could not be made).
+    pub async fn accept(&self, duplicate: bool) -> io::Result<(Stream, Option<OwnedFd>, String)> {
+        let dup = |s: &dyn AsFd| {
+            let fd = duplicate.then(|| s.as_fd().try_clone_to_owned());
+            fd?.map_err(|e| tracing::debug!("no duplicate of the connection's descriptor: {e}")).ok()
+        };
+        let (fd, stream, peer): (_, Stream, _) = match self {
             Listener::Unix(l, _) => {
                 let s = l.accept().await?.0;
                 widen_send_buffer(&s);
-                let fd = s.as_fd().try_clone_to_owned();
-                (Box::new(s), fd, "unix peer".to_string())
+                (dup(&s), Box::new(s), "unix peer".to_string())
             }
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                let fd = s.as_fd().try_clone_to_owned();
-                (Box::new(s), fd, peer.to_string())
+                (dup(&s), Box::new(s), peer.to_string())
             }
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
-                let fd = s.as_fd().try_clone_to_owned();
-                (Box::new(s), fd, format!("vsock:{}:{}", peer.cid(), peer.port()))
+                (dup(&s), Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port()))
             }
             Listener::Port(name) => {
                 let path = crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?;
-                accept_serial(&path).await?
+                let s = crate::serial::SerialStream::open_when_connected(&path).await?;
+                (dup(&s), Box::new(s), format!("host on {}", path.display()))
             }
-            Listener::Device(path) => accept_serial(path).await?,
+            Listener::Device(path) => {
+                let s = crate::serial::SerialStream::open_when_connected(path).await?;
+                (dup(&s), Box::new(s), format!("host on {}", path.display()))
+            }
         };
-        let fd = fd.map_err(|e| tracing::debug!("no duplicate of the connection's descriptor: {e}")).ok();
         Ok((stream, fd, peer))
     }
 }
 
-/// What the agent asks for as a Unix connection's send buffer: one record of a
-/// file read (the largest pipe it splices) fits at once, so the writer moves a
-/// record with one `splice` and one wake-up rather than five. Measured with
-/// `e2e_transfer 1024 9 --fs-only --child`, interleaved, two runs: 2,986 and
-/// 3,675 MB/s (medians) with the default (208 KiB), 4,065 and 4,666 with
-/// this, 3,696 and 4,209 with 2 MiB. The kernel caps it at `wmem_max`.
+/// What the agent asks for as a Unix connection's send buffer: a 1 MiB record
+/// of a file read (the largest pipe an unprivileged agent splices) fits at
+/// once, so the writer moves it with one `splice` and one wake-up rather than
+/// five. Measured with `e2e_transfer 1024 9 --fs-only --child`, interleaved,
+/// two runs: 2,986 and 3,675 MB/s (medians) with the default (208 KiB), 4,065
+/// and 4,666 with this, 3,696 and 4,209 with 2 MiB, on a machine whose
+/// `net.core.wmem_max` is 4 MiB. The kernel caps the request at `wmem_max`
+/// (208 KiB by default on many systems, where this changes nothing).
 pub const UNIX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Asks for [`UNIX_SEND_BUFFER`]; a refusal leaves the default, which works.
@@ -192,13 +198,6 @@ pub fn widen_send_buffer(s: &impl AsFd) {
     if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(s, UNIX_SEND_BUFFER) {
         tracing::debug!("send buffer of {UNIX_SEND_BUFFER} bytes refused: {e}");
     }
-}
-
-/// The host's side of a serial device, once it is open.
-async fn accept_serial(path: &std::path::Path) -> io::Result<(Stream, io::Result<OwnedFd>, String)> {
-    let stream = crate::serial::SerialStream::open_when_connected(path).await?;
-    let fd = stream.as_fd().try_clone_to_owned();
-    Ok((Box::new(stream), fd, format!("host on {}", path.display())))
 }
 
 impl Drop for Listener {

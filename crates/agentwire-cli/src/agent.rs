@@ -26,7 +26,7 @@ pub struct Serving {
 /// on the serial port powers the VM off.
 pub async fn serve(listener: Listener, agent: Arc<Agent>, serving: Serving) -> std::io::Result<()> {
     loop {
-        let (stream, fd, peer) = match listener.accept().await {
+        let (stream, fd, peer) = match listener.accept(serving.splice).await {
             Ok(accepted) => accepted,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) => {
                 tracing::warn!("accept: {e}; a connection waits until a descriptor is free");
@@ -36,7 +36,6 @@ pub async fn serve(listener: Listener, agent: Arc<Agent>, serving: Serving) -> s
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
             Err(e) => return Err(e),
         };
-        let fd = fd.filter(|_| serving.splice);
         let served = serve_one(stream, fd, peer, agent.clone(), serving.verbose);
         if !listener.is_serial() {
             tokio::spawn(served);

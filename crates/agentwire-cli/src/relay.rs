@@ -164,7 +164,7 @@ pub async fn run(opts: Options) -> ExitCode {
     let mut clients = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(false) => match accepted {
                 Ok((stream, _, _)) => admit(&shared, stream, &mut clients),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)) => {
                     tracing::warn!("accept: {e}; a client waits until a descriptor is free");

@@ -347,16 +347,16 @@ pub fn raw_copy_guest(name: &str) -> io::Result<()> {
                 let _ = fcntl(to.as_fd(), FcntlArg::F_SETPIPE_SZ(size as i32));
                 let room = fcntl(to.as_fd(), FcntlArg::F_GETPIPE_SZ)? as usize;
                 while done < n {
+                    // As much of the piece as the empty pipe takes (a buffer
+                    // that starts mid-page needs a slot more than its pages),
+                    // never waiting: this thread is the one that drains it.
                     let want = size.min(room).min(n - done);
-                    let mut filled = 0;
-                    while filled < want {
-                        filled += vmsplice(&to, &[io::IoSlice::new(&buf[filled..want])], SpliceFFlags::empty())?;
-                    }
+                    let placed = vmsplice(&to, &[io::IoSlice::new(&buf[..want])], SpliceFFlags::SPLICE_F_NONBLOCK)?;
                     let mut moved = 0;
-                    while moved < want {
-                        moved += splice(&from, None, &port, None, want - moved, SpliceFFlags::SPLICE_F_MOVE)?;
+                    while moved < placed {
+                        moved += splice(&from, None, &port, None, placed - moved, SpliceFFlags::SPLICE_F_MOVE)?;
                     }
-                    done += want;
+                    done += placed;
                 }
             }
             2 => {

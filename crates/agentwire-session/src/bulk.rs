@@ -25,13 +25,13 @@
 //! # Ok::<(), agentwire_session::bulk::BulkViolation>(())
 //! ```
 
-#[cfg(unix)]
-use agentwire::PipedData;
 use agentwire::payload::bulk::{
     BULK_RECORD_FORMAT, BulkAccepted, BulkCredit, BulkFinish, BulkFlow, BulkKind, BulkOffer, BulkRecord,
     DEFAULT_BULK_WINDOW, DEFAULT_FS_BULK_RECORD_PAYLOAD, DEFAULT_TCP_BULK_RECORD_PAYLOAD, FLOW_GUEST_TO_HOST,
-    FLOW_HOST_TO_GUEST, MAX_BULK_RECORD_PAYLOAD, MAX_BULK_WINDOW, MIN_BULK_RECORD_PAYLOAD, PipedRecord,
+    FLOW_HOST_TO_GUEST, MAX_BULK_RECORD_PAYLOAD, MAX_BULK_WINDOW, MIN_BULK_RECORD_PAYLOAD,
 };
+#[cfg(unix)]
+use agentwire::{PipedData, payload::bulk::PipedRecord};
 use bytes::Bytes;
 
 /// A broken bulk rule: the correlation is cancelled (reason 5, protocol violation).

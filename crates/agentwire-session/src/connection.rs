@@ -5,9 +5,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use agentwire::payload::bootstrap::GuestBootstrap;
-use agentwire::payload::bulk::{
-    BulkCancel, BulkCancelReason, BulkCredit, BulkFinish, BulkKind, BulkRecord, PipedRecord,
-};
+#[cfg(unix)]
+use agentwire::payload::bulk::PipedRecord;
+use agentwire::payload::bulk::{BulkCancel, BulkCancelReason, BulkCredit, BulkFinish, BulkKind, BulkRecord};
 use agentwire::payload::core::{
     CoreError, CoreErrorKind, InitAck, InitResolved, Pong, Ready, RelayClientDisconnected, ResolvedUser, Touched,
     WorkloadFailure, WorkloadFailureDisposition,

@@ -15,9 +15,10 @@
 //! while more than [`MAX_PENDING_WRITE`] bytes wait to be written.
 //!
 //! Given the transport's descriptor ([`spawn_splicing`], Linux), the writer
-//! moves piped bulk records ([`Route::send_piped`]) from their pipes into the
-//! transport with `splice`: a file's pages reach the socket or port without a
-//! copy through this process.
+//! moves the data of piped frames (bulk records, [`Route::send_piped`], and
+//! data frames, [`Route::send_piped_data`]) from their pipes into the
+//! transport with `splice`: a file's pages, or a command's output, reach the
+//! socket or port without a copy through this process.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -98,7 +99,8 @@ pub struct Counters {
     pub sent: Count,
     /// Read from the peer.
     pub received: Count,
-    /// Of what was sent, the piped records moved by `splice` (frames, data bytes).
+    /// Of what was sent, the frames whose data was moved by `splice` from a
+    /// pipe (records and data frames), and those data bytes.
     pub spliced: Count,
 }
 
@@ -135,6 +137,8 @@ struct Shared {
     to_read: Notify,
     /// Something was written, or the connection changed state.
     progress: Notify,
+    /// The connection ended: the reader stops even in the middle of a read.
+    closing: Notify,
     counters: Counters,
     /// Where what the application must act on goes.
     incoming: mpsc::UnboundedSender<Incoming>,
@@ -171,6 +175,7 @@ impl Shared {
         state.routes.clear();
         drop(state);
         self.progress.notify_waiters();
+        self.closing.notify_waiters();
         self.to_write.notify_one();
         self.to_read.notify_one();
     }
@@ -544,6 +549,7 @@ fn spawn_inner(
         to_write: Notify::new(),
         to_read: Notify::new(),
         progress: Notify::new(),
+        closing: Notify::new(),
         counters: Counters::default(),
         incoming: tx,
         splices: AtomicBool::new(target.is_some()),
@@ -657,6 +663,10 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     // Whether the frame at the start of `buf` already has a buffer of the pool's.
     let mut pooled = false;
     let why = loop {
+        // Armed before `ended` is looked at, so an end that comes after is seen.
+        let closing = shared.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
         // Hold back while the application has not taken what it was given.
         let (wanted, deadline, aligned) = {
             let state = shared.lock();
@@ -688,15 +698,29 @@ async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
             _ => READ_CHUNK,
         };
         buf.reserve(room);
-        let read = match deadline {
-            Some(at) => match tokio::time::timeout_at(at.into(), rd.read_buf(&mut (&mut buf).limit(room))).await {
-                Ok(r) => r,
-                Err(_) => match shared.lock().conn.handle_timeout(Instant::now()) {
-                    Ok(()) => continue,
-                    Err(e) => break e.to_string(),
-                },
+        let reading = async {
+            let mut room = (&mut buf).limit(room);
+            let read = rd.read_buf(&mut room);
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), read).await.ok(),
+                None => Some(read.await),
+            }
+        };
+        // An end (the writer failed, the application closed) stops a read
+        // that waits: nothing more is read, and the peer is not kept waiting
+        // on a transport that does not close by itself (a serial port).
+        // Dropped before it completes, a read has taken nothing.
+        let read = tokio::select! {
+            biased;
+            () = &mut closing => continue,
+            read = reading => read,
+        };
+        let read = match read {
+            Some(read) => read,
+            None => match shared.lock().conn.handle_timeout(Instant::now()) {
+                Ok(()) => continue,
+                Err(e) => break e.to_string(),
             },
-            None => rd.read_buf(&mut (&mut buf).limit(room)).await,
         };
         let n = match read {
             Ok(0) => break "the peer closed the connection".to_string(),
@@ -837,7 +861,12 @@ async fn splice_some(piped: &agentwire::PipedData, fd: &SpliceTarget) -> std::io
         });
         match moved {
             Ok(Ok(0)) => {
-                let msg = format!("a pipe ran dry with {} bytes of its frame's data still owed", piped.len());
+                // The pipe ended early, or the transport took its pages and
+                // dropped them (a virtio port whose queue refused the buffer).
+                let owed = piped.len();
+                let msg = format!(
+                    "splice moved nothing with {owed} bytes of a frame's data still owed: the pipe ran dry, or the transport dropped them"
+                );
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, msg));
             }
             Ok(result) => return result,

@@ -586,6 +586,7 @@ fn exec_control_frames_longer_than_4096_bytes_are_refused() {
 }
 
 /// `data` in a new pipe (write end closed), as piped data claiming `claimed` bytes.
+#[cfg(target_os = "linux")]
 fn in_a_pipe(data: &[u8], claimed: usize) -> agentwire::PipedData {
     let (reader, writer) = rustix::pipe::pipe().unwrap();
     let mut rest = data;
@@ -595,6 +596,7 @@ fn in_a_pipe(data: &[u8], claimed: usize) -> agentwire::PipedData {
     agentwire::PipedData::new(reader, claimed)
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn a_piped_record_goes_out_under_the_session_rules_and_a_short_pipe_ends_the_connection() {
     use crate::bulk::BulkSender;

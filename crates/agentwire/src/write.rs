@@ -244,6 +244,7 @@ impl WriteQueue {
     /// front holds.
     pub fn advance(&mut self, mut n: usize) {
         assert!(n <= self.len(), "advancing {n} bytes past the {} queued", self.len());
+        let asked = n;
         while n > 0 {
             let Some(front) = self.pieces.front_mut() else {
                 self.tail.advance(n);
@@ -254,7 +255,11 @@ impl WriteQueue {
                 Piece::Memory(b) => b.advance(step),
                 #[cfg(unix)]
                 Piece::Piped(p) => {
-                    assert_eq!(step, n, "advancing past piped data");
+                    // Bytes written from memory and bytes moved out of a pipe
+                    // are never one write: counting one as the other would
+                    // lose or repeat data.
+                    assert!(n == asked, "advancing {asked} bytes past the bytes in memory into piped data");
+                    assert!(step == n, "advancing {n} bytes past the {} of the piped data", p.len());
                     p.moved(step);
                 }
             }
@@ -297,35 +302,28 @@ impl WriteQueue {
     /// rest stays; [`WriteQueue::load_piped`] first reads it into memory).
     pub fn take_all(&mut self) -> Bytes {
         let memory = self.pieces.iter().take_while(|p| p.memory().is_some()).count();
-        if memory < self.pieces.len() {
-            let mut front = BytesMut::new();
-            for piece in self.pieces.drain(..memory) {
-                let b = piece.memory().expect("a piece in memory");
+        let all_memory = memory == self.pieces.len();
+        if all_memory && self.pieces.is_empty() {
+            return self.tail.split().freeze();
+        }
+        if all_memory && memory == 1 && self.tail.is_empty() {
+            self.pieces_len = 0;
+            if let Some(Piece::Memory(b)) = self.pieces.pop_front() {
+                return b;
+            }
+        }
+        let mut taken = BytesMut::with_capacity(self.chunks().map(<[u8]>::len).sum());
+        for piece in self.pieces.drain(..memory) {
+            if let Piece::Memory(b) = piece {
                 self.pieces_len -= b.len();
-                front.extend_from_slice(b);
-            }
-            return front.freeze();
-        }
-        match (self.pieces.len(), self.tail.is_empty()) {
-            (0, _) => self.tail.split().freeze(),
-            (1, true) => {
-                self.pieces_len = 0;
-                match self.pieces.pop_front() {
-                    Some(Piece::Memory(b)) => b,
-                    _ => Bytes::new(),
-                }
-            }
-            _ => {
-                let mut all = BytesMut::with_capacity(self.len());
-                for piece in self.pieces.drain(..) {
-                    all.extend_from_slice(piece.memory().expect("a piece in memory"));
-                }
-                all.extend_from_slice(&self.tail);
-                self.tail.clear();
-                self.pieces_len = 0;
-                all.freeze()
+                taken.extend_from_slice(&b);
             }
         }
+        if all_memory {
+            taken.extend_from_slice(&self.tail);
+            self.tail.clear();
+        }
+        taken.freeze()
     }
 
     /// Writes from the front of the queue with one vectored write; `Ready(Ok(0))`
@@ -382,10 +380,11 @@ pub struct PipedData {
 #[cfg(unix)]
 impl PipedData {
     /// The `len` bytes waiting in the pipe whose read end is `pipe`. The
-    /// caller has put exactly that many there: fewer make the writer fail
-    /// (and the connection end, its frame cut short); more are never read.
-    /// Best with the read end non-blocking, so that a short pipe is an error
-    /// rather than a wait.
+    /// caller has put exactly that many there and closed every write end, so
+    /// that the pipe ends after them: fewer then make the writer fail (and
+    /// the connection end, its frame cut short) rather than wait; more are
+    /// never read. A write end left open makes a short pipe a wait for the
+    /// rest, which holds up the connection's writer.
     pub fn new(pipe: std::os::fd::OwnedFd, len: usize) -> PipedData {
         PipedData { pipe: pipe.into(), len }
     }
@@ -702,6 +701,15 @@ mod tests {
         assert_eq!(q.len(), 1000 + 5, "the pipe and what follows stay");
         let e = q.load_piped().unwrap_err();
         assert!(e.to_string().contains("500 of the 1000"), "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "into piped data")]
+    fn one_advance_never_counts_bytes_in_memory_and_in_a_pipe_together() {
+        let mut q = WriteQueue::new();
+        q.tail_mut().extend_from_slice(&[0; 10]);
+        q.push_piped(&MessageCodec::new(), 6, piped_record(0, piped(&[1; 100], 100))).unwrap();
+        q.advance(50);
     }
 
     #[test]

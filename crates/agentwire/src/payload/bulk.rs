@@ -283,7 +283,7 @@ impl BulkRecord {
 }
 
 /// A bulk record whose data is not in memory but waits in a pipe
-/// ([`PipedData`]), for a writer that moves it on with `splice`
+/// ([`PipedData`](crate::PipedData)), for a writer that moves it on with `splice`
 /// ([`WriteQueue::push_piped`](crate::WriteQueue::push_piped)): on the wire
 /// it is the same record as a [`BulkRecord`] of those bytes.
 #[cfg(unix)]

@@ -1,0 +1,34 @@
+//! Pipes that carry a frame's data to the connection without passing through
+//! the agent's memory: filled by `splice` from a file or from a command's
+//! output pipe, then spliced into the transport by the session driver
+//! (`agentwire::PipedData`).
+
+use std::os::fd::OwnedFd;
+
+use rustix::pipe::{PipeFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
+
+/// The largest pipe an unprivileged process may ask for by default
+/// (`/proc/sys/fs/pipe-max-size`).
+const DEFAULT_PIPE_MAX: usize = 1024 * 1024;
+
+/// The least data that gets a pipe of its own; less is read into memory. Each
+/// queued pipe holds a descriptor and at least a page, so a peer granting
+/// credit a few bytes at a time, or a command writing a few bytes at a time,
+/// must not make one per few bytes: with the connection's write backlog of
+/// 1 MiB, at most 64 queued pipes come from a connection's waiting frames.
+pub(crate) const MIN_PIPED: usize = 16 * 1024;
+
+/// A new pipe, both ends non-blocking, with room for `want` bytes where the
+/// system allows it (above `pipe-max-size` only with CAP_SYS_RESOURCE; then
+/// 1 MiB, then the default 64 KiB): its read end, write end and room.
+pub(crate) fn pipe_for(want: usize) -> std::io::Result<(OwnedFd, OwnedFd, usize)> {
+    let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+    let room = match fcntl_setpipe_size(&write_end, want) {
+        Ok(size) => size,
+        Err(_) => match fcntl_setpipe_size(&write_end, want.min(DEFAULT_PIPE_MAX)) {
+            Ok(size) => size,
+            Err(_) => fcntl_getpipe_size(&write_end)?,
+        },
+    };
+    Ok((read_end, write_end, room))
+}
