@@ -703,6 +703,94 @@ mod tests {
         assert!(e.to_string().contains("500 of the 1000"), "{e}");
     }
 
+    /// One frame of the property below: in memory, or with its data piped.
+    #[derive(Clone, Debug)]
+    enum Item {
+        Ping,
+        Stdout(usize),
+        Record(usize),
+        PipedRecord(usize),
+        PipedStdout(usize),
+    }
+
+    fn item() -> impl proptest::strategy::Strategy<Value = Item> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Item::Ping),
+            (0..20_000usize).prop_map(Item::Stdout),
+            (1..20_000usize).prop_map(Item::Record),
+            (1..60_000usize).prop_map(Item::PipedRecord),
+            (0..60_000usize).prop_map(Item::PipedStdout),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(48))]
+
+        /// Frames in memory and piped, queued across appends and written by
+        /// short writes and short moves out of the pipes, are the frames of
+        /// the same data in memory, byte for byte.
+        #[test]
+        fn piped_and_memory_frames_written_piecemeal_are_the_frames_in_memory(
+            items in proptest::collection::vec(item(), 1..12),
+            split in 0..12usize,
+            steps in proptest::collection::vec(1..70_000usize, 1..8),
+        ) {
+            let data = |n: usize, seed: usize| Bytes::from((0..n).map(|i| (i * 31 + seed) as u8).collect::<Vec<_>>());
+            let (kind, flow) = (BulkKind::Filesystem, BulkFlow::GuestToHost);
+            let mut expected = Vec::new();
+            let (mut first, mut second) = (WriteQueue::new(), WriteQueue::new());
+            let mut codec = MessageCodec::new();
+            for (k, item) in items.iter().enumerate() {
+                let q = if k < split { &mut first } else { &mut second };
+                let m = match *item {
+                    Item::Ping => Message::new(1, Ping {}),
+                    Item::Stdout(n) | Item::PipedStdout(n) => Message::new(2, ExecStdout { data: data(n, k) }),
+                    Item::Record(n) | Item::PipedRecord(n) => {
+                        Message::new(3, BulkRecord::new(kind, flow, k as u64, data(n, k)))
+                    }
+                };
+                expected.extend_from_slice(&whole(std::slice::from_ref(&m)));
+                match *item {
+                    Item::PipedRecord(n) => {
+                        q.push_piped(&codec, 3, piped_record(k as u64, piped(&data(n, k), n))).unwrap();
+                    }
+                    Item::PipedStdout(n) => {
+                        q.push_piped_data(&codec, 2, crate::MessageType::ExecStdout, piped(&data(n, k), n)).unwrap();
+                    }
+                    _ => {
+                        q.push_message(&mut codec, &m).unwrap();
+                    }
+                }
+            }
+            first.append(&mut second);
+            proptest::prop_assert_eq!(first.len(), expected.len());
+            proptest::prop_assert_eq!(first.frames(), items.len() as u64);
+            let mut got = Vec::new();
+            let mut step = steps.iter().cycle();
+            while !first.is_empty() {
+                let want = *step.next().unwrap();
+                if let Some(p) = first.front_piped() {
+                    let mut buf = vec![0; want.min(p.len())];
+                    let n = rustix::io::read(p.pipe(), &mut buf).unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                    first.advance(n);
+                    continue;
+                }
+                let mut slices = [IoSlice::new(&[]); 4];
+                let n = first.io_slices(&mut slices);
+                let mut took = 0;
+                for s in &slices[..n] {
+                    let part = (want - took).min(s.len());
+                    got.extend_from_slice(&s[..part]);
+                    took += part;
+                }
+                first.advance(took);
+            }
+            proptest::prop_assert!(got == expected, "{} bytes written of {}", got.len(), expected.len());
+        }
+    }
+
     #[test]
     #[should_panic(expected = "into piped data")]
     fn one_advance_never_counts_bytes_in_memory_and_in_a_pipe_together() {
