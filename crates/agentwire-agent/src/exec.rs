@@ -198,21 +198,18 @@ impl Drop for Tasks {
     }
 }
 
-/// The largest pipe [`widen_pipe`] asks for (the kernel's default
-/// `/proc/sys/fs/pipe-max-size`, which an unprivileged process may reach).
-const MAX_PIPE: usize = 1024 * 1024;
-
 /// Gives the stdout pipe room for a whole chunk of `chunk` bytes (at most
-/// [`MAX_PIPE`]) when that is more than the kernel's default 64 KiB, so that
-/// a command writing fast fills chunks of the size the policy allows instead
+/// 1 MiB, the default `pipe-max-size`, which an unprivileged process may
+/// reach) when that is more than the kernel's default 64 KiB, so that a
+/// command writing fast fills chunks of the size the policy allows instead
 /// of 64 KiB ones. Only stdout, and only under a policy whose chunks are
 /// larger than the default pipe: the room counts against the user's pipe
 /// quota. Best effort: a refusal leaves the pipe as it is.
 fn widen_pipe(pipe: &impl std::os::fd::AsFd, chunk: usize) {
     const DEFAULT_PIPE: usize = 64 * 1024;
     if chunk > DEFAULT_PIPE {
-        let size = chunk.min(MAX_PIPE) as i32;
-        if let Err(e) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
+        let size = chunk.min(crate::piped::DEFAULT_PIPE_MAX);
+        if let Err(e) = crate::piped::resize(pipe, size) {
             tracing::debug!("a {size}-byte output pipe: {e}");
         }
     }
@@ -242,6 +239,16 @@ enum Source {
 }
 
 impl Source {
+    /// The child's pipe, when the output comes from one.
+    fn pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Source::Stdout(r) => Some(r.as_fd()),
+            Source::Stderr(r) => Some(r.as_fd()),
+            Source::Pty(_) => None,
+        }
+    }
+
     /// Appends at most `max` bytes that the command wrote to `buf`; 0 at the end.
     async fn read(&mut self, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
         match self {
@@ -419,33 +426,28 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
     let allowance = policy.map(|l| Arc::new(Allowance::new(l.output_limit.into())));
     let chunk = policy.map_or(LEGACY_OUTPUT_CHUNK, |l| l.output_chunk_size as usize);
     let mut pumps = JoinSet::new();
+    // Where the connection splices, a pipe's output goes from it to the
+    // transport without passing through the agent.
+    let mut spawn_pump = |source: Source, t: MessageType, frame: fn(Bytes) -> Payload| {
+        let watched = source.pipe().filter(|_| out.handle().splices()).and_then(watch_pipe);
+        match watched {
+            // The source is dropped: its descriptor closes, the duplicate stays.
+            Some(from) => pumps.spawn(pump_piped(from, out.clone(), (t, frame), chunk, allowance.clone())),
+            None => pumps.spawn(pump(source, out.clone(), frame, chunk, allowance.clone())),
+        };
+    };
     let sink = match &master {
         Some(m) => {
-            pumps.spawn(pump(Source::Pty(m.clone()), out.clone(), stdout_frame, chunk, allowance.clone()));
+            spawn_pump(Source::Pty(m.clone()), MessageType::ExecStdout, stdout_frame);
             Some(StdinSink::Pty(m.clone()))
         }
         None => {
-            // Where the connection splices, output goes from the command's
-            // pipe to the transport without passing through the agent.
-            let piped = |pipe: &dyn std::os::fd::AsFd| out.handle().splices().then(|| watch_pipe(pipe)).flatten();
             if let Some(r) = child.stdout.take() {
                 widen_pipe(&r, chunk);
-                match piped(&r) {
-                    Some(from) => {
-                        let frame = (MessageType::ExecStdout, stdout_frame as fn(Bytes) -> Payload);
-                        pumps.spawn(pump_piped(from, out.clone(), frame, chunk, allowance.clone()))
-                    }
-                    None => pumps.spawn(pump(Source::Stdout(r), out.clone(), stdout_frame, chunk, allowance.clone())),
-                };
+                spawn_pump(Source::Stdout(r), MessageType::ExecStdout, stdout_frame);
             }
             if let Some(r) = child.stderr.take() {
-                match piped(&r) {
-                    Some(from) => {
-                        let frame = (MessageType::ExecStderr, stderr_frame as fn(Bytes) -> Payload);
-                        pumps.spawn(pump_piped(from, out.clone(), frame, chunk, allowance.clone()))
-                    }
-                    None => pumps.spawn(pump(Source::Stderr(r), out.clone(), stderr_frame, chunk, allowance.clone())),
-                };
+                spawn_pump(Source::Stderr(r), MessageType::ExecStderr, stderr_frame);
             }
             child.stdin.take().map(StdinSink::Pipe)
         }
@@ -786,8 +788,8 @@ async fn pump(
 /// A descriptor of the command's output pipe `pipe` (a duplicate: the
 /// original, dropped, closes only itself) registered for readiness, for
 /// [`pump_piped`]; `None` when it cannot be made (then [`pump`] reads it).
-fn watch_pipe(pipe: &dyn std::os::fd::AsFd) -> Option<AsyncFd<OwnedFd>> {
-    let fd = pipe.as_fd().try_clone_to_owned().ok()?;
+fn watch_pipe(pipe: std::os::fd::BorrowedFd<'_>) -> Option<AsyncFd<OwnedFd>> {
+    let fd = pipe.try_clone_to_owned().ok()?;
     // tokio made the pipe non-blocking already (the flag is the open file's,
     // which the duplicate shares); set it all the same.
     rustix::io::ioctl_fionbio(&fd, true).ok()?;
@@ -864,14 +866,16 @@ impl Output {
 
 /// Takes up to `max` bytes that the command has written to its pipe `from`:
 /// moved into a pipe of their own (`spare`, or a new one) when at least
-/// [`MIN_PIPED`] wait (or all of `max`), read into memory when fewer do or no
-/// pipe can be made. `None` at the end of the output; `WouldBlock` when
+/// [`MIN_PIPED`] wait and may go, read into memory when fewer do or no pipe
+/// can be made. `None` at the end of the output; `WouldBlock` when
 /// nothing waits (a pipe made is kept in `spare` for the next try).
 fn take_output(from: &OwnedFd, max: usize, spare: &mut Option<(OwnedFd, OwnedFd)>) -> std::io::Result<Option<Output>> {
     use rustix::io::Errno;
     use rustix::pipe::{SpliceFlags, splice};
     let waiting = rustix::io::ioctl_fionread(from).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let pipe = match waiting >= MIN_PIPED.min(max) {
+    // A pipe only for a piece worth one: not when little waits, nor when the
+    // allowance lets little go (a host acknowledging a few bytes at a time).
+    let pipe = match waiting.min(max) >= MIN_PIPED {
         true => spare.take().or_else(|| crate::piped::pipe_for(max).ok().map(|(r, w, _)| (r, w))),
         false => None,
     };

@@ -955,12 +955,8 @@ async fn read_bulk(
         let want = (end - at).min(tx.window() as u64) as usize;
         // A small window (a host crediting a little at a time) is read into memory.
         if piped && want >= crate::piped::MIN_PIPED {
-            let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
-            let f = file.clone();
-            let filled = tokio::task::spawn_blocking(move || splice_at_most(&f, want, at))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{path}: read at {at}: {e}"))?;
+            let splice = move |f: &File| splice_at_most(f, want, at);
+            let (filled, permit) = read_in_budget(fs, &file, (&path, want, at), splice).await?;
             match filled {
                 Some(Filled { data: None, .. }) => break,
                 Some(Filled { data: Some(data), end_of_file }) => {
@@ -1018,15 +1014,30 @@ async fn read_chunk<'a>(
     at: u64,
     spare: &mut Option<Bytes>,
 ) -> Result<(Bytes, tokio::sync::SemaphorePermit<'a>), String> {
+    let reuse = spare.take().and_then(|b| b.try_into_mut().ok()).map(Vec::from).filter(|v| v.capacity() >= want);
+    let (chunk, permit) =
+        read_in_budget(fs, file, (path, want, at), move |f: &File| read_at_most(f, want, at, reuse)).await?;
+    *spare = Some(chunk.clone());
+    Ok((chunk, permit))
+}
+
+/// Runs `read` of up to `want` bytes at `at` of `file` on a blocking thread
+/// once the connection's read budget has room for them: what it read, and
+/// the permit that gives the budget's share back when dropped. An error
+/// names the path and the offset.
+async fn read_in_budget<'a, T: Send + 'static>(
+    fs: &'a Fs,
+    file: &Arc<File>,
+    (path, want, at): (&str, usize, u64),
+    read: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
+) -> Result<(T, tokio::sync::SemaphorePermit<'a>), String> {
     let permit = fs.read_budget.acquire_many(want as u32).await.map_err(|e| e.to_string())?;
     let f = file.clone();
-    let reuse = spare.take().and_then(|b| b.try_into_mut().ok()).map(Vec::from).filter(|v| v.capacity() >= want);
-    let chunk = tokio::task::spawn_blocking(move || read_at_most(&f, want, at, reuse))
+    let got = tokio::task::spawn_blocking(move || read(&f))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{path}: read at {at}: {e}"))?;
-    *spare = Some(chunk.clone());
-    Ok((chunk, permit))
+    Ok((got, permit))
 }
 
 /// Reads up to `want` bytes at `at` into `reuse` (emptied; a fresh buffer

@@ -3,13 +3,13 @@
 //! output pipe, then spliced into the transport by the session driver
 //! (`agentwire::PipedData`).
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use rustix::pipe::{PipeFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
 
 /// The largest pipe an unprivileged process may ask for by default
 /// (`/proc/sys/fs/pipe-max-size`).
-const DEFAULT_PIPE_MAX: usize = 1024 * 1024;
+pub(crate) const DEFAULT_PIPE_MAX: usize = 1024 * 1024;
 
 /// The least data that gets a pipe of its own; less is read into memory. Each
 /// queued pipe holds a descriptor and at least a page, so a peer granting
@@ -23,12 +23,16 @@ pub(crate) const MIN_PIPED: usize = 16 * 1024;
 /// 1 MiB, then the default 64 KiB): its read end, write end and room.
 pub(crate) fn pipe_for(want: usize) -> std::io::Result<(OwnedFd, OwnedFd, usize)> {
     let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-    let room = match fcntl_setpipe_size(&write_end, want) {
+    let room = match resize(&write_end, want) {
         Ok(size) => size,
-        Err(_) => match fcntl_setpipe_size(&write_end, want.min(DEFAULT_PIPE_MAX)) {
-            Ok(size) => size,
-            Err(_) => fcntl_getpipe_size(&write_end)?,
-        },
+        Err(_) => fcntl_getpipe_size(&write_end)?,
     };
     Ok((read_end, write_end, room))
+}
+
+/// Gives `pipe` room for `want` bytes, or for [`DEFAULT_PIPE_MAX`] when
+/// more is refused (`EPERM` above `pipe-max-size` without CAP_SYS_RESOURCE):
+/// the room it has then.
+pub(crate) fn resize(pipe: impl AsFd, want: usize) -> rustix::io::Result<usize> {
+    fcntl_setpipe_size(&pipe, want).or_else(|_| fcntl_setpipe_size(&pipe, want.min(DEFAULT_PIPE_MAX)))
 }

@@ -154,6 +154,10 @@ impl Listener {
             let fd = duplicate.then(|| s.as_fd().try_clone_to_owned());
             fd?.map_err(|e| tracing::debug!("no duplicate of the connection's descriptor: {e}")).ok()
         };
+        let serial = async |path: &std::path::Path| {
+            let s = crate::serial::SerialStream::open_when_connected(path).await?;
+            io::Result::Ok((dup(&s), Box::new(s) as Stream, format!("host on {}", path.display())))
+        };
         let (fd, stream, peer): (_, Stream, _) = match self {
             Listener::Unix(l, _) => {
                 let s = l.accept().await?.0;
@@ -170,14 +174,9 @@ impl Listener {
                 (dup(&s), Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port()))
             }
             Listener::Port(name) => {
-                let path = crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?;
-                let s = crate::serial::SerialStream::open_when_connected(&path).await?;
-                (dup(&s), Box::new(s), format!("host on {}", path.display()))
+                serial(&crate::serial::find_port(name, std::time::Duration::from_secs(30)).await?).await?
             }
-            Listener::Device(path) => {
-                let s = crate::serial::SerialStream::open_when_connected(path).await?;
-                (dup(&s), Box::new(s), format!("host on {}", path.display()))
-            }
+            Listener::Device(path) => serial(path).await?,
         };
         Ok((stream, fd, peer))
     }

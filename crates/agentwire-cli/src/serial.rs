@@ -29,8 +29,8 @@ pub struct SerialStream {
 /// What one write(2) of a virtio port takes at most (the guest driver's limit).
 const PORT_WRITE_MAX: usize = 32 * 1024;
 
-impl std::os::fd::AsFd for SerialStream {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+impl AsFd for SerialStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }
 }

@@ -182,6 +182,7 @@ async fn connect(builder: Builder) -> (Client, FakeAgent, Capture) {
     connect_to(builder, host_io, driver::spawn(conn, agent_io, None)).await
 }
 
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// The same over a Unix socketpair, the scripted agent's driver splicing
 /// piped records into its end (with `agent_capture`, it may not).
 async fn connect_splicing(
@@ -807,12 +808,14 @@ async fn a_long_read_reuses_the_drivers_buffers() {
     within(guest).await.unwrap();
 }
 
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// `data` in a new pipe (of the default 64 KiB: `data` must fit), its write
 /// end closed, as a record's piped data.
 fn in_a_pipe(data: &[u8]) -> agentwire::PipedData {
     in_a_pipe_claiming(data, data.len())
 }
 
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// The same, claiming `claimed` bytes.
 fn in_a_pipe_claiming(data: &[u8], claimed: usize) -> agentwire::PipedData {
     let (reader, writer) = rustix::pipe::pipe().unwrap();
@@ -823,6 +826,7 @@ fn in_a_pipe_claiming(data: &[u8], claimed: usize) -> agentwire::PipedData {
     agentwire::PipedData::new(reader, claimed)
 }
 
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// What a scripted read sent: records in all, and the piped ones and their bytes.
 struct Sent {
     records: usize,
@@ -830,6 +834,7 @@ struct Sent {
     piped_bytes: u64,
 }
 
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// A read whose records alternate between piped data (64 KiB pipes) and
 /// data in memory (1 MiB): the piped ones go by `splice` into the socket,
 /// between the others in order, and the file arrives intact. `capture` on
@@ -880,6 +885,7 @@ async fn read_with_piped_records(agent_capture: Option<Box<dyn std::io::Write + 
     (handle, capture, sent)
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn piped_records_are_spliced_into_the_socket_in_order() {
     let (handle, _, sent) = read_with_piped_records(None).await;
@@ -888,6 +894,7 @@ async fn piped_records_are_spliced_into_the_socket_in_order() {
     assert_eq!(spliced, (sent.piped, sent.piped_bytes), "every piped record spliced, whole");
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_capture_piped_records_are_read_into_memory_and_captured() {
     let agent_side = Capture::default();
@@ -896,6 +903,8 @@ async fn with_a_capture_piped_records_are_read_into_memory_and_captured() {
     // The agent's capture saw every record, whole (its frames parse in turn).
     assert_eq!(agent_side.count("bulk.record"), sent.records);
 }
+
+#[cfg(target_os = "linux")] // `spawn_splicing` is Linux's
 /// A pipe that holds less than its record claims cannot be sent whole: the
 /// connection ends, saying so, rather than cut the frame short and go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -919,5 +928,6 @@ async fn a_pipe_short_of_its_records_length_ends_the_connection() {
     let why = within(handle.closed()).await;
     assert!(why.contains("500") || why.contains("ran dry"), "{why}");
     assert!(why.contains("still owed"), "{why}");
+    assert!(why.contains("with 500 bytes of a frame's data still owed"), "{why}");
     drop(within(guest).await.unwrap());
 }

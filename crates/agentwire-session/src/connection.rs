@@ -596,13 +596,24 @@ impl Connection {
     /// Encodes `m` into the send buffer, leaving it unchanged on failure. A
     /// host's frame that would pass the agent's transport credit waits.
     fn queue(&mut self, m: Message) -> Result<(), EncodeError> {
-        let data = is_data(m.message_type());
+        self.queue_with(m.message_type(), |send, codec| send.push_message(codec, &m))
+    }
+
+    /// Queues the frame of type `t` that `push` encodes into the queue it is
+    /// given (leaving it unchanged on failure): the send buffer, or for a
+    /// host under the agent's transport credit, the meter's hold.
+    fn queue_with(
+        &mut self,
+        t: MessageType,
+        push: impl FnOnce(&mut WriteQueue, &mut MessageCodec) -> Result<usize, EncodeError>,
+    ) -> Result<(), EncodeError> {
+        let data = is_data(t);
         if self.role == Role::Host && self.meter.is_enforcing() {
             let mut frame = WriteQueue::new();
-            frame.push_message(&mut self.codec, &m)?;
+            push(&mut frame, &mut self.codec)?;
             self.meter.admit(frame, data, &mut self.send);
         } else {
-            let len = self.send.push_message(&mut self.codec, &m)?;
+            let len = push(&mut self.send, &mut self.codec)?;
             if self.role == Role::Host {
                 self.meter.count_sent(len, data);
             }
@@ -1057,17 +1068,7 @@ impl Connection {
         if !self.sessions.contains(id) {
             return Err(SendError::NoSession { id, message_type: t });
         }
-        let mut frame = WriteQueue::new();
-        let len = push(&mut frame, &self.codec)?;
-        if self.role == Role::Host && self.meter.is_enforcing() {
-            self.meter.admit(frame, is_data(t), &mut self.send);
-        } else {
-            self.send.append(&mut frame);
-            if self.role == Role::Host {
-                self.meter.count_sent(len, is_data(t));
-            }
-        }
-        Ok(())
+        Ok(self.queue_with(t, |send, codec| push(send, codec))?)
     }
 
     /// Host: forgets session `id` without telling the agent (its replies that

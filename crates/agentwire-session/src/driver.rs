@@ -308,8 +308,9 @@ impl Handle {
         self.0.end(why.to_string());
     }
 
-    /// Whether piped records ([`Route::send_piped`]) go to the transport by
-    /// `splice`, never through memory: the driver has the transport's
+    /// Whether piped frames ([`Route::send_piped`],
+    /// [`Route::send_piped_data`]) go to the transport by `splice`, never
+    /// through memory: the driver has the transport's
     /// descriptor ([`spawn_splicing`]), no capture, and the transport has
     /// taken `splice` so far. Without it they are read into memory first,
     /// which costs more than reading the data into memory in the first place.
@@ -504,10 +505,11 @@ pub fn spawn(
 
 /// [`spawn`], with `fd`, a descriptor of the transport `io` (a duplicate of
 /// its own, as `io.as_fd().try_clone_to_owned()` makes), into which the
-/// writer splices piped records ([`Route::send_piped`]). The writer is still
-/// the only one to write: `io` for everything else, in order. Without a
-/// capture only (which must see every byte); a transport that refuses
-/// `splice` (`EINVAL`) turns it off, and its records are read into memory.
+/// writer splices the data of piped frames ([`Route::send_piped`],
+/// [`Route::send_piped_data`]). The writer is still the only one to write:
+/// `io` for everything else, in order. Without a capture only (which must
+/// see every byte); a transport that refuses `splice` (`EINVAL`) turns it
+/// off, and piped data is then read into memory.
 #[cfg(target_os = "linux")]
 pub fn spawn_splicing(
     conn: Connection,

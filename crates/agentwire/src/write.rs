@@ -80,6 +80,14 @@ impl Piece {
             Piece::Piped(_) => None,
         }
     }
+
+    fn into_memory(self) -> Option<Bytes> {
+        match self {
+            Piece::Memory(b) => Some(b),
+            #[cfg(unix)]
+            Piece::Piped(_) => None,
+        }
+    }
 }
 
 impl WriteQueue {
@@ -303,21 +311,19 @@ impl WriteQueue {
     pub fn take_all(&mut self) -> Bytes {
         let memory = self.pieces.iter().take_while(|p| p.memory().is_some()).count();
         let all_memory = memory == self.pieces.len();
-        if all_memory && self.pieces.is_empty() {
-            return self.tail.split().freeze();
-        }
-        if all_memory && memory == 1 && self.tail.is_empty() {
-            self.pieces_len = 0;
-            if let Some(Piece::Memory(b)) = self.pieces.pop_front() {
-                return b;
+        // Nothing to join: the tail, or the one piece, as it is.
+        match (all_memory, memory, self.tail.is_empty()) {
+            (true, 0, _) => return self.tail.split().freeze(),
+            (true, 1, true) => {
+                self.pieces_len = 0;
+                return self.pieces.pop_front().and_then(Piece::into_memory).unwrap_or_default();
             }
+            _ => {}
         }
         let mut taken = BytesMut::with_capacity(self.chunks().map(<[u8]>::len).sum());
-        for piece in self.pieces.drain(..memory) {
-            if let Piece::Memory(b) = piece {
-                self.pieces_len -= b.len();
-                taken.extend_from_slice(&b);
-            }
+        for bytes in self.pieces.drain(..memory).filter_map(Piece::into_memory) {
+            self.pieces_len -= bytes.len();
+            taken.extend_from_slice(&bytes);
         }
         if all_memory {
             taken.extend_from_slice(&self.tail);
