@@ -5,7 +5,8 @@
 # write sizes (the agent binary's hidden `vm-bench --guest`, before the agent
 # starts), then the agent's transfers over the same port through the host
 # client (file write and read in /tmp, exec stdin into dd and stdout from dd,
-# exec cat with its output checked byte for byte against its input), and the
+# exec cat with its output checked byte for byte against its input, exec
+# stdout of busybox cat of the /tmp file: sendfile, no copy), and the
 # guest's tmpfs alone (dd in the guest), and prints MB/s, the guest's CPU ticks
 # and page faults of each agent transfer, and each one's ratio to the best raw
 # copy of its direction in the same boot (a file transfer also to tmpfs alone,
@@ -22,7 +23,8 @@
 #
 # More knobs, as environment variables: AGENTWIRE_VM_APPEND adds words to the
 # guest kernel's command line; AGENTWIRE_VM_BENCH_ONLY=0,4 runs only those agent transfers (0 fs
-# write, 1 fs read, 2 exec stdin, 3 exec stdout, 4 exec cat) and no raw copy;
+# write, 1 fs read, 2 exec stdin, 3 exec stdout, 4 exec cat, 5 exec stdout of
+# cat of the file 0 wrote) and no raw copy;
 # AGENTWIRE_VM_BENCH_LEGACY=1 sends no exec policy, so executions are legacy
 # ones, whose stdin the agent drops beyond its 1 MiB queue (exec cat fails).
 set -euo pipefail

@@ -414,6 +414,9 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
             return;
         }
     };
+    // Its strings are views of the frame it came in, which would keep the
+    // frame's read buffer for as long as the command runs.
+    drop(req);
     let pid = child.id().unwrap_or(0);
     // The child leads its own process group (set before exec; in PTY mode it
     // leads a new session, so its pgid is its pid too): signals and the final
@@ -646,7 +649,7 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
             _ => return Err(bad_args(format!("environment entry {entry:?} is not KEY=VALUE"))),
         };
     }
-    if let Some(cwd) = req.cwd.as_ref().or(defaults.cwd.as_ref()) {
+    if let Some(cwd) = req.cwd.as_deref().or(defaults.cwd.as_deref()) {
         match std::fs::metadata(cwd) {
             Ok(m) if m.is_dir() => {
                 command.current_dir(cwd);
@@ -662,7 +665,7 @@ fn prepare(req: &ExecRequest, defaults: &Defaults) -> Result<tokio::process::Com
         }
     }
     let (euid, _) = sys::effective_ids();
-    if let Some(user) = req.user.as_ref().or(defaults.user.as_ref()) {
+    if let Some(user) = req.user.as_deref().or(defaults.user.as_deref()) {
         let (uid, gid) = lookup_user(user)
             .ok_or_else(|| failure(ExecFailureKind::UserSetupFailed, None, format!("no user {user:?}"), "user"))?;
         if uid != euid {

@@ -212,7 +212,7 @@ impl Agent {
     /// duplicate of its own): bulk file reads, and the output of commands on
     /// pipes, then go from the file or pipe to the transport by `splice`,
     /// never copied through the agent (`driver::spawn_splicing`); pieces
-    /// below 16 KiB are read into memory, so that the pipes queued stay few.
+    /// below 64 KiB are read into memory, so that the pipes queued stay few.
     pub async fn serve_splicing(
         self: Arc<Self>,
         io: impl AsyncRead + AsyncWrite + Send + 'static,

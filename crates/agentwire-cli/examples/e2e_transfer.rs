@@ -26,6 +26,9 @@
 //! - exec cat: `cat` of the tmpfs file;
 //! - exec dd: `dd if=/dev/zero bs=1M`, which writes 1 MiB a write (GNU
 //!   `head` writes 8 KiB: on this kind of machine it is the limit by itself);
+//! - exec busybox cat, when `busybox` is installed: its `cat` moves the tmpfs
+//!   file into the pipe with `sendfile`, without a copy, so this one shows what
+//!   the agent and client carry when the command is not the limit;
 //! - fs read: `Client::read_file` of an N-byte file on tmpfs (`/dev/shm`)
 //!   into a sink, as raw bulk records.
 
@@ -212,6 +215,8 @@ async fn main() {
     let mut exec = Vec::new();
     let mut cat = Vec::new();
     let mut read = Vec::new();
+    let busybox = std::process::Command::new("busybox").args(["cat", "/dev/null"]).status().is_ok_and(|s| s.success());
+    let (mut pipe_sendfile, mut exec_sendfile) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         if fs_only {
             read.push(within("fs read", fs_read(&client, n)).await);
@@ -231,6 +236,14 @@ async fn main() {
         exec.push(within("exec head", exec_stream(&client, head, n)).await);
         let file = root.join("e2e.bin").display().to_string();
         cat.push(within("exec cat", exec_stream(&client, Command::new("cat").arg(file), n)).await);
+        if busybox {
+            let args = vec!["cat".to_string(), root.join("e2e.bin").display().to_string()];
+            let local_args = args.clone();
+            pipe_sendfile
+                .push(tokio::task::spawn_blocking(move || local_pipe("busybox", &local_args, n)).await.expect("pipe"));
+            exec_sendfile
+                .push(within("exec busybox cat", exec_stream(&client, Command::new("busybox").args(args), n)).await);
+        }
         read.push(within("fs read", fs_read(&client, n)).await);
     }
     if fs_only {
@@ -255,8 +268,13 @@ async fn main() {
         ("exec head -c (stdout)", exec),
         ("exec cat tmpfs (stdout)", cat),
         ("exec dd bs=1M (stdout)", exec_dd),
+        ("local busybox cat | pipe", pipe_sendfile),
+        ("exec busybox cat", exec_sendfile),
         ("fs read tmpfs", read),
     ] {
+        if d.is_empty() {
+            continue;
+        }
         let (best, med) = (*d.iter().min().expect("rounds"), median(d));
         println!(
             "  {:<24} {:>8.0} {:>8.0}   {:>6.2} {:>6.2}",

@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agentwire::payload::Text;
 use agentwire::payload::exec::{ExecFailureKind, ExecRequest};
 use agentwire_client::{Client, ClientError, Exec, ExecEvent, ExitStatus};
 use bytes::{Bytes, BytesMut};
@@ -183,7 +184,7 @@ pub async fn exec_with_tty(client: &Client, mut req: ExecRequest, who: &str) -> 
     if let Ok(term) = std::env::var("TERM")
         && !req.env.iter().any(|e| e.starts_with("TERM="))
     {
-        req.env.push(format!("TERM={term}"));
+        req.env.push(format!("TERM={term}").into());
     }
     let listen = |kind: SignalKind| signal(kind).map_err(|e| format!("signal handler: {e}"));
     let (mut winch, mut int, mut term, mut hup) = (
@@ -282,9 +283,9 @@ async fn act_on(client: &Client, action: Action) -> Result<u8, String> {
         Action::Shutdown => Ok(0),
         Action::Exec { command, env, cwd, tty } => {
             let mut req = ExecRequest::new(&command[0]);
-            req.args = command[1..].to_vec();
-            req.env = env;
-            req.cwd = cwd;
+            req.args = command[1..].iter().map(Text::from).collect();
+            req.env = env.into_iter().map(Text::from).collect();
+            req.cwd = cwd.map(Text::from);
             if tty {
                 exec_with_tty(client, req, "agentwire host").await
             } else {

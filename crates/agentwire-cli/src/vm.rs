@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use agentwire::payload::Text;
 use agentwire::payload::bootstrap::GuestBootstrap;
 use agentwire::payload::exec::ExecRequest;
 
@@ -372,7 +373,7 @@ async fn session(
     let command =
         if opts.command.is_empty() { vec!["uname".to_string(), "-a".to_string()] } else { opts.command.clone() };
     let mut req = ExecRequest::new(&command[0]);
-    req.args = command[1..].to_vec();
+    req.args = command[1..].iter().map(Text::from).collect();
     let code = crate::host::exec_with_stdio(&client, req, "agentwire vm").await?;
     if opts.measure {
         measure(&client).await?;
@@ -632,12 +633,13 @@ impl tokio::io::AsyncWrite for Check<'_> {
 /// The agent's transfers, each of `data.len()` bytes: the name, and the
 /// direction of the raw copy it is compared with (0 host → guest, 1 guest →
 /// host). See [`agent_transfer`].
-const TRANSFERS: [(&str, usize); 5] = [
+const TRANSFERS: [(&str, usize); 6] = [
     ("fs write to /tmp (host->guest)", 0),
     ("fs read from /tmp (guest->host)", 1),
     ("exec stdin to dd (host->guest)", 0),
     ("exec stdout from dd (guest->host)", 1),
     ("exec cat, stdin echoed to stdout, checked byte for byte (both ways)", 1),
+    ("exec stdout from cat of the /tmp file (guest->host)", 1),
 ];
 
 /// One agent transfer of `data.len()` bytes: 0 file write to /tmp (tmpfs), 1
@@ -645,8 +647,10 @@ const TRANSFERS: [(&str, usize); 5] = [
 /// `dd if=/dev/zero` (dd, not busybox's head: it copies at under 20 MB/s
 /// under software emulation by itself), 4 exec `cat` with `data` as its
 /// input, its output compared with it byte for byte (each byte crosses the
-/// port both ways; a byte lost or changed is an error). The time is the
-/// host's, from the request to the last reply.
+/// port both ways; a byte lost or changed is an error), 5 exec stdout of
+/// `cat` of the file of 0 (busybox's `cat` moves it into the pipe with
+/// `sendfile`, without a copy: the exec path when the command is not the
+/// limit). The time is the host's, from the request to the last reply.
 async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Duration, String> {
     let n = data.len();
     let path = "/tmp/agentwire-bench.bin";
@@ -675,6 +679,15 @@ async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Du
             let (mut out, mut err) = (Counter::default(), Counter::default());
             exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
             out.0 + (n % block) as u64
+        }
+        5 => {
+            let exec = client.exec(command("cat", &[path.into()])).await.map_err(|e| e.to_string())?;
+            let (mut out, mut err) = (Counter::default(), Vec::new());
+            let status = exec.pipe(tokio::io::empty(), &mut out, &mut err).await.map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("cat {path}: {status:?}: {}", String::from_utf8_lossy(&err)));
+            }
+            out.0
         }
         _ => {
             let exec = client.exec(command("cat", &[])).await.map_err(|e| e.to_string())?;
@@ -708,7 +721,7 @@ async fn agent_transfer(client: &Client, which: usize, data: &[u8]) -> Result<Du
 /// The command `cmd` with `args`.
 fn command(cmd: &str, args: &[String]) -> ExecRequest {
     let mut req = ExecRequest::new(cmd);
-    req.args = args.to_vec();
+    req.args = args.iter().map(Text::from).collect();
     req
 }
 

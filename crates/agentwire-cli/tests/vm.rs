@@ -90,7 +90,7 @@ impl Vm {
     async fn exec(&mut self, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, i32) {
         let id = self.id();
         let mut req = ExecRequest::new(argv[0]);
-        req.args = argv[1..].iter().map(|a| a.to_string()).collect();
+        req.args = argv[1..].iter().map(|&a| a.into()).collect();
         self.send(Message::new(id, req)).await;
         for data in [stdin, b""] {
             self.send(Message::new(id, ExecStdin { data: Bytes::copy_from_slice(data) })).await;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use agentwire::payload::Text;
 use agentwire::payload::exec::{
     EXEC_OUTPUT_EVENT_OVERHEAD, ExecLimits, ExecOutputAck, ExecRequest, ExecResize, ExecRlimit, ExecSignal, ExecStdin,
     ExecStdinError,
@@ -33,36 +34,36 @@ pub struct Command(ExecRequest);
 
 impl Command {
     /// Runs `program` (looked up in the guest's `PATH`).
-    pub fn new(program: impl Into<String>) -> Command {
+    pub fn new(program: impl Into<Text>) -> Command {
         Command(ExecRequest::new(program))
     }
 
     /// Adds an argument.
-    pub fn arg(mut self, arg: impl Into<String>) -> Command {
+    pub fn arg(mut self, arg: impl Into<Text>) -> Command {
         self.0.args.push(arg.into());
         self
     }
 
     /// Adds arguments.
-    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Command {
+    pub fn args<I: IntoIterator<Item = S>, S: Into<Text>>(mut self, args: I) -> Command {
         self.0.args.extend(args.into_iter().map(Into::into));
         self
     }
 
     /// Sets an environment variable.
     pub fn env(mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Command {
-        self.0.env.push(format!("{}={}", key.as_ref(), value.as_ref()));
+        self.0.env.push(format!("{}={}", key.as_ref(), value.as_ref()).into());
         self
     }
 
     /// The working directory (default: the guest's).
-    pub fn cwd(mut self, dir: impl Into<String>) -> Command {
+    pub fn cwd(mut self, dir: impl Into<Text>) -> Command {
         self.0.cwd = Some(dir.into());
         self
     }
 
     /// The user to run as (default: the guest's).
-    pub fn user(mut self, user: impl Into<String>) -> Command {
+    pub fn user(mut self, user: impl Into<Text>) -> Command {
         self.0.user = Some(user.into());
         self
     }

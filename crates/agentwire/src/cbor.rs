@@ -168,6 +168,26 @@ impl<'a> Reader<'a> {
         Ok(Some(&self.buf[range]))
     }
 
+    /// Reads a definite text string at the cursor (no tag) and gives the range
+    /// of its content, unchecked; `None` for anything else (the cursor may
+    /// then have moved).
+    #[inline]
+    pub(crate) fn plain_text_range(&mut self) -> Option<Range<usize>> {
+        let at = self.pos;
+        let Head::Text(Some(len)) = self.head().ok()? else {
+            return None;
+        };
+        self.take(len, at).ok()
+    }
+
+    /// Moves past `bytes` when they come next, as in a payload written in a
+    /// known order; a comparison of a known size is a few integer compares.
+    #[inline]
+    pub(crate) fn expect<const N: usize>(&mut self, bytes: &[u8; N]) -> Option<()> {
+        let next = self.buf.get(self.pos..)?.first_chunk::<N>()?;
+        (next == bytes).then(|| self.pos += N)
+    }
+
     /// Reads the next head without moving.
     pub(crate) fn peek_head(&self) -> Result<Head, CborError> {
         self.clone().head()

@@ -178,7 +178,7 @@ macro_rules! message_types {
             /// use agentwire::MessageType;
             /// assert!(MessageType::FsData.holds_views());
             /// assert!(!MessageType::Ready.holds_views());
-            /// assert_eq!(MessageType::ALL.iter().filter(|t| t.holds_views()).count(), 6);
+            /// assert_eq!(MessageType::ALL.iter().filter(|t| t.holds_views()).count(), 7);
             /// ```
             pub const fn holds_views(self) -> bool {
                 match self { $( MessageType::$variant => <$payload as CborPayload>::HOLDS_VIEWS, )* }

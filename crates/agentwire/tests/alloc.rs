@@ -8,8 +8,9 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use agentwire::payload::Text;
 use agentwire::payload::core::Ready;
-use agentwire::payload::exec::{ExecExited, ExecStdout};
+use agentwire::payload::exec::{ExecExited, ExecRequest, ExecRlimit, ExecStdout};
 use agentwire::{FrameCodec, Message, MessageCodec, Payload, RejectKind};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -192,6 +193,23 @@ fn control_messages_decode_in_place_without_allocating() {
     assert_eq!(stats.allocs, 0, "{stats:?}");
     assert!(codes.iter().enumerate().all(|(i, &code)| code == i as i32 - 50), "{codes:?}");
     assert!(src.is_empty());
+}
+
+#[test]
+fn exec_request_strings_cost_no_allocation() {
+    let mut req = ExecRequest::new("/usr/bin/python3");
+    req.args = ["-m", "pytest", "-q", "tests/"].map(Text::from).to_vec();
+    req.env = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/home/sandbox", "LANG=C.UTF-8"].map(Text::from).to_vec();
+    req.cwd = Some("/workspace".into());
+    req.user = Some("sandbox".into());
+    req.rlimits = vec![ExecRlimit { resource: "nofile".into(), soft: 1024, hard: 4096 }];
+    let mut src = BytesMut::from(&frame(Message::new(7, req.clone()))[..]);
+    let mut codec = MessageCodec::new();
+    let (msg, stats) = measure(|| codec.decode(&mut src).unwrap().unwrap().unwrap());
+    // The box of the payload, its three vectors, and the read buffer's shared
+    // control block (the strings are views of the frame): not one of its ten strings.
+    assert_eq!(stats.allocs, 5, "{stats:?}");
+    assert_eq!(msg.payload, Payload::ExecRequest(Box::new(req)));
 }
 
 /// Most heap any hostile input below may cost, above its own size.

@@ -11,6 +11,7 @@
 
 use std::net::Ipv4Addr;
 
+use agentwire::payload::Text;
 use agentwire::payload::bootstrap::{
     BootstrapBlockRoot, BootstrapBlockRootUpper, BootstrapDirMount, BootstrapEnvVar, BootstrapIpv4,
     BootstrapMountFlags, BootstrapNetwork, BootstrapSecurityProfile, BootstrapTmpfsMount, GuestBootstrap,
@@ -56,7 +57,7 @@ pub fn ready() -> Ready {
 /// working directory, a user and 2 resource limits.
 pub fn exec_request() -> ExecRequest {
     ExecRequest {
-        args: ["-m", "pytest", "-q", "tests/"].map(String::from).to_vec(),
+        args: ["-m", "pytest", "-q", "tests/"].map(Text::from).to_vec(),
         env: [
             "PATH=/usr/local/bin:/usr/bin:/bin",
             "HOME=/home/sandbox",
@@ -65,7 +66,7 @@ pub fn exec_request() -> ExecRequest {
             "PYTHONUNBUFFERED=1",
             "VIRTUAL_ENV=/workspace/.venv",
         ]
-        .map(String::from)
+        .map(Text::from)
         .to_vec(),
         cwd: Some("/workspace".into()),
         user: Some("sandbox".into()),

@@ -6,26 +6,29 @@ use std::str::FromStr;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{open_enum, serde_payload};
+use super::{Text, open_enum, serde_payload};
 
 /// `core.exec.request`: run a command. Starts a session.
+///
+/// Its strings are [`Text`]: decoded from a frame, views of it, checked once
+/// and not copied.
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     /// The program.
-    pub cmd: String,
+    pub cmd: Text,
     /// Its arguments, without the program name.
     #[serde(default)]
-    pub args: Vec<String>,
+    pub args: Vec<Text>,
     /// Extra environment, as `KEY=VALUE`.
     #[serde(default)]
-    pub env: Vec<String>,
+    pub env: Vec<Text>,
     /// Working directory; the guest's default when `None`.
     #[serde(default)]
-    pub cwd: Option<String>,
+    pub cwd: Option<Text>,
     /// User to run as; the guest's default when `None`.
     #[serde(default)]
-    pub user: Option<String>,
+    pub user: Option<Text>,
     /// Run on a pseudo-terminal.
     #[serde(default)]
     pub tty: bool,
@@ -56,7 +59,7 @@ impl ExecRequest {
     /// let req = ExecRequest::new("echo");
     /// assert_eq!((req.rows, req.cols, req.tty), (24, 80, false));
     /// ```
-    pub fn new(cmd: impl Into<String>) -> ExecRequest {
+    pub fn new(cmd: impl Into<Text>) -> ExecRequest {
         ExecRequest {
             cmd: cmd.into(),
             args: Vec::new(),
@@ -88,7 +91,7 @@ impl ExecRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRlimit {
     /// Lowercase resource name: `nofile`, `nproc`, `as`, `cpu`, ...
-    pub resource: String,
+    pub resource: Text,
     /// Soft limit.
     pub soft: u64,
     /// Hard limit.
@@ -148,7 +151,7 @@ impl FromStr for ExecRlimit {
         if soft > hard {
             return Err(RlimitParseError::SoftAboveHard { input: input.to_string(), soft, hard });
         }
-        Ok(ExecRlimit { resource, soft, hard })
+        Ok(ExecRlimit { resource: resource.into(), soft, hard })
     }
 }
 
@@ -389,17 +392,8 @@ impl Default for ExecLimits {
     }
 }
 
-// ExecStdin, ExecStdout, ExecStderr and ExecExited have hand-written paths (payload::fast).
-serde_payload!(
-    ExecRequest,
-    ExecStarted,
-    ExecStdinError,
-    ExecFailed,
-    ExecResize,
-    ExecSignal,
-    ExecOutputAck,
-    ExecStdinAck
-);
+// ExecRequest, ExecStdin, ExecStdout, ExecStderr and ExecExited have hand-written paths (payload::fast).
+serde_payload!(ExecStarted, ExecStdinError, ExecFailed, ExecResize, ExecSignal, ExecOutputAck, ExecStdinAck);
 
 #[cfg(test)]
 mod tests {

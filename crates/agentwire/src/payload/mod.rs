@@ -8,7 +8,8 @@
 //! give the same bytes and values and defer to the serde path for anything
 //! they do not cover. A type may override a method with a
 //! faster path (the data-carrying payloads do, to hand out [`Bytes`] views of
-//! the frame instead of copies); such a path falls back to the serde path for
+//! the frame instead of copies, and `core.exec.request`, whose strings are
+//! [`Text`] views); such a path falls back to the serde path for
 //! any input it does not recognise, so the two cannot disagree.
 
 pub mod bootstrap;
@@ -20,7 +21,10 @@ pub mod fs;
 mod serde_fast;
 mod tagged;
 pub mod tcp;
+mod text;
 pub mod workload;
+
+pub use text::Text;
 
 use std::cell::Cell;
 use std::io;
@@ -114,7 +118,7 @@ pub trait CborPayload: Serialize + DeserializeOwned {
     }
 
     /// `true` when a decoded value holds [`Bytes`] views of the payload (the
-    /// data messages' `data`). The message decoder then cuts the frame out of
+    /// data messages' `data`, `core.exec.request`'s strings). The message decoder then cuts the frame out of
     /// its read buffer and calls [`CborPayload::decode`]; for every other type
     /// it reads the payload where it lies, with [`CborPayload::decode_slice`],
     /// and nothing is cut out or reference-counted.
