@@ -430,9 +430,11 @@ async fn run(req: ExecRequest, version: u8, defaults: Arc<Defaults>, mut route: 
     let chunk = policy.map_or(LEGACY_OUTPUT_CHUNK, |l| l.output_chunk_size as usize);
     let mut pumps = JoinSet::new();
     // Where the connection splices, a pipe's output goes from it to the
-    // transport without passing through the agent.
+    // transport without passing through the agent; chunks too small to get a
+    // pipe are read as they would be anyway.
     let mut spawn_pump = |source: Source, t: MessageType, frame: fn(Bytes) -> Payload| {
-        let watched = source.pipe().filter(|_| out.handle().splices()).and_then(watch_pipe);
+        let splices = chunk >= MIN_PIPED && out.handle().splices();
+        let watched = source.pipe().filter(|_| splices).and_then(watch_pipe);
         match watched {
             // The source is dropped: its descriptor closes, the duplicate stays.
             Some(from) => pumps.spawn(pump_piped(from, out.clone(), (t, frame), chunk, allowance.clone())),

@@ -207,9 +207,25 @@ fn exec_request_strings_cost_no_allocation() {
     let mut codec = MessageCodec::new();
     let (msg, stats) = measure(|| codec.decode(&mut src).unwrap().unwrap().unwrap());
     // The box of the payload, its three vectors, and the read buffer's shared
-    // control block (the strings are views of the frame): not one of its ten strings.
+    // control block (the strings are views of the frame): not one of its eleven strings.
     assert_eq!(stats.allocs, 5, "{stats:?}");
     assert_eq!(msg.payload, Payload::ExecRequest(Box::new(req)));
+}
+
+#[test]
+fn exec_request_arrays_claiming_every_byte_cost_little() {
+    // `args` and `rlimits` each claiming as many items as bytes follow (1 MiB
+    // of them, none an item of the right type), which a reader trusting the
+    // claim would reserve 32 and 48 times over.
+    for key in [&b"\x64args"[..], b"\x67rlimits"] {
+        let filler = 1 << 20;
+        let p = [&b"\xa2\x63cmd\x62sh"[..], key, b"\x9a\x00\x10\x00\x00", &vec![0; filler]].concat();
+        let mut src = BytesMut::from(&envelope_frame("core.exec.request", &p)[..]);
+        let mut codec = MessageCodec::new();
+        let (out, stats) = measure(|| codec.decode(&mut src));
+        assert!(matches!(out, Ok(Some(Err(_)))), "{key:?}: {out:?}");
+        assert!(stats.peak < filler + PEAK_LIMIT / 4, "{key:?}: peak {} bytes", stats.peak);
+    }
 }
 
 /// Most heap any hostile input below may cost, above its own size.

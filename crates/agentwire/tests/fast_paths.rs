@@ -214,11 +214,13 @@ fn decoded_exec_request_strings_are_views_of_the_payload() {
     assert!(!range.contains(&out.cmd.detached().as_ptr()));
 }
 
-/// The forms the hand-written reader leaves to the general path, and what the
-/// derive says of each.
+/// Edge forms, some taken by the hand-written reader and most left to the
+/// general path: the answer is the derive's for each.
 #[test]
 fn exec_request_edge_forms_same_answer() {
-    let cases: [&[u8]; 12] = [
+    let long_key = [&b"\xa2\x63cmd\x62sh\x79\x10\x01"[..], &[b'a'; 4097], b"\x00"].concat();
+    let mut cases: Vec<&[u8]> = vec![&long_key];
+    cases.extend::<[&[u8]; 16]>([
         // Only `cmd`: every default.
         b"\xa1\x63cmd\x62sh",
         // No `cmd`.
@@ -242,10 +244,21 @@ fn exec_request_edge_forms_same_answer() {
         b"\xa1\x63cmd\x7f\x61s\x61h\xff",
         // A byte string where a text belongs.
         b"\xa1\x63cmd\x42sh",
-    ];
-    for p in cases {
-        let p = Bytes::from_static(p);
+        // Null among the arguments.
+        b"\xa2\x63cmd\x62sh\x64args\x81\xf6",
+        // `tty` undefined, and tagged.
+        b"\xa2\x63cmd\x62sh\x63tty\xf7",
+        b"\xa2\x63cmd\x62sh\x63tty\xc1\xf5",
+        // All nine keys in order, with heads longer than they need be.
+        b"\xa9\x63cmd\x78\x02sh\x64args\x98\x01\x61x\x63env\x80\x63cwd\xf6\x64user\xf6\x63tty\xf4\x64rows\x19\x00\x18\x64cols\x1a\x00\x00\x00\x50\x67rlimits\x80",
+    ]);
+    for p in &cases {
+        let p = Bytes::copy_from_slice(p);
         assert_eq!(ExecRequest::decode(&p), serde_decode::<ExecRequest>(&p), "{p:x?}");
     }
-    assert_eq!(ExecRequest::decode(&Bytes::from_static(cases[0])).unwrap(), ExecRequest::new("sh"));
+    assert_eq!(ExecRequest::decode(&Bytes::copy_from_slice(cases[1])).unwrap(), ExecRequest::new("sh"));
+    assert!(serde_decode::<ExecRequest>(&long_key).is_err(), "ciborium refuses a key above 4096 bytes");
+    let mut longer = ExecRequest::new("sh");
+    longer.args = vec!["x".into()];
+    assert_eq!(ExecRequest::decode(&Bytes::copy_from_slice(cases[16])).unwrap(), longer);
 }

@@ -3,8 +3,9 @@
 //! `core.ready`, `core.exec.exited` and `core.exec.request` (its strings views
 //! of the frame).
 //!
-//! Each writes exactly what the serde derive writes through ciborium, and reads
-//! only the plain form of its payload: a definite map with definite text keys
+//! Each writer (all but `core.exec.request`'s, which has none of its own)
+//! writes exactly what the serde derive writes through ciborium, and each
+//! reader reads only the plain form of its payload: a definite map with definite text keys
 //! and untagged values of the expected type, unknown keys skipped. Anything else
 //! (tags, indefinite lengths, a duplicate or missing key, a value of another
 //! type, malformed input) makes the reader return `None`, and the caller asks
@@ -19,7 +20,7 @@ use super::core::Ready;
 use super::exec::{ExecExited, ExecRequest, ExecRlimit, ExecStderr, ExecStdin, ExecStdout};
 use super::fs::FsData;
 use super::tcp::TcpData;
-use super::{CborPayload, PayloadError, Text, fast_decode};
+use super::{CborPayload, PayloadError, Text, fast_decode, serde_fast};
 use crate::cbor::{self, Head, MAX_NESTING_DEPTH, Reader};
 
 /// Calls `field` with the raw bytes of each key of a plain map and a reader at
@@ -43,8 +44,12 @@ fn set_once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
 }
 
 /// Passes over an unknown key's value, after checking that the key is UTF-8
-/// (known keys are ASCII and were compared as bytes).
+/// (known keys are ASCII and were compared as bytes) and no longer than
+/// ciborium reads a key (its scratch buffer; a longer one fails there).
 fn skip_unknown(key: &[u8], r: &mut Reader<'_>) -> Option<()> {
+    if key.len() as u64 > serde_fast::CIBORIUM_SCRATCH {
+        return None;
+    }
     std::str::from_utf8(key).ok()?;
     // The map itself is one level of nesting.
     r.skip_item(MAX_NESTING_DEPTH - 1).ok().map(drop)
@@ -380,20 +385,21 @@ fn plain_u16(r: &mut Reader<'_>) -> Option<u16> {
     u16::try_from(plain_u64(r)?).ok()
 }
 
-/// A plain array of `item`s; its claimed length is checked against the bytes
-/// left before anything is reserved for it (each item takes at least one).
-fn plain_array<'a, T>(
-    p: &[u8],
-    r: &mut Reader<'a>,
-    mut item: impl FnMut(&mut Reader<'a>) -> Option<T>,
-) -> Option<Vec<T>> {
+/// Most bytes [`plain_array`] reserves ahead of the items it has read, as
+/// serde's own `Vec` reader does: a claimed length is only a claim.
+const PREALLOCATED_BYTES: usize = 1 << 20;
+
+/// A plain array of `item`s: refused when it claims more items than bytes are
+/// left (each item takes at least one), and reserved for at most
+/// [`PREALLOCATED_BYTES`] ahead, so a claim costs no more than that.
+fn plain_array<'a, T>(r: &mut Reader<'a>, mut item: impl FnMut(&mut Reader<'a>) -> Option<T>) -> Option<Vec<T>> {
     let Head::Array(Some(n)) = r.head().ok()? else {
         return None;
     };
-    if n > (p.len() - r.position()) as u64 {
+    if n > r.remaining() as u64 {
         return None;
     }
-    let mut items = Vec::with_capacity(n as usize);
+    let mut items = Vec::with_capacity((n as usize).min(PREALLOCATED_BYTES / size_of::<T>().max(1)));
     for _ in 0..n {
         items.push(item(r)?);
     }
@@ -401,7 +407,7 @@ fn plain_array<'a, T>(
 }
 
 fn plain_texts(p: &Bytes, r: &mut Reader<'_>) -> Option<Vec<Text>> {
-    plain_array(p, r, |r| plain_text_view(p, r))
+    plain_array(r, |r| plain_text_view(p, r))
 }
 
 /// One `{resource, soft, hard}` of `rlimits`, in that order or any other. An
@@ -431,7 +437,7 @@ fn plain_rlimit(p: &Bytes, r: &mut Reader<'_>) -> Option<ExecRlimit> {
 }
 
 fn plain_rlimits(p: &Bytes, r: &mut Reader<'_>) -> Option<Vec<ExecRlimit>> {
-    plain_array(p, r, |r| plain_rlimit(p, r))
+    plain_array(r, |r| plain_rlimit(p, r))
 }
 
 /// `core.exec.request` with all nine keys in the order the derive writes them
@@ -507,7 +513,8 @@ impl CborPayload for ExecRequest {
         fast_or_serde(p, exec_request_plain)
     }
 
-    /// Copies the payload once; the strings are views of the copy.
+    /// Copies the payload once; the strings are views of the copy when the
+    /// hand-written reader takes it, copies of their own otherwise.
     fn decode_slice(p: &[u8]) -> Result<Self, PayloadError> {
         Self::decode(&Bytes::copy_from_slice(p))
     }

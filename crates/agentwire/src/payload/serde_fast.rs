@@ -26,7 +26,7 @@ use crate::cbor::{
 
 /// ciborium reads identifiers, `deserialize_str` and `deserialize_bytes` into a
 /// scratch buffer of this size and fails above it; so does this reader.
-const CIBORIUM_SCRATCH: u64 = 4096;
+pub(crate) const CIBORIUM_SCRATCH: u64 = 4096;
 
 /// The fast path declined: the caller takes the serde path, which gives the
 /// answer (value or error). Carries no message, so declining costs nothing.

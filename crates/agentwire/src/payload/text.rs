@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize, Serializer};
 /// Where the crate's decoder reads it from a frame (the strings of a
 /// `core.exec.request`), it is a view of the frame's bytes, checked to be
 /// UTF-8 once and never copied: a request with a dozen arguments and variables
-/// costs no allocation per string. Such a view keeps the frame's buffer alive
-/// while it lives; [`Text::detached`] makes a copy that does not. Built from a
+/// costs no allocation per string. Such a view keeps the whole allocation the
+/// frame was read into alive while it lives (a read buffer of the decoder's,
+/// up to a frame's maximum size); [`Text::detached`] makes a copy that does not. Built from a
 /// `&str` or `String` it owns its bytes. It dereferences to `str`, and
 /// compares with `str` and `String`.
 ///
@@ -129,6 +130,28 @@ impl From<String> for Text {
     }
 }
 
+impl From<Box<str>> for Text {
+    /// Takes the string's buffer.
+    fn from(s: Box<str>) -> Text {
+        Text(ByteString::from(s))
+    }
+}
+
+impl From<std::borrow::Cow<'_, str>> for Text {
+    fn from(s: std::borrow::Cow<'_, str>) -> Text {
+        match s {
+            std::borrow::Cow::Borrowed(s) => Text::from(s),
+            std::borrow::Cow::Owned(s) => Text::from(s),
+        }
+    }
+}
+
+impl From<char> for Text {
+    fn from(c: char) -> Text {
+        Text::from(c.encode_utf8(&mut [0; 4]) as &str)
+    }
+}
+
 impl From<Text> for String {
     fn from(t: Text) -> String {
         t.0.into()
@@ -190,8 +213,8 @@ impl Serialize for Text {
 }
 
 impl<'de> Deserialize<'de> for Text {
-    /// As a `String` deserializes (`deserialize_string`), so every format
-    /// reads it the same way and gives the same errors.
+    /// As a `String` deserializes (`deserialize_string`, UTF-8 bytes taken
+    /// too), so every format reads it the same way and gives the same errors.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
         d.deserialize_string(TextVisitor)
     }
@@ -212,6 +235,14 @@ impl Visitor<'_> for TextVisitor {
 
     fn visit_string<E: de::Error>(self, s: String) -> Result<Text, E> {
         Ok(Text::from(s))
+    }
+
+    fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<Text, E> {
+        std::str::from_utf8(b).map(Text::from).map_err(|_| E::invalid_value(de::Unexpected::Bytes(b), &self))
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, b: Vec<u8>) -> Result<Text, E> {
+        String::from_utf8(b).map(Text::from).map_err(|e| E::invalid_value(de::Unexpected::Bytes(e.as_bytes()), &self))
     }
 }
 
