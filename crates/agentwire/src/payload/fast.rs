@@ -469,7 +469,7 @@ fn exec_request_canonical(p: &Bytes) -> Option<ExecRequest> {
 ///
 /// Hand-written because the general path (serde's derive over the crate's
 /// reader, each string copied) costs about 10,600 instructions per decode of
-/// the benchmark's request, a third of the reference's, and this one 5,546, a
+/// the benchmark's request, a third of the reference's, and this one 5,500, a
 /// 5.6th (callgrind_types.sh). Defaults and refusals are the derive's: a missing
 /// `cmd`, a duplicate key or a value of another type sends the payload to the
 /// general path, which gives the answer.
