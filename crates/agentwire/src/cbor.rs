@@ -27,6 +27,11 @@ pub(crate) const MAJOR_MAP: u8 = 5;
 pub(crate) const MAJOR_TAG: u8 = 6;
 pub(crate) const MAJOR_SIMPLE: u8 = 7;
 
+/// The whole items `false`, `true` and `null` (major type 7, 20 to 22).
+pub(crate) const FALSE: u8 = 0xf4;
+pub(crate) const TRUE: u8 = 0xf5;
+pub(crate) const NULL: u8 = 0xf6;
+
 /// Malformed CBOR: where, and what was wrong there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason} at byte {offset}")]
@@ -158,26 +163,21 @@ impl<'a> Reader<'a> {
     /// as raw bytes for comparing with known ASCII names: `None`, with nothing
     /// consumed, for anything else. The caller checks UTF-8 of what it does not recognise.
     pub(crate) fn plain_text_bytes(&mut self) -> Result<Option<&'a [u8]>, CborError> {
+        let buf: &'a [u8] = self.buf;
+        Ok(self.plain_text_range()?.map(|range| &buf[range]))
+    }
+
+    /// [`Reader::plain_text_bytes`] as the range of the content in the buffer
+    /// (for a `Bytes` view of it).
+    #[inline]
+    pub(crate) fn plain_text_range(&mut self) -> Result<Option<Range<usize>>, CborError> {
         let mut ahead = self.clone();
         let Head::Text(Some(len)) = ahead.head()? else {
             return Ok(None);
         };
-        let at = self.pos;
-        let range = ahead.take(len, at)?;
+        let range = ahead.take(len, self.pos)?;
         *self = ahead;
-        Ok(Some(&self.buf[range]))
-    }
-
-    /// Reads a definite text string at the cursor (no tag) and gives the range
-    /// of its content, unchecked; `None` for anything else (the cursor may
-    /// then have moved).
-    #[inline]
-    pub(crate) fn plain_text_range(&mut self) -> Option<Range<usize>> {
-        let at = self.pos;
-        let Head::Text(Some(len)) = self.head().ok()? else {
-            return None;
-        };
-        self.take(len, at).ok()
+        Ok(Some(range))
     }
 
     /// Moves past `bytes` when they come next, as in a payload written in a

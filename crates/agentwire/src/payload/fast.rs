@@ -351,13 +351,13 @@ impl CborPayload for ExecExited {
 /// A plain text string as a view of `p`, the buffer `r` reads: checked once, not copied.
 #[inline]
 fn plain_text_view(p: &Bytes, r: &mut Reader<'_>) -> Option<Text> {
-    Text::try_from(p.slice(r.plain_text_range()?)).ok()
+    Text::try_from(p.slice(r.plain_text_range().ok()??)).ok()
 }
 
 /// A plain text string or null (an `Option` with serde's `default`).
 fn plain_optional_text(p: &Bytes, r: &mut Reader<'_>) -> Option<Option<Text>> {
     match r.peek_head().ok()? {
-        Head::Simple => (plain_simple(p, r)? == NULL).then_some(None),
+        Head::Simple => (plain_simple(p, r)? == cbor::NULL).then_some(None),
         _ => plain_text_view(p, r).map(Some),
     }
 }
@@ -368,14 +368,10 @@ fn plain_simple(p: &[u8], r: &mut Reader<'_>) -> Option<u8> {
     matches!(r.head().ok()?, Head::Simple).then(|| p[at])
 }
 
-const FALSE: u8 = 0xf4;
-const TRUE: u8 = 0xf5;
-const NULL: u8 = 0xf6;
-
 fn plain_bool(p: &[u8], r: &mut Reader<'_>) -> Option<bool> {
     match plain_simple(p, r)? {
-        FALSE => Some(false),
-        TRUE => Some(true),
+        cbor::FALSE => Some(false),
+        cbor::TRUE => Some(true),
         _ => None,
     }
 }

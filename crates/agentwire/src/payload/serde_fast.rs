@@ -149,7 +149,7 @@ impl<S: Sink> ser::Serializer for &mut Ser<'_, S> {
 
     #[inline]
     fn serialize_bool(self, v: bool) -> Result<(), Declined> {
-        self.0.bytes(&[if v { 0xf5 } else { 0xf4 }]);
+        self.0.bytes(&[if v { cbor::TRUE } else { cbor::FALSE }]);
         Ok(())
     }
     fn serialize_i8(self, v: i8) -> Result<(), Declined> {
@@ -227,7 +227,7 @@ impl<S: Sink> ser::Serializer for &mut Ser<'_, S> {
     }
     #[inline]
     fn serialize_none(self) -> Result<(), Declined> {
-        self.0.bytes(&[0xf6]);
+        self.0.bytes(&[cbor::NULL]);
         Ok(())
     }
     #[inline]
@@ -450,9 +450,10 @@ struct PlainHead {
     arg: u64,
 }
 
-const SIMPLE_FALSE: u64 = 20;
-const SIMPLE_TRUE: u64 = 21;
-const SIMPLE_NULL: u64 = 22;
+/// The arguments of the heads of `false`, `true` and `null`.
+const SIMPLE_FALSE: u64 = (cbor::FALSE & 0x1f) as u64;
+const SIMPLE_TRUE: u64 = (cbor::TRUE & 0x1f) as u64;
+const SIMPLE_NULL: u64 = (cbor::NULL & 0x1f) as u64;
 
 impl<'de> De<'de> {
     /// Reads one head of the plain form: no indefinite length, no tag, and of
